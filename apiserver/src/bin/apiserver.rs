@@ -1,0 +1,2 @@
+//! Placeholder until the apiserver issue lands.
+fn main() {}

@@ -1,0 +1,1 @@
+//! The shoal control plane and CLI.

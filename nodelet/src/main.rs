@@ -1,0 +1,2 @@
+//! nodelet binary.
+fn main() {}
