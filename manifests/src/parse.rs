@@ -369,11 +369,21 @@ fn friendly_types(message: &str) -> String {
 }
 
 fn syntax_error(file: &str, err: &serde_yaml::Error) -> Diagnostic {
-    let text = err.to_string();
-    let message = match text.rfind(" at line ") {
-        Some(cut) => text[..cut].to_string(),
-        None => text,
-    };
+    // The position goes in front, as in every other diagnostic; drop serde_yaml's copies of it.
+    let mut message = err.to_string();
+    while let Some(start) = message.find(" at line ") {
+        let rest = &message[start + " at line ".len()..];
+        let end = rest
+            .find(" column ")
+            .map(|c| c + " column ".len())
+            .map(|c| {
+                c + rest[c..]
+                    .find(|ch: char| !ch.is_ascii_digit())
+                    .unwrap_or(rest.len() - c)
+            })
+            .unwrap_or(0);
+        message.replace_range(start..start + " at line ".len() + end, "");
+    }
     let (line, column) = err
         .location()
         .map(|l| (l.line(), l.column()))

@@ -119,6 +119,14 @@ impl Indexer {
                 None => match scalar_key {
                     Some(name) => {
                         *key = Some((name.to_string(), pos));
+                        // yaml-rust2 marks a block mapping at its first ':'; the first key is
+                        // where a person sees the mapping start.
+                        let map_path = path.to_string();
+                        if let Some(place) = self.current().places.get_mut(&map_path) {
+                            if (pos.line, pos.column) < (place.value.line, place.value.column) {
+                                place.value = pos;
+                            }
+                        }
                         return None;
                     }
                     None => {

@@ -99,6 +99,115 @@ pub fn did_you_mean<'a>(
         .map(|(_, candidate)| candidate)
 }
 
+/// The manifest field reference (Markdown), generated from the schema so the two never disagree.
+pub fn reference_markdown() -> String {
+    let root = desired_state_schema();
+    let mut out = String::new();
+    out.push_str("# Manifest reference (`shoal/v1`)\n\n");
+    out.push_str("<!-- Generated from the JSON Schema by `shoal schema --markdown` (`just schema`); do not edit by hand. -->\n\n");
+    out.push_str("Unknown fields are errors. Fields without a default are required unless their type allows `null`.\n");
+    out.push_str(
+        "The schema itself is [`desiredstate.schema.json`](desiredstate.schema.json).\n\n",
+    );
+    let mut sections: Vec<(String, &Value)> = vec![("DesiredState".to_string(), &root)];
+    if let Some(defs) = root.get("$defs").and_then(Value::as_object) {
+        sections.extend(defs.iter().map(|(name, schema)| (name.clone(), schema)));
+    }
+    for (name, schema) in sections {
+        out.push_str(&format!("## {name}\n\n"));
+        if let Some(description) = schema.get("description").and_then(Value::as_str) {
+            out.push_str(&format!("{}\n\n", description.replace('\n', " ")));
+        }
+        if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
+            let required: Vec<&str> = schema
+                .get("required")
+                .and_then(Value::as_array)
+                .map(|r| r.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            out.push_str("| field | type | required | default | description |\n");
+            out.push_str("| --- | --- | --- | --- | --- |\n");
+            for (field, property) in properties {
+                let default = property
+                    .get("default")
+                    .map(|d| format!("`{}`", serde_json::to_string(d).unwrap_or_default()))
+                    .unwrap_or_default();
+                let description = property
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .replace('\n', " ")
+                    .replace('|', "\\|");
+                let is_required = if required.contains(&field.as_str()) {
+                    "yes"
+                } else {
+                    ""
+                };
+                out.push_str(&format!(
+                    "| `{field}` | {} | {is_required} | {default} | {description} |\n",
+                    type_name(property)
+                ));
+            }
+            out.push('\n');
+        } else if let Some(choices) = schema.get("oneOf").and_then(Value::as_array) {
+            for choice in choices {
+                match (
+                    choice.get("const"),
+                    choice.get("description").and_then(Value::as_str),
+                ) {
+                    (Some(value), Some(description)) => out.push_str(&format!(
+                        "- `{}`: {description}\n",
+                        value.as_str().unwrap_or("?")
+                    )),
+                    (None, _) => out.push_str(&format!("- {}\n", type_name(choice))),
+                    (Some(value), None) => out.push_str(&format!("- `{value}`\n")),
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A short human name for a property's type, linking to the section of a referenced type.
+fn type_name(schema: &Value) -> String {
+    if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
+        let name = reference.trim_start_matches("#/$defs/");
+        return format!("[{name}](#{})", name.to_ascii_lowercase());
+    }
+    if let Some(branches) = schema.get("anyOf").and_then(Value::as_array) {
+        let names: Vec<String> = branches
+            .iter()
+            .filter(|b| b.get("type").and_then(Value::as_str) != Some("null"))
+            .map(type_name)
+            .collect();
+        return names.join(" or ");
+    }
+    if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
+        return format!("string matching `{pattern}`");
+    }
+    let kinds: Vec<&str> = match schema.get("type") {
+        Some(Value::String(kind)) => vec![kind.as_str()],
+        Some(Value::Array(kinds)) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|k| *k != "null")
+            .collect(),
+        _ => vec![],
+    };
+    match kinds.first().copied() {
+        Some("array") => format!(
+            "list of {}",
+            schema.get("items").map(type_name).unwrap_or_default()
+        ),
+        Some("object") => match schema.get("additionalProperties") {
+            Some(values) if values.is_object() => format!("map of {}", type_name(values)),
+            _ => "object".to_string(),
+        },
+        Some(kind) => kind.to_string(),
+        None => "any".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

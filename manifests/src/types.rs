@@ -458,17 +458,14 @@ fn parse_count_or_percent(text: &str) -> Result<(u32, bool), String> {
     let value: u32 = digits.parse().map_err(|_| {
         format!("`{text}` is neither a whole number (\"3\") nor a whole percentage (\"25%\")")
     })?;
-    if percent && value > 100 {
-        return Err(format!("`{text}` is more than 100%"));
-    }
     Ok((value, percent))
 }
 
 impl std::str::FromStr for WaveStep {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
+        // Range checks live in `validate`, so that they are reported with every other problem.
         match parse_count_or_percent(text)? {
-            (0, _) => Err(format!("`{text}`: a wave must add at least one node")),
             (n, false) => Ok(WaveStep::Count(n)),
             (p, true) => Ok(WaveStep::Percent(p)),
         }
@@ -613,8 +610,6 @@ mod tests {
     fn wave_step_text() {
         assert_eq!("10%".parse::<WaveStep>(), Ok(WaveStep::Percent(10)));
         assert_eq!("3".parse::<WaveStep>(), Ok(WaveStep::Count(3)));
-        assert!("0".parse::<WaveStep>().is_err());
-        assert!("101%".parse::<WaveStep>().is_err());
         assert!("12.5%".parse::<WaveStep>().is_err());
     }
 

@@ -238,7 +238,7 @@ fn check_component(errors: &mut Vec<FieldError>, path: &FieldPath, component: &C
     let present = component.state == ComponentState::Present;
     match (&component.version, present) {
         (None, true) => errors.push(
-            FieldError::new(path.key("version"), "missing field `version`")
+            FieldError::new(path.key("version"), "missing required field `version`")
                 .hint("pin a version, or set `state: absent` to remove the component"),
         ),
         (Some(version), _) => check_version(errors, &path.key("version"), component.kind, version),
@@ -659,9 +659,32 @@ fn check_rollout(errors: &mut Vec<FieldError>, path: &FieldPath, rollout: &Rollo
             .hint("add \"100%\" as the last wave"),
         ),
     }
+    let out_of_range = |step: &WaveStep| match *step {
+        WaveStep::Count(n) => n == 0,
+        WaveStep::Percent(p) => p == 0 || p > 100,
+    };
+    for (i, step) in rollout.waves.iter().enumerate() {
+        if out_of_range(step) {
+            errors.push(
+                FieldError::new(waves.index(i), format!("wave `{step}` is out of range"))
+                    .hint("a wave is a node count of at least 1 or a percentage from 1% to 100%"),
+            );
+        }
+    }
+    if let FailureBudget::Percent(p) = rollout.max_failures {
+        if p > 100 {
+            errors.push(
+                FieldError::new(path.key("maxFailures"), format!("`{p}%` is more than 100%"))
+                    .hint("use a node count (0) or a percentage from 0% to 100%"),
+            );
+        }
+    }
     let mut last_count = 0;
     let mut last_percent = 0;
     for (i, step) in rollout.waves.iter().enumerate() {
+        if out_of_range(step) {
+            continue; // already reported; comparing it would only add noise
+        }
         let (previous, value) = match *step {
             WaveStep::Count(n) => (&mut last_count, n),
             WaveStep::Percent(p) => (&mut last_percent, p),
