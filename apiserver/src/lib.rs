@@ -1,1 +1,3 @@
-//! The shoal control plane and CLI.
+//! shoal's control plane: the store, the HTTP API, the rollout controller, git sync, and the `shoal` CLI.
+
+pub mod cli;

@@ -7,8 +7,10 @@
 pub mod error;
 pub mod parse;
 pub mod path;
+pub mod plan;
 pub mod position;
 pub mod schema;
+pub mod selector;
 pub mod types;
 pub mod validate;
 

@@ -1,1 +1,5 @@
-fn main() {}
+//! `shoal`: the operator CLI.
+
+fn main() -> std::process::ExitCode {
+    apiserver::cli::main()
+}

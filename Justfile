@@ -1,0 +1,25 @@
+# shoal tasks. `just` is optional: every recipe is a plain command you can run yourself.
+# Install it with `cargo install just` if you want it.
+
+# Validate the example manifests (the demo issue replaces this with the fleet demo).
+demo:
+    cargo run --release --bin shoal -- validate -f examples/
+
+# Every test of the workspace (the README's test command).
+test:
+    scripts/test
+
+# Formatting and lints, as CI runs them.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Regenerate the committed JSON Schema and field reference after changing the types.
+schema:
+    cargo run --bin shoal -- schema > docs/desiredstate.schema.json
+    cargo run --bin shoal -- schema --markdown > docs/manifest-reference.md
+
+# Build every binary for aarch64 (ARM boards such as Cortex-A55).
+cross:
+    rustup target add aarch64-unknown-linux-gnu
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc cargo build --release --target aarch64-unknown-linux-gnu
