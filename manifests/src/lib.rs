@@ -13,6 +13,7 @@ pub mod schema;
 pub mod selector;
 pub mod types;
 pub mod validate;
+pub mod wire;
 
 pub use error::{Diagnostic, FieldError};
 pub use parse::{load_paths, parse_str, Loaded, Parsed};
