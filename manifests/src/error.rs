@@ -22,6 +22,16 @@ pub struct Diagnostic {
     pub hint: Option<String>,
 }
 
+/// Prefix of every diagnostic about unreadable YAML or JSON.
+pub const SYNTAX_PREFIX: &str = "invalid YAML: ";
+
+impl Diagnostic {
+    /// True when the text could not be read at all (as opposed to read and found invalid).
+    pub fn is_syntax(&self) -> bool {
+        self.message.starts_with(SYNTAX_PREFIX)
+    }
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file)?;

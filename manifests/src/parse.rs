@@ -393,7 +393,7 @@ fn syntax_error(file: &str, err: &serde_yaml::Error) -> Diagnostic {
         line,
         column,
         field: String::new(),
-        message: format!("invalid YAML: {message}"),
+        message: format!("{}{message}", crate::error::SYNTAX_PREFIX),
         hint: Some("check the indentation and quoting around this place".into()),
     }
 }

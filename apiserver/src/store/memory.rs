@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::{Store, StoreError, Table, Txn, TxnError};
+use super::{Entry, Store, StoreError, Table, Txn, TxnError};
 
 type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -13,6 +13,9 @@ type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 pub struct MemoryStore {
     tables: Mutex<Tables>,
     version: AtomicU64,
+    /// Set while a transaction runs: sled deadlocks when asked for an id inside one,
+    /// so the twin refuses loudly instead of hiding the bug from unit tests.
+    in_transaction: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -54,11 +57,7 @@ impl Store for MemoryStore {
         Ok(self.with(|t| t.get(&table).and_then(|t| t.get(key)).cloned()))
     }
 
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         Ok(self.with(|t| {
             t.get(&table)
                 .map(|t| {
@@ -76,7 +75,7 @@ impl Store for MemoryStore {
         table: Table,
         start: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         Ok(self.with(|t| {
             t.get(&table)
                 .map(|t| {
@@ -89,7 +88,7 @@ impl Store for MemoryStore {
         }))
     }
 
-    fn last(&self, table: Table) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn last(&self, table: Table) -> Result<Option<Entry>, StoreError> {
         Ok(self.with(|t| {
             t.get(&table)
                 .and_then(|t| t.last_key_value())
@@ -113,6 +112,10 @@ impl Store for MemoryStore {
     }
 
     fn next_version(&self) -> Result<u64, StoreError> {
+        assert!(
+            !self.in_transaction.load(Ordering::SeqCst),
+            "next_version inside a transaction deadlocks on sled; allocate before transact"
+        );
         Ok(self.version.fetch_add(1, Ordering::SeqCst) + 1)
     }
 

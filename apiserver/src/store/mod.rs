@@ -8,7 +8,7 @@ mod memory;
 mod sled_store;
 
 pub use memory::MemoryStore;
-pub use sled_store::SledStore;
+pub use sled_store::{SledStore, DEFAULT_CACHE_BYTES};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -58,6 +58,9 @@ impl Table {
     }
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -100,20 +103,12 @@ pub trait Store: Send + Sync + 'static {
     /// Reads one key (outside any transaction).
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every key/value whose key starts with `prefix`, in key order.
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
     /// The first `limit` entries with key ≥ `start`, in key order.
-    fn scan_from(
-        &self,
-        table: Table,
-        start: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_from(&self, table: Table, start: &[u8], limit: usize)
+        -> Result<Vec<Entry>, StoreError>;
     /// The entry with the largest key.
-    fn last(&self, table: Table) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn last(&self, table: Table) -> Result<Option<Entry>, StoreError>;
     /// Number of entries in a table.
     fn len(&self, table: Table) -> Result<usize, StoreError>;
     /// Removes keys outside any transaction (event retention).

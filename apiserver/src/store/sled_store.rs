@@ -5,7 +5,7 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
-use super::{Store, StoreError, Table, Txn, TxnError};
+use super::{Entry, Store, StoreError, Table, Txn, TxnError};
 
 /// Page cache for sled. Its default is 1 GiB; the apiserver has to fit beside
 /// everything else on an 8 GB ARM board, and its working set (manifests,
@@ -80,7 +80,7 @@ impl Txn for SledTxn<'_> {
 
 fn pairs(
     iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+) -> Result<Vec<Entry>, StoreError> {
     iter.map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend))
         .collect()
 }
@@ -94,11 +94,7 @@ impl Store for SledStore {
             .map(|v| v.to_vec()))
     }
 
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         pairs(self.tree(table).scan_prefix(prefix))
     }
 
@@ -107,11 +103,11 @@ impl Store for SledStore {
         table: Table,
         start: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         pairs(self.tree(table).range(start.to_vec()..).take(limit))
     }
 
-    fn last(&self, table: Table) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn last(&self, table: Table) -> Result<Option<Entry>, StoreError> {
         Ok(self
             .tree(table)
             .last()

@@ -1,0 +1,160 @@
+//! The apiserver: configuration, router assembly and the serve loop.
+
+pub mod auth;
+pub mod controller;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+
+use crate::store::{SledStore, Store};
+use auth::Tokens;
+use controller::{Controller, ControllerConfig};
+use metrics::Metrics;
+use routes::AppState;
+
+/// Everything `apiserver` is started with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Data directory (sled).
+    pub data: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Tokens file; without one the server only listens on loopback.
+    pub tokens: Option<PathBuf>,
+    /// TLS certificate and key (PEM).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Largest request body, bytes.
+    pub max_body: usize,
+    /// sled page cache, bytes.
+    pub cache_bytes: u64,
+    /// Controller tunables.
+    pub controller: ControllerConfig,
+}
+
+/// Default request body limit: a generous manifest bundle, far below anything that could hurt.
+pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// The router with its middleware, ready to serve.
+pub fn app(state: AppState) -> Router {
+    routes::routes()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::track_latency,
+        ))
+        .layer(DefaultBodyLimit::max(state.max_body))
+        .with_state(state)
+}
+
+/// Checks the configuration, opens the store and serves until SIGINT or SIGTERM.
+pub async fn run(config: ServerConfig) -> Result<(), String> {
+    let tokens = match &config.tokens {
+        Some(path) => Tokens::load(path)?,
+        None => {
+            if !config.listen.ip().is_loopback() {
+                return Err(format!(
+                    "refusing to listen on {} without --tokens: anyone who can reach it could change the fleet. \
+                     Pass --tokens FILE (see docs/security.md), or listen on 127.0.0.1",
+                    config.listen
+                ));
+            }
+            tracing::warn!(
+                "no --tokens file: every local caller is an operator; listening on loopback only"
+            );
+            Tokens::open()
+        }
+    };
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(&config.data, config.cache_bytes).map_err(|e| e.to_string())?);
+    let controller =
+        Controller::new(store.clone(), config.controller.clone()).map_err(|e| e.to_string())?;
+    let state = AppState {
+        controller: controller.clone(),
+        tokens: Arc::new(tokens),
+        metrics: Arc::new(Metrics::new()),
+        max_body: config.max_body,
+    };
+    let app = app(state);
+
+    // Readiness changes are noticed by a sweep, not by a request.
+    let sweeper = controller.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let controller = sweeper.clone();
+            let result =
+                tokio::task::spawn_blocking(move || controller.sweep_readiness(SystemTime::now()))
+                    .await;
+            if let Ok(Err(e)) = result {
+                tracing::error!(error = %e, "readiness sweep failed");
+            }
+        }
+    });
+
+    let listener = std::net::TcpListener::bind(config.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    // Tests and scripts read this line to find the port when --listen uses port 0.
+    println!("apiserver listening on {scheme}://{bound}");
+    tracing::info!(%bound, data = %config.data.display(), "apiserver started");
+
+    let handle = axum_server::Handle::new();
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    let service = app.into_make_service();
+    let served = match &config.tls {
+        Some((cert, key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot load TLS certificate {} and key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            axum_server::from_tcp_rustls(listener, tls)
+                .handle(handle)
+                .serve(service)
+                .await
+        }
+        None => {
+            axum_server::from_tcp(listener)
+                .handle(handle)
+                .serve(service)
+                .await
+        }
+    };
+    served.map_err(|e| format!("server failed: {e}"))?;
+    store.flush().map_err(|e| e.to_string())?;
+    tracing::info!("apiserver stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
