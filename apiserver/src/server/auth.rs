@@ -109,11 +109,13 @@ fn hash_of(name: &str, token: Option<String>, sha256: Option<String>) -> Result<
             Ok(digest(&token))
         }
         (None, Some(hex_digest)) => {
-            let bytes = hex::decode(hex_digest.trim())
-                .map_err(|_| format!("token `{name}`: sha256 is not hexadecimal"))?;
-            bytes
+            let wrong = || {
+                format!("token `{name}`: sha256 must be 64 hexadecimal characters (`printf %s TOKEN | sha256sum`)")
+            };
+            hex::decode(hex_digest.trim())
+                .map_err(|_| wrong())?
                 .try_into()
-                .map_err(|_| format!("token `{name}`: sha256 must be 64 hexadecimal characters (`printf %s TOKEN | sha256sum`)"))
+                .map_err(|_| wrong())
         }
         _ => Err(format!(
             "token `{name}`: give exactly one of `token` or `sha256`"
