@@ -1,10 +1,18 @@
 //! The `shoal` operator CLI: argument parsing, commands and their exit codes.
 
+mod client;
+mod resources;
+mod table;
+
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
+
+use client::{CliError, Client};
+use manifests::wire::{ApplyAction, ApplyResponse, DesiredStateObject};
 
 /// Exit code for success (and "no difference").
 pub const EXIT_OK: u8 = 0;
@@ -56,6 +64,48 @@ pub enum Command {
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
     },
+    /// Send manifests to the apiserver: all of them or none.
+    Apply {
+        /// Files, directories or - for standard input.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Report what would change without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show how manifests differ from what the apiserver has: exit 0 none, 1 some, 2 error.
+    Diff {
+        /// Files, directories or - for standard input.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete the DesiredStates named in manifests, or one by name: `shoal delete desiredstate NAME`.
+    Delete {
+        /// `desiredstate` (with NAME), when not using -f.
+        kind: Option<String>,
+        /// The name.
+        name: Option<String>,
+        /// Files, directories or - for standard input.
+        #[arg(short = 'f', long = "filename", num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Succeed when the object does not exist.
+        #[arg(long)]
+        ignore_not_found: bool,
+    },
+    /// List nodes, desiredstates, rollouts or events, or show one.
+    Get {
+        /// nodes | desiredstates | rollouts | events (singular and short forms work: node, ds, ro, ev).
+        kind: String,
+        /// One object's name.
+        name: Option<String>,
+    },
+    /// Show one node, desiredstate or rollout in detail, with its recent events.
+    Describe {
+        /// node | desiredstate | rollout.
+        kind: String,
+        /// The name.
+        name: String,
+    },
     /// Print the JSON Schema of DesiredState.
     Schema {
         /// Print the Markdown field reference made from the schema instead.
@@ -72,15 +122,64 @@ pub fn main() -> ExitCode {
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> u8 {
-    match cli.command {
-        Command::Validate { files } => validate(&files, cli.output),
+    let outcome = match &cli.command {
+        Command::Validate { files } => return validate(files, cli.output),
         Command::Schema { markdown } => {
-            if markdown {
+            if *markdown {
                 print!("{}", manifests::schema::reference_markdown());
             } else {
                 print!("{}", manifests::schema::desired_state_schema_pretty());
             }
-            EXIT_OK
+            return EXIT_OK;
+        }
+        Command::Apply { files, dry_run } => {
+            connect(&cli).and_then(|c| apply(&c, files, *dry_run, cli.output))
+        }
+        Command::Diff { files } => connect(&cli).and_then(|c| diff(&c, files)),
+        Command::Delete {
+            kind,
+            name,
+            files,
+            ignore_not_found,
+        } => connect(&cli).and_then(|c| {
+            delete(
+                &c,
+                kind.as_deref(),
+                name.as_deref(),
+                files,
+                *ignore_not_found,
+                cli.output,
+            )
+        }),
+        Command::Get { kind, name } => {
+            connect(&cli).and_then(|c| resources::get(&c, kind, name.as_deref(), cli.output))
+        }
+        Command::Describe { kind, name } => {
+            connect(&cli).and_then(|c| resources::describe(&c, kind, name))
+        }
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            error.print();
+            EXIT_ERROR
+        }
+    }
+}
+
+fn connect(cli: &Cli) -> Result<Client, CliError> {
+    Client::new(&cli.server, cli.token.clone())
+}
+
+/// Prints a value as YAML or JSON.
+fn print_structured<T: Serialize>(value: &T, output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("serializable")
+        ),
+        Output::Yaml | Output::Table => {
+            print!("{}", serde_yaml::to_string(value).expect("serializable"))
         }
     }
 }
@@ -97,6 +196,21 @@ struct ValidObject {
 struct ValidationReport {
     valid: Vec<ValidObject>,
     errors: Vec<manifests::Diagnostic>,
+}
+
+fn print_diagnostics(diagnostics: &[manifests::Diagnostic], command: &str) {
+    for diagnostic in diagnostics {
+        eprintln!("{diagnostic}");
+    }
+    let mut files: Vec<&str> = diagnostics.iter().map(|d| d.file.as_str()).collect();
+    files.dedup();
+    eprintln!(
+        "error: {} problem{} in {} file{}; fix them and run `shoal {command}` again",
+        diagnostics.len(),
+        if diagnostics.len() == 1 { "" } else { "s" },
+        files.len(),
+        if files.len() == 1 { "" } else { "s" },
+    );
 }
 
 fn validate(files: &[PathBuf], output: Output) -> u8 {
@@ -123,30 +237,214 @@ fn validate(files: &[PathBuf], output: Output) -> u8 {
                 );
             }
         }
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report is JSON")
-        ),
-        Output::Yaml => print!(
-            "{}",
-            serde_yaml::to_string(&report).expect("report is YAML")
-        ),
-    }
-    for diagnostic in &report.errors {
-        eprintln!("{diagnostic}");
+        Output::Json | Output::Yaml => print_structured(&report, output),
     }
     if report.errors.is_empty() {
         EXIT_OK
     } else {
-        let mut files: Vec<&str> = report.errors.iter().map(|d| d.file.as_str()).collect();
-        files.dedup();
-        eprintln!(
-            "error: {} problem{} in {} file{}; fix them and run `shoal validate` again",
-            report.errors.len(),
-            if report.errors.len() == 1 { "" } else { "s" },
-            files.len(),
-            if files.len() == 1 { "" } else { "s" },
-        );
+        print_diagnostics(&report.errors, "validate");
         EXIT_ERROR
     }
+}
+
+/// Reads and validates manifests locally; nothing is sent when any is invalid.
+fn load_valid(files: &[PathBuf], command: &str) -> Result<Vec<manifests::Parsed>, CliError> {
+    let loaded = manifests::load_paths(files);
+    if !loaded.is_ok() {
+        print_diagnostics(&loaded.diagnostics, command);
+        return Err(CliError::new(
+            "nothing was sent to the apiserver",
+            "fix the problems above first",
+        ));
+    }
+    Ok(loaded.objects)
+}
+
+fn apply(
+    client: &Client,
+    files: &[PathBuf],
+    dry_run: bool,
+    output: Output,
+) -> Result<u8, CliError> {
+    let objects = load_valid(files, "apply")?;
+    let body: String = objects
+        .iter()
+        .map(|p| {
+            format!(
+                "---\n{}",
+                serde_yaml::to_string(&p.object).expect("serializable")
+            )
+        })
+        .collect();
+    let path = if dry_run {
+        "/api/v1/apply?dryRun=true"
+    } else {
+        "/api/v1/apply"
+    };
+    let response: ApplyResponse = client.post(path, "application/yaml", body)?;
+    match output {
+        Output::Table => {
+            let suffix = if response.dry_run { " (dry run)" } else { "" };
+            for result in &response.results {
+                let action = match result.action {
+                    ApplyAction::Created => "created",
+                    ApplyAction::Configured => "configured",
+                    ApplyAction::Unchanged => "unchanged",
+                    ApplyAction::Pruned => "pruned",
+                };
+                println!(
+                    "desiredstate/{} {action} (revision {}){suffix}",
+                    result.name, result.revision
+                );
+            }
+        }
+        _ => print_structured(&response, output),
+    }
+    Ok(EXIT_OK)
+}
+
+/// The part of an object a person edits: what `diff` compares.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Comparable<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    metadata: ComparableMeta<'a>,
+    spec: &'a manifests::DesiredStateSpec,
+}
+
+#[derive(Serialize)]
+struct ComparableMeta<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    labels: &'a std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    annotations: &'a std::collections::BTreeMap<String, String>,
+}
+
+fn comparable_local(object: &manifests::DesiredState) -> String {
+    serde_yaml::to_string(&Comparable {
+        api_version: &object.api_version,
+        kind: &object.kind,
+        metadata: ComparableMeta {
+            name: &object.metadata.name,
+            labels: &object.metadata.labels,
+            annotations: &object.metadata.annotations,
+        },
+        spec: &object.spec,
+    })
+    .expect("serializable")
+}
+
+fn comparable_live(object: &DesiredStateObject) -> String {
+    serde_yaml::to_string(&Comparable {
+        api_version: &object.api_version,
+        kind: &object.kind,
+        metadata: ComparableMeta {
+            name: &object.metadata.name,
+            labels: &object.metadata.labels,
+            annotations: &object.metadata.annotations,
+        },
+        spec: &object.spec,
+    })
+    .expect("serializable")
+}
+
+fn diff(client: &Client, files: &[PathBuf]) -> Result<u8, CliError> {
+    let objects = load_valid(files, "diff")?;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let mut changed = false;
+    for parsed in &objects {
+        let name = &parsed.object.metadata.name;
+        let live: Option<DesiredStateObject> =
+            client.get_optional(&format!("/api/v1/desiredstates/{name}"))?;
+        let (old, old_label) = match &live {
+            Some(live) => (
+                comparable_live(live),
+                format!(
+                    "live desiredstate/{name} (revision {})",
+                    live.status.revision
+                ),
+            ),
+            None => (
+                String::new(),
+                format!("live desiredstate/{name} (does not exist)"),
+            ),
+        };
+        let new = comparable_local(&parsed.object);
+        if old == new {
+            continue;
+        }
+        changed = true;
+        let text = similar::TextDiff::from_lines(&old, &new);
+        let unified = text
+            .unified_diff()
+            .context_radius(3)
+            .header(&old_label, &format!("{}:{}", parsed.file, parsed.line))
+            .to_string();
+        for line in unified.lines() {
+            if !colour {
+                println!("{line}");
+            } else if line.starts_with("+++") || line.starts_with("---") {
+                println!("\x1b[1m{line}\x1b[0m");
+            } else if line.starts_with('+') {
+                println!("\x1b[32m{line}\x1b[0m");
+            } else if line.starts_with('-') {
+                println!("\x1b[31m{line}\x1b[0m");
+            } else if line.starts_with("@@") {
+                println!("\x1b[36m{line}\x1b[0m");
+            } else {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(if changed { EXIT_DIFFERENT } else { EXIT_OK })
+}
+
+fn delete(
+    client: &Client,
+    kind: Option<&str>,
+    name: Option<&str>,
+    files: &[PathBuf],
+    ignore_not_found: bool,
+    output: Output,
+) -> Result<u8, CliError> {
+    let names: Vec<String> = match (kind, name, files.is_empty()) {
+        (Some(kind), Some(name), true) => {
+            if !matches!(kind, "desiredstate" | "desiredstates" | "ds") {
+                return Err(CliError::new(
+                    format!("cannot delete `{kind}`"),
+                    "only desiredstates are deleted this way: `shoal delete desiredstate NAME`",
+                ));
+            }
+            vec![name.to_string()]
+        }
+        (None, None, false) => load_valid(files, "delete")?
+            .into_iter()
+            .map(|p| p.object.metadata.name)
+            .collect(),
+        _ => {
+            return Err(CliError::new(
+                "say what to delete",
+                "use `shoal delete -f FILE…` or `shoal delete desiredstate NAME`",
+            ))
+        }
+    };
+    let mut deleted = Vec::new();
+    for name in names {
+        match client.delete::<DesiredStateObject>(&format!("/api/v1/desiredstates/{name}")) {
+            Ok(object) => {
+                if output == Output::Table {
+                    println!("desiredstate/{name} deleted");
+                }
+                deleted.push(object);
+            }
+            Err(e) if e.status == Some(404) && ignore_not_found => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if output != Output::Table {
+        print_structured(&deleted, output);
+    }
+    Ok(EXIT_OK)
 }

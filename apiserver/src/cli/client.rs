@@ -1,0 +1,187 @@
+//! The CLI's HTTP client: one place that turns transport and API errors into messages that say what to do.
+
+use std::time::Duration;
+
+use manifests::wire::ApiErrorBody;
+use reqwest::blocking::{Client as Http, RequestBuilder, Response};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+
+/// An error the CLI reports and exits 2 on.
+#[derive(Debug)]
+pub struct CliError {
+    /// What went wrong.
+    pub message: String,
+    /// Lines with details (one per manifest problem).
+    pub details: Vec<String>,
+    /// What to do next.
+    pub hint: Option<String>,
+    /// The HTTP status, when the server answered.
+    pub status: Option<u16>,
+}
+
+impl CliError {
+    /// An error with a hint.
+    pub fn new(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            details: vec![],
+            hint: Some(hint.into()),
+            status: None,
+        }
+    }
+
+    /// Prints the error to stderr.
+    pub fn print(&self) {
+        eprintln!("error: {}", self.message);
+        for line in &self.details {
+            eprintln!("  {line}");
+        }
+        if let Some(hint) = &self.hint {
+            eprintln!("hint: {hint}");
+        }
+    }
+}
+
+/// Talks to one apiserver.
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: Http,
+}
+
+impl Client {
+    /// A client for `server` (a URL), sending `token` if given.
+    pub fn new(server: &str, token: Option<String>) -> Result<Self, CliError> {
+        let base = server.trim_end_matches('/').to_string();
+        if reqwest::Url::parse(&base).is_err() {
+            return Err(CliError::new(
+                format!("`{server}` is not a URL"),
+                "pass --server http://HOST:PORT or set SHOAL_SERVER",
+            ));
+        }
+        let http = Http::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| {
+                CliError::new(
+                    format!("cannot build an HTTP client: {e}"),
+                    "this is a bug; please report it",
+                )
+            })?;
+        Ok(Client { base, token, http })
+    }
+
+    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    fn send(&self, request: RequestBuilder) -> Result<Response, CliError> {
+        let response = self.authorize(request).send().map_err(|e| {
+            let reason = if e.is_connect() {
+                "connection refused or host unreachable".to_string()
+            } else if e.is_timeout() {
+                "timed out".to_string()
+            } else {
+                e.to_string()
+            };
+            CliError::new(
+                format!("cannot reach the apiserver at {}: {reason}", self.base),
+                "is `apiserver` running? point the CLI at it with --server URL or SHOAL_SERVER",
+            )
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(api_error(response))
+    }
+
+    /// GET a JSON resource.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let response = self.send(self.http.get(format!("{}{path}", self.base)))?;
+        decode(response)
+    }
+
+    /// GET that returns `None` on 404.
+    pub fn get_optional<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, CliError> {
+        match self.get(path) {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.status == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// POST a body and decode the JSON answer.
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: String,
+    ) -> Result<T, CliError> {
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        decode(self.send(request)?)
+    }
+
+    /// DELETE a resource and decode the JSON answer.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        decode(self.send(self.http.delete(format!("{}{path}", self.base)))?)
+    }
+}
+
+fn decode<T: DeserializeOwned>(response: Response) -> Result<T, CliError> {
+    let url = response.url().to_string();
+    response.json().map_err(|e| {
+        CliError::new(
+            format!("the answer from {url} is not what this CLI understands: {e}"),
+            "check that the CLI and the apiserver are the same version (`shoal --version`)",
+        )
+    })
+}
+
+fn api_error(response: Response) -> CliError {
+    let status = response.status();
+    let body: Option<ApiErrorBody> = response.json().ok();
+    let message = body
+        .as_ref()
+        .map(|b| b.error.clone())
+        .unwrap_or_else(|| format!("the apiserver answered {status}"));
+    let details: Vec<String> = body
+        .as_ref()
+        .map(|b| b.details.iter().map(|d| d.to_string()).collect())
+        .unwrap_or_default();
+    let hint = match status {
+        StatusCode::UNAUTHORIZED => Some("pass a valid token with --token or SHOAL_TOKEN".to_string()),
+        StatusCode::FORBIDDEN => Some(
+            "this token's role does not allow it: reads need a viewer token, changes an operator token".to_string(),
+        ),
+        StatusCode::CONFLICT => Some(
+            body.as_ref()
+                .and_then(|b| b.hint.clone())
+                .unwrap_or_else(|| "someone changed the object; fetch it again and retry".into()),
+        ),
+        _ => body.as_ref().and_then(|b| b.hint.clone()),
+    };
+    // With details, the first detail repeats the message's content; keep the list only.
+    let message = if details.len() > 1 {
+        format!(
+            "the apiserver rejected the request ({status}): {} problems",
+            details.len()
+        )
+    } else {
+        message
+    };
+    CliError {
+        message,
+        details,
+        hint,
+        status: Some(status.as_u16()),
+    }
+}
