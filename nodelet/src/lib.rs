@@ -1,1 +1,13 @@
-//! The shoal node agent.
+//! The shoal node agent: reconciles services, drivers and packages against the
+//! assigned DesiredStates, probes health, and reverts by itself on regression.
+
+pub mod agent;
+pub mod artifact;
+pub mod backend;
+pub mod client;
+pub mod command;
+pub mod host;
+pub mod journal;
+pub mod plan;
+pub mod probe;
+pub mod supervisor;

@@ -1,2 +1,233 @@
-//! nodelet binary.
-fn main() {}
+//! `nodelet`: the shoal node agent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use nodelet::agent::{self, Agent, Shared};
+use nodelet::artifact::ArtifactCache;
+use nodelet::backend::{driver, package, service, Backends};
+use nodelet::client::{ApiClient, HttpClient};
+use nodelet::host::{self, HostSampler};
+use nodelet::journal::{read_json, write_atomic, StateDir};
+use nodelet::supervisor::Supervisor;
+
+/// The shoal node agent: keeps this node at its DesiredStates, probes health, reverts by itself.
+#[derive(Debug, Parser)]
+#[command(name = "nodelet", version)]
+struct Args {
+    /// apiserver URL.
+    #[arg(long, env = "SHOAL_SERVER")]
+    server: String,
+    /// Join token, to register (once; the node token is kept in the state dir).
+    #[arg(long, env = "SHOAL_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Node token, when registered by other means.
+    #[arg(
+        long,
+        env = "SHOAL_NODE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "join_token"
+    )]
+    token: Option<String>,
+    /// Node name (a DNS label). Default: the hostname.
+    #[arg(long)]
+    name: Option<String>,
+    /// Extra labels, `k=v,k=v`.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// State directory. Default: <root>/var/lib/shoal/nodelet.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Manage this tree instead of / (a sandbox: dpkg --root, services under it).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_seconds: u64,
+    /// Unpacked service versions kept for revert.
+    #[arg(long, default_value_t = 3)]
+    keep_versions: usize,
+}
+
+fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    for item in items.iter().filter(|i| !i.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--labels: `{item}` is not key=value"))?;
+        if !manifests::validate::is_label_key(key) || !manifests::validate::is_label_value(value) {
+            return Err(format!("--labels: `{item}` is not a valid label (keys `name` or `prefix/name`, values up to 63 of [A-Za-z0-9-_.])"));
+        }
+        labels.insert(key.to_string(), value.to_string());
+    }
+    Ok(labels)
+}
+
+async fn token(
+    args: &Args,
+    client: &HttpClient,
+    dir: &StateDir,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<String, String> {
+    if let Some(token) = &args.token {
+        return Ok(token.clone());
+    }
+    let labels_file = dir.path().join("registered-labels.json");
+    let saved = dir.load_token()?;
+    let registered_labels: Option<BTreeMap<String, String>> = read_json(&labels_file)?;
+    if let Some(saved) = &saved {
+        if registered_labels.as_ref() == Some(labels) || args.join_token.is_none() {
+            return Ok(saved.clone());
+        }
+        tracing::info!("labels changed since registration; registering again");
+    }
+    let join = args
+        .join_token
+        .as_ref()
+        .ok_or("this node has no token yet: pass --join-token (or --token)")?;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match client.register(join, name, labels).await {
+            Ok(token) => {
+                dir.save_token(&token)?;
+                write_atomic(
+                    &labels_file,
+                    &serde_json::to_vec(labels).expect("labels serialize"),
+                )
+                .map_err(|e| e.to_string())?;
+                tracing::info!(node = name, "registered");
+                return Ok(token);
+            }
+            Err(nodelet::client::ClientError::Rejected { status, message }) => {
+                return Err(format!("registration refused ({status}): {message}"));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let root = std::fs::canonicalize(&args.root)
+        .map_err(|e| format!("--root {}: {e}", args.root.display()))?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| root.join("var/lib/shoal/nodelet"));
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| format!("cannot create the state dir {}: {e}", state_dir.display()))?;
+    let dir = StateDir::new(state_dir.clone());
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => host::label_value(&sysinfo::System::host_name().unwrap_or_default())
+            .to_ascii_lowercase(),
+    };
+    if !manifests::validate::is_dns_label(&name) {
+        return Err(format!(
+            "node name `{name}` is not a DNS label; pass --name"
+        ));
+    }
+    let mut labels = host::self_labels();
+    labels.extend(parse_labels(&args.labels)?);
+
+    let client = Arc::new(HttpClient::new(&args.server)?);
+    let token = token(&args, &client, &dir, &name, &labels).await?;
+
+    let runner = if root == std::path::Path::new("/") && service::systemd_is_pid1() {
+        service::Runner::Systemd {
+            unit_dir: PathBuf::from("/etc/systemd/system"),
+        }
+    } else {
+        service::Runner::Supervisor(Arc::new(Supervisor::new(&state_dir)))
+    };
+    let supervisor = match &runner {
+        service::Runner::Supervisor(s) => Some(s.clone()),
+        service::Runner::Systemd { .. } => None,
+    };
+    let package = package::PackageBackend::new(&root, &state_dir);
+    package.prepare_sandbox().map_err(|e| e.to_string())?;
+    let backends = Backends {
+        service: service::ServiceBackend::new(&root, runner, args.keep_versions),
+        driver: driver::DriverBackend::new(&root, &state_dir, driver::kernel_release()),
+        package,
+    };
+    let artifacts = ArtifactCache::new(
+        state_dir.join("artifacts"),
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?,
+    );
+    let shared = Arc::new(Shared::default());
+    let host = Arc::new(HostSampler::new(&root));
+    let agent = Agent::new(backends, artifacts, host, dir.clone(), shared.clone())?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stored = dir.load_assignment()?;
+    let (assign_tx, assign_rx) = tokio::sync::watch::channel(stored);
+    tokio::spawn(agent::follow(
+        client.clone(),
+        token.clone(),
+        name.clone(),
+        assign_tx,
+        stop_rx.clone(),
+    ));
+    tokio::spawn(agent::heartbeat(
+        client.clone(),
+        token,
+        name.clone(),
+        shared,
+        dir,
+        Duration::from_secs(args.heartbeat_seconds.max(1)),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    println!(
+        "nodelet {name} running (root {}, state {})",
+        root.display(),
+        state_dir.display()
+    );
+    let result = agent.run(assign_rx, stop_rx).await;
+    if let Some(supervisor) = supervisor {
+        supervisor.stop_all().await;
+    }
+    result
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("nodelet: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

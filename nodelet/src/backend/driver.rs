@@ -1,0 +1,238 @@
+//! Drivers: a `.ko` under `/lib/modules/<kernel>/updates/shoal/`, depmod, and
+//! `modprobe -r` / `modprobe`; the loaded version read from
+//! `/sys/module/<name>/version`; every `.ko` kept so a revert needs no network.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use manifests::Component;
+
+use super::{io, Backend, BackendError, Snapshot};
+use crate::command;
+
+const MODPROBE_LIMIT: Duration = Duration::from_secs(120);
+
+/// The driver backend.
+pub struct DriverBackend {
+    root: PathBuf,
+    kernel: String,
+    /// Kept modules: `<state>/drivers/<module>/<version>.ko`.
+    kept: PathBuf,
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl DriverBackend {
+    /// A backend for modules under `root` for kernel `kernel`.
+    pub fn new(root: &Path, state_dir: &Path, kernel: String) -> Self {
+        DriverBackend {
+            root: root.to_path_buf(),
+            kernel,
+            kept: state_dir.join("drivers"),
+        }
+    }
+
+    /// The kernel module's name: the `driver.module` setting, else the component name; the
+    /// kernel shows `-` as `_` in /sys/module.
+    fn module(component: &Component) -> String {
+        component
+            .driver
+            .as_ref()
+            .and_then(|d| d.module.clone())
+            .unwrap_or_else(|| component.name.clone())
+            .replace('-', "_")
+    }
+
+    fn installed_path(&self, module: &str) -> PathBuf {
+        self.root
+            .join("lib/modules")
+            .join(&self.kernel)
+            .join("updates/shoal")
+            .join(format!("{module}.ko"))
+    }
+
+    fn kept_path(&self, module: &str, version: &str) -> PathBuf {
+        self.kept.join(module).join(format!("{version}.ko"))
+    }
+
+    fn loaded_version(module: &str) -> Option<String> {
+        // A loaded module without MODULE_VERSION has no version file: report it as loaded, version unknown.
+        let dir = PathBuf::from("/sys/module").join(module);
+        if !dir.exists() {
+            return None;
+        }
+        Some(
+            std::fs::read_to_string(dir.join("version"))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+        )
+    }
+
+    async fn depmod(&self) -> Result<(), BackendError> {
+        let mut args = vec!["-a".to_string()];
+        if self.root != Path::new("/") {
+            args.push("-b".into());
+            args.push(self.root.display().to_string());
+        }
+        args.push(self.kernel.clone());
+        command::run("depmod", &args, &[], MODPROBE_LIMIT).await?;
+        Ok(())
+    }
+
+    async fn load(&self, module: &str, params: &[String]) -> Result<(), BackendError> {
+        if Self::loaded_version(module).is_some() {
+            command::run("modprobe", &["-r", module], &[], MODPROBE_LIMIT).await?;
+        }
+        let mut args = vec![module.to_string()];
+        args.extend(params.iter().cloned());
+        command::run("modprobe", &args, &[], MODPROBE_LIMIT).await?;
+        Ok(())
+    }
+
+    async fn install_file(
+        &self,
+        module: &str,
+        ko: &Path,
+        params: &[String],
+        version: &str,
+    ) -> Result<(), BackendError> {
+        let target = self.installed_path(module);
+        let dir = target.parent().expect("has a parent");
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let tmp = target.with_extension("ko.tmp");
+        std::fs::copy(ko, &tmp).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &target).map_err(io(&target))?;
+        self.depmod().await?;
+        self.load(module, params).await?;
+        match Self::loaded_version(module) {
+            Some(loaded) if loaded == version || loaded == "unknown" => Ok(()),
+            Some(loaded) => Err(BackendError::Invalid(format!(
+                "module {module} loaded, but /sys/module/{module}/version says {loaded}, not {version}; does the .ko carry MODULE_VERSION(\"{version}\")?"
+            ))),
+            None => Err(BackendError::Invalid(format!("module {module} is not loaded after modprobe"))),
+        }
+    }
+}
+
+impl Backend for DriverBackend {
+    async fn current(&self, component: &Component) -> Result<Option<String>, BackendError> {
+        Ok(Self::loaded_version(&Self::module(component)))
+    }
+
+    async fn snapshot(&self, component: &Component) -> Result<Snapshot, BackendError> {
+        let module = Self::module(component);
+        let Some(version) = Self::loaded_version(&module) else {
+            return Ok(Snapshot::Absent);
+        };
+        let kept = self.kept_path(&module, &version);
+        if !kept.exists() {
+            // Loaded but not from us (or our copy is gone): keep the file modprobe would load.
+            let installed = self.installed_path(&module);
+            if installed.exists() {
+                std::fs::create_dir_all(kept.parent().expect("has a parent")).map_err(io(&kept))?;
+                std::fs::copy(&installed, &kept).map_err(io(&kept))?;
+            } else {
+                return Err(BackendError::Invalid(format!(
+                    "module {module} {version} is loaded but its .ko is not under updates/shoal; shoal cannot restore it, so it will not replace it"
+                )));
+            }
+        }
+        let params = component
+            .driver
+            .as_ref()
+            .map(|d| d.params.clone())
+            .unwrap_or_default();
+        Ok(Snapshot::Driver {
+            version,
+            ko: kept,
+            params,
+        })
+    }
+
+    async fn apply(
+        &self,
+        component: &Component,
+        artifact: Option<&Path>,
+    ) -> Result<(), BackendError> {
+        let module = Self::module(component);
+        let version = component
+            .version
+            .as_deref()
+            .ok_or_else(|| BackendError::Invalid("no version".into()))?;
+        let artifact = artifact
+            .ok_or_else(|| BackendError::Invalid(format!("driver {module} needs an artifact")))?;
+        let kept = self.kept_path(&module, version);
+        std::fs::create_dir_all(kept.parent().expect("has a parent")).map_err(io(&kept))?;
+        std::fs::copy(artifact, &kept).map_err(io(&kept))?;
+        let params = component
+            .driver
+            .as_ref()
+            .map(|d| d.params.clone())
+            .unwrap_or_default();
+        self.install_file(&module, &kept, &params, version).await
+    }
+
+    async fn remove(&self, component: &Component) -> Result<(), BackendError> {
+        let module = Self::module(component);
+        if Self::loaded_version(&module).is_some() {
+            command::run("modprobe", &["-r", module.as_str()], &[], MODPROBE_LIMIT).await?;
+        }
+        let installed = self.installed_path(&module);
+        if installed.exists() {
+            std::fs::remove_file(&installed).map_err(io(&installed))?;
+            self.depmod().await?;
+        }
+        Ok(())
+    }
+
+    async fn restore(
+        &self,
+        component: &Component,
+        snapshot: &Snapshot,
+    ) -> Result<(), BackendError> {
+        match snapshot {
+            Snapshot::Absent => self.remove(component).await,
+            Snapshot::Driver {
+                version,
+                ko,
+                params,
+            } => {
+                self.install_file(&Self::module(component), ko, params, version)
+                    .await
+            }
+            other => Err(BackendError::Invalid(format!(
+                "driver {}: cannot restore {other:?}",
+                component.name
+            ))),
+        }
+    }
+
+    async fn alive(&self, component: &Component) -> Result<(), String> {
+        if component.state == manifests::ComponentState::Absent {
+            return Ok(());
+        }
+        let module = Self::module(component);
+        match Self::loaded_version(&module) {
+            Some(_) => Ok(()),
+            None => Err(format!("module {module} is not loaded")),
+        }
+    }
+
+    fn log_tail(&self, _component: &Component) -> Vec<String> {
+        // The kernel log is where a module explains itself.
+        std::process::Command::new("dmesg")
+            .arg("--ctime")
+            .output()
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stdout);
+                let lines: Vec<String> = text.lines().map(str::to_string).collect();
+                lines[lines.len().saturating_sub(10)..].to_vec()
+            })
+            .unwrap_or_default()
+    }
+}

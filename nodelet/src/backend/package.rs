@@ -1,0 +1,287 @@
+//! Packages: dpkg for `.deb` artifacts, apt-get for repository versions, every
+//! installed `.deb` kept so a revert needs no network.
+//!
+//! With a sandbox root (`nodelet --root DIR`), dpkg runs with `--root`,
+//! `--admindir`, `--log` and `--force-script-chrootless`, so tests never touch
+//! the host's package database or `/var/log/dpkg.log`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use manifests::Component;
+
+use super::{io, Backend, BackendError, Snapshot};
+use crate::command;
+
+const DPKG_LIMIT: Duration = Duration::from_secs(600);
+
+/// The package backend.
+pub struct PackageBackend {
+    root: PathBuf,
+    sandbox: bool,
+    /// Every `.deb` installed, as `<package>_<version>.deb`.
+    debs: PathBuf,
+}
+
+impl PackageBackend {
+    /// A backend for packages under `root`, keeping `.deb` files in `state_dir/debs`.
+    pub fn new(root: &Path, state_dir: &Path) -> Self {
+        PackageBackend {
+            root: root.to_path_buf(),
+            sandbox: root != Path::new("/"),
+            debs: state_dir.join("debs"),
+        }
+    }
+
+    fn admindir(&self) -> PathBuf {
+        self.root.join("var/lib/dpkg")
+    }
+
+    /// Creates an empty dpkg database in a sandbox root, as a fresh install has.
+    pub fn prepare_sandbox(&self) -> Result<(), BackendError> {
+        if !self.sandbox {
+            return Ok(());
+        }
+        let admin = self.admindir();
+        for dir in ["info", "updates", "triggers", "alternatives"] {
+            let path = admin.join(dir);
+            std::fs::create_dir_all(&path).map_err(io(&path))?;
+        }
+        for file in ["status", "available"] {
+            let path = admin.join(file);
+            if !path.exists() {
+                std::fs::write(&path, b"").map_err(io(&path))?;
+            }
+        }
+        let log = self.root.join("var/log");
+        std::fs::create_dir_all(&log).map_err(io(&log))?;
+        Ok(())
+    }
+
+    fn dpkg_options(&self) -> Vec<String> {
+        if self.sandbox {
+            vec![
+                format!("--root={}", self.root.display()),
+                format!("--admindir={}", self.admindir().display()),
+                format!("--log={}", self.root.join("var/log/dpkg.log").display()),
+                "--force-script-chrootless".into(),
+                "--force-not-root".into(),
+            ]
+        } else {
+            vec![]
+        }
+    }
+
+    fn package_name<'a>(&self, component: &'a Component) -> &'a str {
+        component
+            .package
+            .as_ref()
+            .and_then(|p| p.name.as_deref())
+            .unwrap_or(&component.name)
+    }
+
+    async fn dpkg(&self, args: &[&str]) -> Result<command::Output, BackendError> {
+        let mut all = self.dpkg_options();
+        all.extend(args.iter().map(|a| a.to_string()));
+        Ok(command::run("dpkg", &all, &[], DPKG_LIMIT).await?)
+    }
+
+    async fn installed_version(&self, package: &str) -> Result<Option<String>, BackendError> {
+        let admindir = format!("--admindir={}", self.admindir().display());
+        match command::run(
+            "dpkg-query",
+            &[
+                admindir.as_str(),
+                "-W",
+                "-f=${db:Status-Abbrev}|${Version}",
+                package,
+            ],
+            &[],
+            DPKG_LIMIT,
+        )
+        .await
+        {
+            Ok(output) => {
+                let (status, version) = output.stdout.split_once('|').unwrap_or(("", ""));
+                // "ii " installed; "hi " held; anything else (rc, un…) is not installed.
+                Ok((status.len() >= 2 && &status[1..2] == "i").then(|| version.trim().to_string()))
+            }
+            // dpkg-query exits 1 for a package it has never heard of.
+            Err(command::CommandError::Failed { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn kept_deb(&self, package: &str, version: &str) -> PathBuf {
+        // ':' of an epoch is not welcome in file names; dpkg's own cache writes it as %3a.
+        self.debs
+            .join(format!("{package}_{}.deb", version.replace(':', "%3a")))
+    }
+
+    /// Finds a `.deb` of the installed version: ours, or apt's cache.
+    fn find_deb(&self, package: &str, version: &str) -> Option<PathBuf> {
+        let kept = self.kept_deb(package, version);
+        if kept.exists() {
+            return Some(kept);
+        }
+        let archives = self.root.join("var/cache/apt/archives");
+        let prefix = format!("{package}_{}_", version.replace(':', "%3a"));
+        std::fs::read_dir(archives)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            })
+    }
+
+    async fn install_deb(&self, package: &str, deb: &Path) -> Result<(), BackendError> {
+        let deb_str = deb.display().to_string();
+        let fields = command::run(
+            "dpkg-deb",
+            &["-f", deb_str.as_str(), "Package", "Version"],
+            &[],
+            DPKG_LIMIT,
+        )
+        .await?;
+        let mut name = "";
+        let mut version = "";
+        for line in fields.stdout.lines() {
+            if let Some(v) = line.strip_prefix("Package: ") {
+                name = v.trim();
+            } else if let Some(v) = line.strip_prefix("Version: ") {
+                version = v.trim();
+            }
+        }
+        if name != package {
+            return Err(BackendError::Invalid(format!(
+                "the .deb contains package `{name}`, not `{package}`"
+            )));
+        }
+        std::fs::create_dir_all(&self.debs).map_err(io(&self.debs))?;
+        let kept = self.kept_deb(package, version);
+        if !kept.exists() {
+            let tmp = kept.with_extension("deb.tmp");
+            std::fs::copy(deb, &tmp).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &kept).map_err(io(&kept))?;
+        }
+        let kept_str = kept.display().to_string();
+        self.dpkg(&["--install", kept_str.as_str()]).await?;
+        Ok(())
+    }
+}
+
+impl Backend for PackageBackend {
+    async fn current(&self, component: &Component) -> Result<Option<String>, BackendError> {
+        self.installed_version(self.package_name(component)).await
+    }
+
+    async fn snapshot(&self, component: &Component) -> Result<Snapshot, BackendError> {
+        let package = self.package_name(component);
+        Ok(match self.installed_version(package).await? {
+            None => Snapshot::Absent,
+            Some(version) => {
+                let deb = self.find_deb(package, &version);
+                Snapshot::Package { version, deb }
+            }
+        })
+    }
+
+    async fn apply(
+        &self,
+        component: &Component,
+        artifact: Option<&Path>,
+    ) -> Result<(), BackendError> {
+        let package = self.package_name(component);
+        let version = component
+            .version
+            .as_deref()
+            .ok_or_else(|| BackendError::Invalid("no version".into()))?;
+        match artifact {
+            Some(deb) => self.install_deb(package, deb).await?,
+            None => {
+                if self.sandbox {
+                    return Err(BackendError::Invalid(format!(
+                        "package {package} has no artifact: installing from apt needs the real root (--root /); give a .deb artifact in sandbox roots"
+                    )));
+                }
+                let pin = format!("{package}={version}");
+                command::run(
+                    "apt-get",
+                    &[
+                        "install",
+                        "-y",
+                        "--allow-downgrades",
+                        "-o",
+                        "Dpkg::Options::=--force-confold",
+                        pin.as_str(),
+                    ],
+                    &[("DEBIAN_FRONTEND", "noninteractive")],
+                    DPKG_LIMIT,
+                )
+                .await?;
+                // Keep apt's .deb so a later revert needs no network.
+                if let Some(deb) = self.find_deb(package, version) {
+                    std::fs::create_dir_all(&self.debs).map_err(io(&self.debs))?;
+                    let _ = std::fs::copy(&deb, self.kept_deb(package, version));
+                }
+            }
+        }
+        match self.installed_version(package).await? {
+            Some(installed) if installed == version => Ok(()),
+            other => Err(BackendError::Invalid(format!(
+                "after installing, dpkg reports {package} at {} instead of {version}; is the artifact the version the manifest pins?",
+                other.as_deref().unwrap_or("nothing")
+            ))),
+        }
+    }
+
+    async fn remove(&self, component: &Component) -> Result<(), BackendError> {
+        let package = self.package_name(component);
+        if self.installed_version(package).await?.is_some() {
+            self.dpkg(&["--remove", package]).await?;
+        }
+        Ok(())
+    }
+
+    async fn restore(
+        &self,
+        component: &Component,
+        snapshot: &Snapshot,
+    ) -> Result<(), BackendError> {
+        let package = self.package_name(component);
+        match snapshot {
+            Snapshot::Absent => self.remove(component).await,
+            Snapshot::Package {
+                version,
+                deb: Some(deb),
+            } => {
+                if self.installed_version(package).await?.as_deref() == Some(version) {
+                    return Ok(());
+                }
+                self.install_deb(package, deb).await
+            }
+            Snapshot::Package { version, deb: None } => {
+                let mut previous = component.clone();
+                previous.version = Some(version.clone());
+                previous.artifact = None;
+                self.apply(&previous, None).await
+            }
+            other => Err(BackendError::Invalid(format!(
+                "package {package}: cannot restore {other:?}"
+            ))),
+        }
+    }
+
+    async fn alive(&self, _component: &Component) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn log_tail(&self, _component: &Component) -> Vec<String> {
+        let log = self.root.join("var/log/dpkg.log");
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        lines[lines.len().saturating_sub(10)..].to_vec()
+    }
+}

@@ -1,0 +1,423 @@
+//! Services: tar.gz artifacts unpacked per version, an atomic `current` symlink,
+//! and either systemd or the built-in supervisor to run them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use manifests::{Component, ServiceSettings};
+
+use super::{io, Backend, BackendError, Snapshot};
+use crate::artifact::unpack_tar_gz;
+use crate::command;
+use crate::supervisor::{RunSpec, Supervisor};
+
+/// How services are run.
+pub enum Runner {
+    /// Units under `/etc/systemd/system`, driven with systemctl (systemd is PID 1).
+    Systemd {
+        /// Where unit files go.
+        unit_dir: PathBuf,
+    },
+    /// The nodelet's own supervisor (containers, small boards, sandbox roots).
+    Supervisor(Arc<Supervisor>),
+}
+
+/// The service backend.
+pub struct ServiceBackend {
+    /// `<root>/var/lib/shoal/services`.
+    dir: PathBuf,
+    runner: Runner,
+    /// Unpacked versions kept per service (for revert without network).
+    keep: usize,
+}
+
+/// True when systemd is the init system (sd_booted(3): `/run/systemd/system` exists).
+pub fn systemd_is_pid1() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+fn unit_name(name: &str) -> String {
+    format!("shoal-{name}.service")
+}
+
+const SYSTEMCTL_LIMIT: Duration = Duration::from_secs(60);
+
+impl ServiceBackend {
+    /// A backend for services under `root`.
+    pub fn new(root: &Path, runner: Runner, keep: usize) -> Self {
+        ServiceBackend {
+            dir: root.join("var/lib/shoal/services"),
+            runner,
+            keep: keep.max(2),
+        }
+    }
+
+    /// The supervisor, when services run under it.
+    pub fn supervisor(&self) -> Option<&Arc<Supervisor>> {
+        match &self.runner {
+            Runner::Supervisor(s) => Some(s),
+            Runner::Systemd { .. } => None,
+        }
+    }
+
+    fn service_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn version_dir(&self, name: &str, version: &str) -> PathBuf {
+        self.service_dir(name).join(version)
+    }
+
+    fn current_link(&self, name: &str) -> PathBuf {
+        self.service_dir(name).join("current")
+    }
+
+    fn current_version(&self, name: &str) -> Option<String> {
+        let target = std::fs::read_link(self.current_link(name)).ok()?;
+        target.file_name().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    /// Points `current` at `version` in one rename, so readers see the old or the new, never neither.
+    fn switch(&self, name: &str, version: &str) -> Result<(), BackendError> {
+        let dir = self.service_dir(name);
+        let tmp = dir.join(".current.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(version, &tmp).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, self.current_link(name)).map_err(io(&dir))
+    }
+
+    fn run_spec(
+        &self,
+        name: &str,
+        version: &str,
+        settings: &ServiceSettings,
+    ) -> Result<RunSpec, BackendError> {
+        let dir = self.version_dir(name, version);
+        let program = PathBuf::from(&settings.exec[0]);
+        let program = if program.is_absolute() {
+            program
+        } else {
+            dir.join(program)
+        };
+        if !program.exists() {
+            return Err(BackendError::Invalid(format!(
+                "service {name} {version}: program {} is not in the artifact",
+                program.display()
+            )));
+        }
+        Ok(RunSpec {
+            name: name.to_string(),
+            program,
+            args: settings.exec[1..].to_vec(),
+            env: settings.env.clone(),
+            cwd: dir,
+        })
+    }
+
+    async fn start(
+        &self,
+        name: &str,
+        version: &str,
+        settings: &ServiceSettings,
+    ) -> Result<(), BackendError> {
+        let spec = self.run_spec(name, version, settings)?;
+        match &self.runner {
+            Runner::Supervisor(supervisor) => supervisor.start(spec).await,
+            Runner::Systemd { unit_dir } => {
+                let unit = systemd_unit(&spec, &self.current_link(name));
+                let path = unit_dir.join(unit_name(name));
+                std::fs::create_dir_all(unit_dir).map_err(io(unit_dir))?;
+                crate::journal::write_atomic(&path, unit.as_bytes()).map_err(io(&path))?;
+                command::run("systemctl", &["daemon-reload"], &[], SYSTEMCTL_LIMIT).await?;
+                command::run(
+                    "systemctl",
+                    &["enable", &unit_name(name)],
+                    &[],
+                    SYSTEMCTL_LIMIT,
+                )
+                .await?;
+                command::run(
+                    "systemctl",
+                    &["restart", &unit_name(name)],
+                    &[],
+                    SYSTEMCTL_LIMIT,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), BackendError> {
+        match &self.runner {
+            Runner::Supervisor(supervisor) => supervisor.stop(name).await,
+            Runner::Systemd { unit_dir } => {
+                let unit = unit_name(name);
+                let _ = command::run(
+                    "systemctl",
+                    &["disable", "--now", &unit],
+                    &[],
+                    SYSTEMCTL_LIMIT,
+                )
+                .await;
+                let path = unit_dir.join(&unit);
+                if path.exists() {
+                    std::fs::remove_file(&path).map_err(io(&path))?;
+                    command::run("systemctl", &["daemon-reload"], &[], SYSTEMCTL_LIMIT).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn running(&self, name: &str) -> bool {
+        match &self.runner {
+            Runner::Supervisor(supervisor) => supervisor.running(name).await,
+            Runner::Systemd { .. } => command::run(
+                "systemctl",
+                &["is-active", "--quiet", &unit_name(name)],
+                &[],
+                SYSTEMCTL_LIMIT,
+            )
+            .await
+            .is_ok(),
+        }
+    }
+
+    /// Waits `start_seconds` and checks the service is still up: a crash loop is a failed step.
+    async fn check_started(
+        &self,
+        component: &Component,
+        settings: &ServiceSettings,
+    ) -> Result<(), BackendError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(settings.start_seconds.into());
+        loop {
+            if !self.running(&component.name).await {
+                let logs = self.log_tail(component);
+                return Err(BackendError::Invalid(format!(
+                    "service {} {} exited right after it started; last lines: {}",
+                    component.name,
+                    component.version.as_deref().unwrap_or("?"),
+                    logs.join(" | ")
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Removes unpacked versions beyond the newest `keep`, never the current one.
+    fn prune(&self, name: &str) {
+        let current = self.current_version(name);
+        let Ok(entries) = std::fs::read_dir(self.service_dir(name)) else {
+            return;
+        };
+        let mut versions: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| Some(e.file_name().to_string_lossy().into_owned()) != current)
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        versions.sort();
+        let excess = versions.len().saturating_sub(self.keep - 1);
+        for (_, path) in versions.into_iter().take(excess) {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+
+    /// Starts a service that should run but does not (after a reboot or a nodelet restart).
+    pub async fn ensure_running(&self, component: &Component) -> Result<bool, BackendError> {
+        let (Some(version), Some(settings)) = (
+            self.current_version(&component.name),
+            component.service.as_ref(),
+        ) else {
+            return Ok(false);
+        };
+        if self.running(&component.name).await {
+            return Ok(false);
+        }
+        self.start(&component.name, &version, settings).await?;
+        Ok(true)
+    }
+}
+
+fn systemd_unit(spec: &RunSpec, current: &Path) -> String {
+    let quote = |s: &str| {
+        format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('%', "%%")
+        )
+    };
+    let mut exec = vec![quote(&spec.program.display().to_string())];
+    exec.extend(spec.args.iter().map(|a| quote(a)));
+    let env: String = spec
+        .env
+        .iter()
+        .map(|(k, v)| format!("Environment={}\n", quote(&format!("{k}={v}"))))
+        .collect();
+    format!(
+        "# Written by shoal's nodelet; changes are overwritten.\n[Unit]\nDescription=shoal service {name}\nAfter=network-online.target\n\n[Service]\nExecStart={exec}\nWorkingDirectory={cwd}\n{env}Restart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n# current: {current}\n",
+        name = spec.name,
+        exec = exec.join(" "),
+        cwd = spec.cwd.display(),
+        current = current.display(),
+    )
+}
+
+fn settings(component: &Component) -> Result<&ServiceSettings, BackendError> {
+    component.service.as_ref().ok_or_else(|| {
+        BackendError::Invalid(format!("service {} has no `service.exec`", component.name))
+    })
+}
+
+impl Backend for ServiceBackend {
+    async fn current(&self, component: &Component) -> Result<Option<String>, BackendError> {
+        Ok(self.current_version(&component.name))
+    }
+
+    async fn snapshot(&self, component: &Component) -> Result<Snapshot, BackendError> {
+        let Some(version) = self.current_version(&component.name) else {
+            return Ok(Snapshot::Absent);
+        };
+        // How it runs now: the supervisor knows; with systemd, the settings of the
+        // manifest that put it there are recorded by the agent (see `managed`).
+        let settings = match self.supervisor() {
+            Some(supervisor) => {
+                supervisor
+                    .spec(&component.name)
+                    .await
+                    .map(|spec| ServiceSettings {
+                        exec: std::iter::once(spec.program.display().to_string())
+                            .chain(spec.args)
+                            .collect(),
+                        env: spec.env,
+                        start_seconds: component.service.as_ref().map_or(2, |s| s.start_seconds),
+                    })
+            }
+            None => None,
+        };
+        let settings = settings
+            .or_else(|| component.service.clone())
+            .ok_or_else(|| {
+                BackendError::Invalid(format!(
+                    "service {}: cannot tell how the current version runs",
+                    component.name
+                ))
+            })?;
+        Ok(Snapshot::Service { version, settings })
+    }
+
+    async fn apply(
+        &self,
+        component: &Component,
+        artifact: Option<&Path>,
+    ) -> Result<(), BackendError> {
+        let settings = settings(component)?;
+        let version = component
+            .version
+            .as_deref()
+            .ok_or_else(|| BackendError::Invalid("no version".into()))?;
+        let target = self.version_dir(&component.name, version);
+        if !target.is_dir() {
+            let artifact = artifact.ok_or_else(|| {
+                BackendError::Invalid(format!("service {} needs an artifact", component.name))
+            })?;
+            let dir = self.service_dir(&component.name);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            // Unpack beside the target and rename: a crash never leaves a half-unpacked version behind the real name.
+            let staging = dir.join(format!(".{version}.unpacking"));
+            let _ = std::fs::remove_dir_all(&staging);
+            unpack_tar_gz(artifact, &staging)?;
+            std::fs::rename(&staging, &target).map_err(io(&target))?;
+        }
+        self.run_spec(&component.name, version, settings)?;
+        self.switch(&component.name, version)?;
+        self.start(&component.name, version, settings).await?;
+        self.check_started(component, settings).await?;
+        self.prune(&component.name);
+        Ok(())
+    }
+
+    async fn remove(&self, component: &Component) -> Result<(), BackendError> {
+        self.stop(&component.name).await?;
+        let link = self.current_link(&component.name);
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).map_err(io(&link))?;
+        }
+        Ok(())
+    }
+
+    async fn restore(
+        &self,
+        component: &Component,
+        snapshot: &Snapshot,
+    ) -> Result<(), BackendError> {
+        match snapshot {
+            Snapshot::Absent => self.remove(component).await,
+            Snapshot::Service { version, settings } => {
+                if !self.version_dir(&component.name, version).is_dir() {
+                    return Err(BackendError::Invalid(format!(
+                        "service {}: version {version} is no longer on disk, cannot go back to it",
+                        component.name
+                    )));
+                }
+                self.switch(&component.name, version)?;
+                // Reverting must be fast: start the old version and let the probes judge it.
+                self.start(&component.name, version, settings).await
+            }
+            other => Err(BackendError::Invalid(format!(
+                "service {}: cannot restore {other:?}",
+                component.name
+            ))),
+        }
+    }
+
+    async fn alive(&self, component: &Component) -> Result<(), String> {
+        if self.current_version(&component.name).is_none() {
+            return Ok(()); // not installed (state: absent): nothing to be alive
+        }
+        if self.running(&component.name).await {
+            Ok(())
+        } else {
+            Err(format!(
+                "service {} is not running; last lines: {}",
+                component.name,
+                self.log_tail(component).join(" | ")
+            ))
+        }
+    }
+
+    fn log_tail(&self, component: &Component) -> Vec<String> {
+        match &self.runner {
+            Runner::Supervisor(supervisor) => supervisor.log_tail(&component.name, 20),
+            Runner::Systemd { .. } => {
+                // journalctl is synchronous here: this is only called to build a failure report.
+                std::process::Command::new("journalctl")
+                    .args([
+                        "-u",
+                        &unit_name(&component.name),
+                        "-n",
+                        "20",
+                        "--no-pager",
+                        "-o",
+                        "cat",
+                    ])
+                    .output()
+                    .map(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .lines()
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            }
+        }
+    }
+}
