@@ -100,15 +100,30 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         }
     });
 
+    // Load the certificate before announcing the address: a server that says it listens must serve.
+    let tls = match &config.tls {
+        Some((cert, key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Some(
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "cannot load TLS certificate {} and key {}: {e}",
+                            cert.display(),
+                            key.display()
+                        )
+                    })?,
+            )
+        }
+        None => None,
+    };
+
     let listener = std::net::TcpListener::bind(config.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
-    let scheme = if config.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to find the port when --listen uses port 0.
     println!("apiserver listening on {scheme}://{bound}");
     tracing::info!(%bound, data = %config.data.display(), "apiserver started");
@@ -120,18 +135,8 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
     });
     let service = app.into_make_service();
-    let served = match &config.tls {
-        Some((cert, key)) => {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                .await
-                .map_err(|e| {
-                    format!(
-                        "cannot load TLS certificate {} and key {}: {e}",
-                        cert.display(),
-                        key.display()
-                    )
-                })?;
+    let served = match tls {
+        Some(tls) => {
             axum_server::from_tcp_rustls(listener, tls)
                 .handle(handle)
                 .serve(service)

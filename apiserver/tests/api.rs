@@ -1,0 +1,1715 @@
+//! Runs the real `apiserver` binary on a loopback port, with sled in a temporary
+//! directory, and talks HTTP to it: every endpoint with every role, every bad
+//! input, apply semantics, restarts, watches, long polls, readiness, metrics,
+//! startup refusals, TLS and component conflicts.
+//!
+//! Each test starts its own server (own data directory, own port), so the
+//! tests run in parallel.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use apiserver::server::openapi::OPERATIONS;
+use reqwest::Method;
+use serde_json::{json, Value};
+use support::*;
+
+/// Helpers: a server process that dies with its guard, and a small HTTP client.
+mod support {
+    use std::io::{BufRead, BufReader};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use reqwest::blocking::{Client, RequestBuilder};
+    use reqwest::Method;
+    use serde_json::Value;
+    use sha2::{Digest, Sha256};
+
+    pub const OPERATOR: &str = "operator-token-0123456789abcdef";
+    pub const VIEWER: &str = "viewer-token-0123456789abcdef";
+    pub const JOIN: &str = "join-token-0123456789abcdef";
+
+    /// Writes a tokens file: an operator token in clear, a viewer token as its SHA-256, a join token.
+    pub fn tokens_file(dir: &Path) -> PathBuf {
+        let path = dir.join("tokens.yaml");
+        let viewer_sha = hex::encode(Sha256::digest(VIEWER.as_bytes()));
+        std::fs::write(
+            &path,
+            format!(
+                "tokens:\n  - {{name: alice, role: operator, token: \"{OPERATOR}\"}}\n  - {{name: grafana, role: viewer, sha256: \"{viewer_sha}\"}}\njoinTokens:\n  - {{name: boards, token: \"{JOIN}\"}}\n"
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// A DesiredState selecting `role=<role>` that pins each `(component, version)` as a package.
+    pub fn manifest(name: &str, role: &str, components: &[(&str, &str)]) -> String {
+        let mut text = format!(
+            "apiVersion: shoal/v1\nkind: DesiredState\nmetadata:\n  name: {name}\nspec:\n  selector:\n    matchLabels: {{role: {role}}}\n  components:\n"
+        );
+        for (component, version) in components {
+            text.push_str(&format!(
+                "    - {{name: {component}, kind: package, version: \"{version}\"}}\n"
+            ));
+        }
+        text
+    }
+
+    /// `yaml` with `metadata.resourceVersion` set.
+    pub fn with_resource_version(yaml: &str, version: &str) -> String {
+        yaml.replacen(
+            "metadata:\n",
+            &format!("metadata:\n  resourceVersion: \"{version}\"\n"),
+            1,
+        )
+    }
+
+    /// A heartbeat body with host metrics.
+    pub fn heartbeat(cpu: f64) -> Value {
+        serde_json::json!({
+            "nodeletVersion": "0.1.0",
+            "observedGeneration": 0,
+            "host": {
+                "cpuPercent": cpu,
+                "memoryUsedBytes": 1000,
+                "memoryTotalBytes": 4000,
+                "diskUsedBytes": 10,
+                "diskTotalBytes": 20,
+                "temperatureCelsius": 51.5,
+                "uptimeSeconds": 100,
+                "processCount": 42
+            }
+        })
+    }
+
+    /// An answer, read completely.
+    #[derive(Debug)]
+    pub struct Reply {
+        pub status: u16,
+        pub content_type: String,
+        pub text: String,
+    }
+
+    impl Reply {
+        /// The body as JSON.
+        pub fn json(&self) -> Value {
+            serde_json::from_str(&self.text)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text))
+        }
+
+        /// The JSON body, after checking the status.
+        #[track_caller]
+        pub fn ok(&self, status: u16) -> Value {
+            assert_eq!(self.status, status, "{}", self.text);
+            self.json()
+        }
+
+        /// The error body, after checking the status and that it is a JSON `{error, hint?, field?}`.
+        #[track_caller]
+        pub fn error(&self, status: u16) -> Value {
+            assert_eq!(self.status, status, "{}", self.text);
+            assert!(
+                self.content_type.starts_with("application/json"),
+                "error with content type {:?}: {}",
+                self.content_type,
+                self.text
+            );
+            let body = self.json();
+            let error = body["error"].as_str().unwrap_or_default();
+            assert!(!error.is_empty(), "no `error` in {body}");
+            if let Some(field) = body.get("field") {
+                assert!(field.is_string(), "{body}");
+            }
+            if let Some(hint) = body.get("hint") {
+                assert!(hint.as_str().is_some_and(|h| !h.is_empty()), "{body}");
+            }
+            body
+        }
+    }
+
+    static STARTS: AtomicUsize = AtomicUsize::new(0);
+
+    /// A running `apiserver`; killed when dropped.
+    pub struct Server {
+        child: Child,
+        /// `http://127.0.0.1:PORT` (or https).
+        pub url: String,
+        log: PathBuf,
+        client: Client,
+    }
+
+    /// Why a server did not come up.
+    #[derive(Debug)]
+    pub struct StartFailure {
+        pub status: Option<ExitStatus>,
+        pub stderr: String,
+    }
+
+    impl Server {
+        /// Starts `apiserver --data <root>/data --listen 127.0.0.1:0 <extra>` and waits for its first line.
+        pub fn start(root: &Path, extra: &[&str]) -> Server {
+            let mut args = vec!["--listen", "127.0.0.1:0"];
+            args.extend_from_slice(extra);
+            Self::try_start(root, &args).unwrap_or_else(|f| {
+                panic!("apiserver did not start ({:?}):\n{}", f.status, f.stderr)
+            })
+        }
+
+        /// Starts `apiserver --data <root>/data <args>`; the error carries the exit status and stderr.
+        pub fn try_start(root: &Path, args: &[&str]) -> Result<Server, StartFailure> {
+            let n = STARTS.fetch_add(1, Ordering::SeqCst);
+            let log = root.join(format!("apiserver-{n}.log"));
+            let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
+                .arg("--data")
+                .arg(root.join("data"))
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("apiserver starts");
+            let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stdout).lines();
+                if let Some(Ok(first)) = lines.next() {
+                    let _ = tx.send(first);
+                }
+                // Keep draining so the server never blocks on a full pipe.
+                for _ in lines {}
+            });
+            let first = rx.recv_timeout(Duration::from_secs(30));
+            let fail = |child: &mut Child| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut status = None;
+                while Instant::now() < deadline {
+                    if let Ok(Some(s)) = child.try_wait() {
+                        status = Some(s);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if status.is_none() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                StartFailure {
+                    status,
+                    stderr: std::fs::read_to_string(&log).unwrap_or_default(),
+                }
+            };
+            let Ok(first) = first else {
+                return Err(fail(&mut child));
+            };
+            let Some(url) = first.strip_prefix("apiserver listening on ") else {
+                let mut failure = fail(&mut child);
+                failure.stderr = format!("first line: {first}\n{}", failure.stderr);
+                return Err(failure);
+            };
+            Ok(Server {
+                child,
+                url: url.trim().to_string(),
+                log,
+                client: Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap(),
+            })
+        }
+
+        /// SIGKILL: no graceful shutdown, no final flush.
+        pub fn kill(mut self) {
+            self.child.kill().unwrap();
+            self.child.wait().unwrap();
+        }
+
+        /// SIGTERM, then waits (at most 15 s) for the exit.
+        pub fn terminate(mut self) -> ExitStatus {
+            let killed = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(killed.success());
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "apiserver ignored SIGTERM:\n{}",
+                    self.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        /// What the server wrote to stderr so far.
+        pub fn stderr(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// A request, with `Authorization: Bearer <token>` when a token is given.
+        pub fn request(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
+            let builder = self.client.request(method, format!("{}{path}", self.url));
+            match token {
+                Some(token) => builder.bearer_auth(token),
+                None => builder,
+            }
+        }
+
+        /// Sends a request and reads the whole answer.
+        pub fn send(&self, builder: RequestBuilder) -> Reply {
+            let response = builder.send().expect("the apiserver answers");
+            let status = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let text = response.text().expect("a readable body");
+            Reply {
+                status,
+                content_type,
+                text,
+            }
+        }
+
+        pub fn get(&self, path: &str, token: Option<&str>) -> Reply {
+            self.send(self.request(Method::GET, path, token))
+        }
+
+        pub fn delete(&self, path: &str, token: Option<&str>) -> Reply {
+            self.send(self.request(Method::DELETE, path, token))
+        }
+
+        /// `POST /api/v1/apply<query>` with a YAML body.
+        pub fn apply(&self, query: &str, yaml: &str, token: Option<&str>) -> Reply {
+            self.send(
+                self.request(Method::POST, &format!("/api/v1/apply{query}"), token)
+                    .header("content-type", "application/yaml")
+                    .body(yaml.to_string()),
+            )
+        }
+
+        /// Applies and returns the results, failing the test on anything but 200.
+        #[track_caller]
+        pub fn apply_ok(&self, yaml: &str, token: Option<&str>) -> Vec<Value> {
+            let reply = self.apply("", yaml, token);
+            let body = reply.ok(200);
+            assert_eq!(body["dryRun"], false);
+            body["results"].as_array().unwrap().clone()
+        }
+
+        /// Registers a node; returns its token.
+        #[track_caller]
+        pub fn register(&self, name: &str, role: &str, token: Option<&str>) -> String {
+            let reply = self.send(
+                self.request(Method::POST, "/api/v1/nodes/register", token)
+                    .json(&serde_json::json!({"name": name, "labels": {"role": role}})),
+            );
+            let body = reply.ok(201);
+            assert_eq!(body["name"], name);
+            body["token"].as_str().unwrap().to_string()
+        }
+
+        pub fn put_status(&self, node: &str, body: &Value, token: Option<&str>) -> Reply {
+            self.send(
+                self.request(Method::PUT, &format!("/api/v1/nodes/{node}/status"), token)
+                    .json(body),
+            )
+        }
+
+        /// Opens an SSE stream; events arrive on the returned channel as `(event, data)`.
+        pub fn watch(&self, path: &str, token: Option<&str>) -> mpsc::Receiver<(String, Value)> {
+            let client = Client::builder().timeout(None).build().unwrap();
+            let mut builder = client.get(format!("{}{path}", self.url));
+            if let Some(token) = token {
+                builder = builder.bearer_auth(token);
+            }
+            let response = builder.send().expect("the apiserver answers");
+            assert_eq!(response.status().as_u16(), 200);
+            let content_type = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            assert!(
+                content_type.starts_with("text/event-stream"),
+                "{content_type}"
+            );
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut event = String::new();
+                let mut data = String::new();
+                for line in BufReader::new(response).lines() {
+                    let Ok(line) = line else { return };
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = e.trim().to_string();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim_start());
+                    } else if line.is_empty() && !data.is_empty() {
+                        let value = serde_json::from_str(&data).expect("SSE data is JSON");
+                        if tx.send((std::mem::take(&mut event), value)).is_err() {
+                            return;
+                        }
+                        data.clear();
+                    }
+                }
+            });
+            rx
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- apiserver stderr ({}) ---\n{}", self.url, self.stderr());
+            }
+        }
+    }
+
+    /// Polls `check` until it returns `Some`, or fails after `timeout`.
+    #[track_caller]
+    pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The condition `kind` of a node object.
+    pub fn condition(node: &Value, kind: &str) -> Value {
+        node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap_or_else(|| panic!("no condition {kind} in {node}"))
+            .clone()
+    }
+
+    /// Names of the objects of a list.
+    pub fn names(list: &Value) -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Reasons of an event list.
+    pub fn reasons(events: &Value) -> Vec<String> {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+// ---- 1. every endpoint with every role --------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Nobody,
+    BadToken,
+    Viewer,
+    Join,
+    OtherNode,
+    OwnNode,
+    Operator,
+}
+
+const EVERYONE: [Who; 7] = [
+    Who::Nobody,
+    Who::BadToken,
+    Who::Viewer,
+    Who::Join,
+    Who::OtherNode,
+    Who::OwnNode,
+    // Last: its delete really deletes.
+    Who::Operator,
+];
+
+/// The status each caller must get. A new operation without an entry here fails the test.
+fn expected_status(method: &str, path: &str, who: Who) -> u16 {
+    use Who::*;
+    if ["/healthz", "/readyz", "/openapi.json"].contains(&path) {
+        return 200;
+    }
+    if matches!(who, Nobody | BadToken) {
+        return 401;
+    }
+    let reader = matches!(who, Viewer | Operator);
+    match (method, path) {
+        ("post", "/api/v1/nodes/register") => {
+            if who == Join {
+                201
+            } else {
+                403
+            }
+        }
+        ("put", "/api/v1/nodes/{name}/status") => {
+            if who == OwnNode {
+                204
+            } else {
+                403
+            }
+        }
+        ("get", "/api/v1/nodes/{name}/assignment") => {
+            if reader || who == OwnNode {
+                200
+            } else {
+                403
+            }
+        }
+        ("post", "/api/v1/apply") | ("delete", "/api/v1/desiredstates/{name}") => {
+            if who == Operator {
+                200
+            } else {
+                403
+            }
+        }
+        // No rollout controller writes rollouts yet: readers get past auth to a 404.
+        ("get", "/api/v1/rollouts/{name}") => {
+            if reader {
+                404
+            } else {
+                403
+            }
+        }
+        (
+            "get",
+            "/metrics"
+            | "/api/v1/nodes"
+            | "/api/v1/nodes/{name}"
+            | "/api/v1/desiredstates"
+            | "/api/v1/desiredstates/{name}"
+            | "/api/v1/desiredstates/{name}/revisions"
+            | "/api/v1/rollouts"
+            | "/api/v1/events"
+            | "/api/v1/summary",
+        ) => {
+            if reader {
+                200
+            } else {
+                403
+            }
+        }
+        other => panic!("no expectation for {other:?}: add it to expected_status"),
+    }
+}
+
+#[test]
+fn every_endpoint_with_every_role() {
+    let dir = tempdir();
+    let tokens = tokens_file(dir.path());
+    let server = Server::start(dir.path(), &["--tokens", tokens.to_str().unwrap()]);
+    let op = Some(OPERATOR);
+
+    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), op);
+    server.apply_ok(&manifest("doomed", "web", &[("nginx", "1.0-1")]), op);
+    let own = server.register("n1", "web", Some(JOIN));
+    let other = server.register("n2", "web", Some(JOIN));
+    assert_eq!(
+        server.put_status("n1", &heartbeat(5.0), Some(&own)).status,
+        204
+    );
+
+    let token_of = |who: Who| -> Option<String> {
+        match who {
+            Who::Nobody => None,
+            Who::BadToken => Some("not-a-token-of-this-server-at-all".into()),
+            Who::Viewer => Some(VIEWER.into()),
+            Who::Operator => Some(OPERATOR.into()),
+            Who::Join => Some(JOIN.into()),
+            Who::OwnNode => Some(own.clone()),
+            Who::OtherNode => Some(other.clone()),
+        }
+    };
+    let tag = |who: Who| format!("{who:?}").to_lowercase();
+
+    let mut checked = 0;
+    for operation in OPERATIONS {
+        for who in EVERYONE {
+            let token = token_of(who);
+            let token = token.as_deref();
+            let method = Method::from_bytes(operation.method.to_uppercase().as_bytes()).unwrap();
+            let path = match operation.path {
+                "/api/v1/desiredstates/{name}" if operation.method == "delete" => {
+                    "/api/v1/desiredstates/doomed".to_string()
+                }
+                p if p.starts_with("/api/v1/nodes/") => p.replace("{name}", "n1"),
+                p => p.replace("{name}", "web"),
+            };
+            let mut request = server.request(method, &path, token);
+            request = match (operation.method, operation.path) {
+                ("post", "/api/v1/apply") => request
+                    .header("content-type", "application/yaml")
+                    .body(manifest(
+                        &format!("by-{}", tag(who)),
+                        "web",
+                        &[("tool", "1.0-1")],
+                    )),
+                ("post", "/api/v1/nodes/register") => request
+                    .json(&json!({"name": format!("reg-{}", tag(who)), "labels": {"role": "db"}})),
+                ("put", _) => request.json(&heartbeat(7.0)),
+                _ => request,
+            };
+            let reply = server.send(request);
+            let want = expected_status(operation.method, operation.path, who);
+            let context = format!(
+                "{} {} as {who:?}: {} {}",
+                operation.method, path, reply.status, reply.text
+            );
+            assert_eq!(reply.status, want, "{context}");
+            if want >= 400 {
+                let body = reply.error(want);
+                if want == 401 || want == 403 {
+                    assert!(body["hint"].is_string(), "{context}");
+                }
+            }
+            checked += 1;
+        }
+        // Nothing a refused caller sent was stored.
+        match operation.path {
+            "/api/v1/apply" => {
+                let list = server.get("/api/v1/desiredstates", op).ok(200);
+                let by: Vec<String> = names(&list)
+                    .into_iter()
+                    .filter(|n| n.starts_with("by-"))
+                    .collect();
+                assert_eq!(by, vec!["by-operator"]);
+            }
+            "/api/v1/nodes/register" => {
+                let list = server.get("/api/v1/nodes", op).ok(200);
+                let reg: Vec<String> = names(&list)
+                    .into_iter()
+                    .filter(|n| n.starts_with("reg-"))
+                    .collect();
+                assert_eq!(reg, vec!["reg-join"]);
+            }
+            "/api/v1/desiredstates/{name}" if operation.method == "delete" => {
+                server.get("/api/v1/desiredstates/doomed", op).error(404);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(checked, OPERATIONS.len() * EVERYONE.len());
+
+    // The node's own status is what its own token wrote, never the other node's.
+    let n1 = server.get("/api/v1/nodes/n1", Some(VIEWER)).ok(200);
+    assert_eq!(n1["status"]["report"]["host"]["cpuPercent"], 7.0);
+    let n2 = server.get("/api/v1/nodes/n2", Some(VIEWER)).ok(200);
+    assert!(n2["status"].get("lastHeartbeat").is_none(), "{n2}");
+
+    // A node token reads its own assignment: the DesiredStates that select it.
+    let assignment = server
+        .get("/api/v1/nodes/n1/assignment", Some(&own))
+        .ok(200);
+    assert_eq!(assignment["node"], "n1");
+    let states: Vec<&str> = assignment["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["by-operator", "web"]);
+
+    // Other ways of presenting a bad credential.
+    for header in [
+        "Basic b3BlcmF0b3I6cGFzc3dvcmQ=",
+        "Bearer",
+        "Bearer n1:0000000000000000000000000000000000000000000000000000000000000000",
+        "Bearer ghost:0000",
+    ] {
+        let reply = server.send(
+            server
+                .request(Method::GET, "/api/v1/desiredstates", None)
+                .header("authorization", header),
+        );
+        reply.error(401);
+    }
+    // The operator token with a stray character is not the operator token.
+    server
+        .get("/api/v1/desiredstates", Some(&format!("{OPERATOR}x")))
+        .error(401);
+
+    // Registering again issues a new node token and retires the old one.
+    let first = server.register("n3", "web", Some(JOIN));
+    let second = server.register("n3", "web", Some(JOIN));
+    assert_ne!(first, second);
+    server
+        .get("/api/v1/nodes/n3/assignment", Some(&first))
+        .error(401);
+    server
+        .get("/api/v1/nodes/n3/assignment", Some(&second))
+        .ok(200);
+
+    // A node token cannot reach another node's assignment, nor list nodes.
+    server
+        .get("/api/v1/nodes/n1/assignment", Some(&second))
+        .error(403);
+    server.get("/api/v1/nodes", Some(&second)).error(403);
+    let refused = server
+        .put_status("n1", &heartbeat(1.0), Some(&second))
+        .error(403);
+    assert!(
+        refused["error"].as_str().unwrap().contains("n1"),
+        "{refused}"
+    );
+}
+
+// ---- 2. bad input -----------------------------------------------------------
+
+#[test]
+fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() {
+    let dir = tempdir();
+    // No tokens file: every loopback caller is an operator.
+    let server = Server::start(dir.path(), &[]);
+    let v1 = manifest("existing", "web", &[("nginx", "1.0-1")]);
+    let first = server.apply_ok(&v1, None);
+    let rv1 = first[0]["resourceVersion"].as_str().unwrap().to_string();
+    let v2 = manifest("existing", "web", &[("nginx", "1.1-1")]);
+    let second = server.apply_ok(&with_resource_version(&v2, &rv1), None);
+    assert_eq!(second[0]["action"], "configured");
+    let rv2 = second[0]["resourceVersion"].as_str().unwrap().to_string();
+    let events_before = server.get("/api/v1/events", None).ok(200);
+    let existing_before = server.get("/api/v1/desiredstates/existing", None).ok(200);
+
+    let nothing_new = |what: &str| {
+        let list = server.get("/api/v1/desiredstates", None).ok(200);
+        assert_eq!(names(&list), vec!["existing"], "after {what}");
+        let existing = server.get("/api/v1/desiredstates/existing", None).ok(200);
+        assert_eq!(existing, existing_before, "after {what}");
+        let revisions = server
+            .get("/api/v1/desiredstates/existing/revisions", None)
+            .ok(200);
+        assert_eq!(revisions.as_array().unwrap().len(), 2, "after {what}");
+        let events = server.get("/api/v1/events", None).ok(200);
+        assert_eq!(events, events_before, "after {what}");
+    };
+
+    // Malformed YAML: 400.
+    let malformed = "apiVersion: shoal/v1\nkind: DesiredState\nmetadata:\n  name: broken\nspec:\n  components:\n    - name: tool\n      kind: package\n     version: 1.0-1\n";
+    let body = server.apply("", malformed, None).error(400);
+    assert!(
+        body["error"].as_str().unwrap().contains("invalid YAML"),
+        "{body}"
+    );
+    nothing_new("malformed YAML");
+
+    // Unknown field: 422 with details and the field path.
+    let typo =
+        manifest("typo", "web", &[("nginx", "1.0-1")]).replace("matchLabels:", "matchLabel:");
+    let body = server.apply("", &typo, None).error(422);
+    assert_eq!(body["field"], "spec.selector.matchLabel", "{body}");
+    let details = body["details"].as_array().expect("details");
+    assert_eq!(details[0]["field"], "spec.selector.matchLabel");
+    assert_eq!(details[0]["line"], 7, "{body}");
+    assert!(
+        body["hint"].as_str().unwrap().contains("matchLabels"),
+        "{body}"
+    );
+    nothing_new("unknown field");
+
+    // Unknown kind: 422.
+    let wrong_kind = manifest("kindless", "web", &[("nginx", "1.0-1")])
+        .replace("kind: DesiredState", "kind: DesiredStat");
+    let body = server.apply("", &wrong_kind, None).error(422);
+    assert_eq!(body["field"], "kind", "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("DesiredStat"),
+        "{body}"
+    );
+    nothing_new("unknown kind");
+
+    // Invalid name: 422.
+    let body = server
+        .apply(
+            "",
+            &manifest("Bad_Name", "web", &[("nginx", "1.0-1")]),
+            None,
+        )
+        .error(422);
+    assert_eq!(body["field"], "metadata.name", "{body}");
+    nothing_new("invalid name");
+
+    // Wrong sha256: 422.
+    let bad_sha = manifest("badsha", "web", &[]).replace(
+        "  components:\n",
+        "  components:\n    - {name: agent, kind: service, version: 1.0.0, artifact: {url: \"https://a.example.com/a.tar.gz\", sha256: \"abc123\"}, service: {exec: [bin/agent]}}\n",
+    );
+    let body = server.apply("", &bad_sha, None).error(422);
+    assert_eq!(
+        body["field"], "spec.components[0].artifact.sha256",
+        "{body}"
+    );
+    nothing_new("wrong sha256");
+
+    // Not UTF-8: 400.
+    server
+        .send(
+            server
+                .request(Method::POST, "/api/v1/apply", None)
+                .body(vec![0xff, 0xfe, 0x00, 0x80]),
+        )
+        .error(400);
+    // Empty: 422 ("no manifest found").
+    server.apply("", "", None).error(422);
+    nothing_new("not UTF-8 and empty bodies");
+
+    // Stale metadata.resourceVersion on apply: 409.
+    let v3 = manifest("existing", "web", &[("nginx", "1.2-1")]);
+    let body = server
+        .apply("", &with_resource_version(&v3, &rv1), None)
+        .error(409);
+    assert_eq!(body["field"], "metadata.resourceVersion", "{body}");
+    // … also on a dry run.
+    server
+        .apply("?dryRun=true", &with_resource_version(&v3, &rv1), None)
+        .error(409);
+    // … and for an object that does not exist.
+    server
+        .apply(
+            "",
+            &with_resource_version(&manifest("ghost", "web", &[("tool", "1.0-1")]), &rv2),
+            None,
+        )
+        .error(409);
+    nothing_new("stale resourceVersion");
+
+    // Stale resourceVersion on delete: 409.
+    server
+        .delete(
+            &format!("/api/v1/desiredstates/existing?resourceVersion={rv1}"),
+            None,
+        )
+        .error(409);
+    nothing_new("stale delete");
+    // Deleting something that does not exist: 404.
+    server
+        .delete("/api/v1/desiredstates/ghost", None)
+        .error(404);
+
+    // Multi-document: the second invalid, neither stored.
+    let bundle = format!(
+        "{}---\n{}",
+        manifest("fresh", "web", &[("tool", "1.0-1")]),
+        manifest("second", "web", &[("tool", "1.0-1")]).replace("kind: package", "kind: pakage")
+    );
+    let body = server.apply("", &bundle, None).error(422);
+    assert!(
+        body["field"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.components[0].kind"),
+        "{body}"
+    );
+    nothing_new("multi-document with an invalid second document");
+    // The second valid but stale: the transaction stores neither.
+    let bundle = format!(
+        "{}---\n{}",
+        manifest("fresh", "web", &[("tool", "1.0-1")]),
+        with_resource_version(&v3, &rv1)
+    );
+    server.apply("", &bundle, None).error(409);
+    nothing_new("multi-document with a stale second document");
+
+    // Registration: bad JSON and unknown fields are 400, invalid names 422.
+    let register = |body: reqwest::blocking::Body| {
+        server.send(
+            server
+                .request(Method::POST, "/api/v1/nodes/register", None)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+    };
+    register("{not json".into()).error(400);
+    register(r#"{"name": "n1", "lables": {}}"#.into()).error(400);
+    register(r#"{"labels": {}}"#.into()).error(400);
+    for (body, field) in [
+        (r#"{"name": "Bad_Name"}"#, "name"),
+        (r#"{"name": "register"}"#, "name"),
+        (
+            r#"{"name": "n1", "labels": {"role": "not ok!"}}"#,
+            "labels.role",
+        ),
+    ] {
+        let error = register(body.into()).error(422);
+        assert_eq!(error["field"], field, "{body}: {error}");
+    }
+    assert_eq!(
+        server.get("/api/v1/nodes", None).ok(200),
+        json!([]),
+        "no node stored"
+    );
+    nothing_new("bad registrations");
+
+    // A bad heartbeat body: 400, and the stored status is unchanged.
+    let token = server.register("n1", "web", None);
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(3.0), Some(&token))
+            .status,
+        204
+    );
+    let before = server.get("/api/v1/nodes/n1", None).ok(200);
+    let reply = server.send(
+        server
+            .request(Method::PUT, "/api/v1/nodes/n1/status", Some(&token))
+            .header("content-type", "application/json")
+            .body(r#"{"host": {"cpuPercent": "hot"}}"#),
+    );
+    let body = reply.error(400);
+    assert!(
+        body["field"].as_str().unwrap().contains("cpuPercent"),
+        "{body}"
+    );
+    let after = server.get("/api/v1/nodes/n1", None).ok(200);
+    assert_eq!(before["status"]["report"], after["status"]["report"]);
+    assert_eq!(
+        before["status"]["lastHeartbeat"],
+        after["status"]["lastHeartbeat"]
+    );
+
+    // Unknown routes and objects: JSON 404s.
+    server.get("/api/v1/nope", None).error(404);
+    server.get("/api/v1/nodes/ghost", None).error(404);
+    server
+        .get("/api/v1/desiredstates/ghost/revisions", None)
+        .error(404);
+}
+
+#[test]
+fn oversized_bodies_get_413_and_nothing_is_stored() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &["--max-body-bytes", "1000"]);
+    let small = manifest("small", "web", &[("tool", "1.0-1")]);
+    assert!(small.len() < 1000);
+    let mut big = manifest("big", "web", &[("tool", "1.0-1")]);
+    while big.len() <= 1000 {
+        big.push_str("# padding padding padding padding padding padding padding\n");
+    }
+    let body = server.apply("", &big, None).error(413);
+    assert!(body["error"].as_str().unwrap().contains("1000"), "{body}");
+    assert_eq!(server.get("/api/v1/desiredstates", None).ok(200), json!([]));
+    assert_eq!(server.get("/api/v1/events", None).ok(200), json!([]));
+
+    let padded_name = "x".repeat(2000);
+    server
+        .send(
+            server
+                .request(Method::POST, "/api/v1/nodes/register", None)
+                .json(&json!({"name": "n1", "labels": {"pad": padded_name}})),
+        )
+        .error(413);
+    assert_eq!(server.get("/api/v1/nodes", None).ok(200), json!([]));
+
+    // Under the limit is fine.
+    assert_eq!(server.apply_ok(&small, None)[0]["action"], "created");
+}
+
+// ---- 3. apply semantics -----------------------------------------------------
+
+#[test]
+fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &[]);
+    let v1 = manifest("web", "web", &[("nginx", "1.0-1")]);
+
+    let created = server.apply_ok(&v1, None);
+    assert_eq!(created[0]["action"], "created");
+    assert_eq!(created[0]["revision"], 1);
+    assert_eq!(created[0]["kind"], "DesiredState");
+    assert_eq!(created[0]["name"], "web");
+    let rv1 = created[0]["resourceVersion"].as_str().unwrap().to_string();
+
+    let unchanged = server.apply_ok(&v1, None);
+    assert_eq!(unchanged[0]["action"], "unchanged");
+    assert_eq!(unchanged[0]["revision"], 1);
+    assert_eq!(unchanged[0]["resourceVersion"], rv1.as_str());
+
+    let mut rv = rv1.clone();
+    for (n, version) in [(2, "1.1-1"), (3, "1.2-1")] {
+        let next = manifest("web", "web", &[("nginx", version)]);
+        let configured = server.apply_ok(&next, None);
+        assert_eq!(configured[0]["action"], "configured");
+        assert_eq!(configured[0]["revision"], n);
+        let new_rv = configured[0]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            new_rv.parse::<u64>().unwrap() > rv.parse::<u64>().unwrap(),
+            "{new_rv} after {rv}"
+        );
+        rv = new_rv;
+    }
+    let object = server.get("/api/v1/desiredstates/web", None).ok(200);
+    assert_eq!(object["apiVersion"], "shoal/v1");
+    assert_eq!(object["kind"], "DesiredState");
+    assert_eq!(object["metadata"]["resourceVersion"], rv.as_str());
+    assert_eq!(object["metadata"]["generation"], 3);
+    assert_eq!(object["status"]["revision"], 3);
+    assert_eq!(object["spec"]["components"][0]["version"], "1.2-1");
+    assert_eq!(object["status"]["source"]["kind"], "apply");
+    assert_eq!(object["status"]["source"]["actor"], "anonymous");
+
+    let revisions = server
+        .get("/api/v1/desiredstates/web/revisions", None)
+        .ok(200);
+    let revisions = revisions.as_array().unwrap();
+    let numbers: Vec<u64> = revisions
+        .iter()
+        .map(|r| r["revision"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![1, 2, 3]);
+    let versions: Vec<&str> = revisions
+        .iter()
+        .map(|r| r["spec"]["components"][0]["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, vec!["1.0-1", "1.1-1", "1.2-1"]);
+
+    // JSON is accepted as well as YAML.
+    let as_json = json!({
+        "apiVersion": "shoal/v1",
+        "kind": "DesiredState",
+        "metadata": {"name": "from-json"},
+        "spec": {"components": [{"name": "tool", "kind": "package", "version": "1.0-1"}]}
+    });
+    let reply = server.send(
+        server
+            .request(Method::POST, "/api/v1/apply", None)
+            .json(&as_json),
+    );
+    assert_eq!(reply.ok(200)["results"][0]["action"], "created");
+
+    // Dry runs report and store nothing.
+    let v4 = manifest("web", "web", &[("nginx", "1.3-1")]);
+    let dry = server.apply("?dryRun=true", &v4, None).ok(200);
+    assert_eq!(dry["dryRun"], true);
+    assert_eq!(dry["results"][0]["action"], "configured");
+    assert_eq!(dry["results"][0]["revision"], 4);
+    let dry_new = server
+        .apply(
+            "?dryRun=true",
+            &manifest("maybe", "web", &[("tool", "1.0-1")]),
+            None,
+        )
+        .ok(200);
+    assert_eq!(dry_new["results"][0]["action"], "created");
+    server.get("/api/v1/desiredstates/maybe", None).error(404);
+    let still = server.get("/api/v1/desiredstates/web", None).ok(200);
+    assert_eq!(still["status"]["revision"], 3);
+    assert_eq!(still["metadata"]["resourceVersion"], rv.as_str());
+    assert_eq!(
+        server
+            .get("/api/v1/desiredstates/web/revisions", None)
+            .ok(200)
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // A multi-document apply reports one result per object, in order.
+    let bundle = format!(
+        "{}---\n{}",
+        manifest("web", "web", &[("nginx", "1.2-1")]),
+        manifest("db", "db", &[("postgres", "15.0-1")])
+    );
+    let results = server.apply_ok(&bundle, None);
+    let actions: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["action"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actions, vec![("web", "unchanged"), ("db", "created")]);
+
+    // Delete with the current resourceVersion; then it is gone.
+    let deleted = server
+        .delete(
+            &format!("/api/v1/desiredstates/web?resourceVersion={rv}"),
+            None,
+        )
+        .ok(200);
+    assert_eq!(deleted["metadata"]["name"], "web");
+    server.get("/api/v1/desiredstates/web", None).error(404);
+    server
+        .get("/api/v1/desiredstates/web/revisions", None)
+        .error(404);
+    server.delete("/api/v1/desiredstates/web", None).error(404);
+    let list = server.get("/api/v1/desiredstates", None).ok(200);
+    assert_eq!(names(&list), vec!["db", "from-json"]);
+
+    // Applied and Deleted events, oldest first.
+    let events = server
+        .get("/api/v1/events?object=desiredstate/web", None)
+        .ok(200);
+    assert_eq!(
+        reasons(&events),
+        vec!["Applied", "Applied", "Applied", "Deleted"]
+    );
+    let seqs: Vec<u64> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let after = server
+        .get(&format!("/api/v1/events?after={}&limit=1", seqs[0]), None)
+        .ok(200);
+    assert_eq!(after.as_array().unwrap().len(), 1);
+    assert_eq!(after[0]["seq"].as_u64().unwrap(), seqs[1]);
+
+    // Re-created after a delete, it starts again at revision 1.
+    assert_eq!(server.apply_ok(&v1, None)[0]["revision"], 1);
+}
+
+// ---- 4. restart ---------------------------------------------------------------
+
+#[test]
+fn everything_survives_a_kill_and_restart() {
+    let dir = tempdir();
+    let tokens = tokens_file(dir.path());
+    let args = ["--tokens", tokens.to_str().unwrap()];
+    let op = Some(OPERATOR);
+    let server = Server::start(dir.path(), &args);
+    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), op);
+    server.apply_ok(&manifest("web", "web", &[("nginx", "1.1-1")]), op);
+    server.apply_ok(&manifest("db", "db", &[("postgres", "15.0-1")]), op);
+    let token = server.register("n1", "web", Some(JOIN));
+    let mut report = heartbeat(12.5);
+    report["events"] = json!([{
+        "time": "2025-01-01T00:00:00Z",
+        "type": "Warning",
+        "reason": "Drift",
+        "message": "changed on disk",
+        "component": "nginx"
+    }]);
+    assert_eq!(server.put_status("n1", &report, Some(&token)).status, 204);
+
+    let read = |server: &Server| {
+        (
+            server.get("/api/v1/desiredstates", op).ok(200),
+            server
+                .get("/api/v1/desiredstates/web/revisions", op)
+                .ok(200),
+            server.get("/api/v1/nodes/n1", op).ok(200),
+            server.get("/api/v1/events", op).ok(200),
+            server.get("/api/v1/nodes/n1/assignment", op).ok(200),
+        )
+    };
+    let (states, revisions, node, events, assignment) = read(&server);
+    assert_eq!(
+        reasons(&events),
+        vec!["Applied", "Applied", "Applied", "Registered", "Drift"]
+    );
+
+    // No graceful shutdown: the last write happened just now.
+    server.kill();
+    let server = Server::start(dir.path(), &args);
+    let (states2, revisions2, node2, events2, assignment2) = read(&server);
+    assert_eq!(states2, states);
+    assert_eq!(revisions2, revisions);
+    assert_eq!(events2, events);
+    assert_eq!(assignment2, assignment);
+    assert_eq!(node2["metadata"], node["metadata"]);
+    assert_eq!(node2["status"]["report"], node["status"]["report"]);
+    assert_eq!(
+        node2["status"]["lastHeartbeat"],
+        node["status"]["lastHeartbeat"]
+    );
+    assert_eq!(condition(&node2, "Ready")["status"], "True");
+
+    // The node token issued before the restart still works, for that node only.
+    server
+        .get("/api/v1/nodes/n1/assignment", Some(&token))
+        .ok(200);
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(1.0), Some(&token))
+            .status,
+        204
+    );
+    server.get("/api/v1/nodes", Some(&token)).error(403);
+
+    // Numbering continues where it was.
+    let old_rv: u64 = states[1]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let next = server.apply_ok(&manifest("web", "web", &[("nginx", "1.2-1")]), op);
+    assert_eq!(next[0]["revision"], 3);
+    let new_rv: u64 = next[0]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(new_rv > old_rv, "{new_rv} after {old_rv}");
+    let last_seq = events.as_array().unwrap().last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    let newer = server
+        .get(&format!("/api/v1/events?after={last_seq}"), op)
+        .ok(200);
+    assert_eq!(reasons(&newer), vec!["Applied"]);
+
+    // A graceful stop (SIGTERM) exits 0 and keeps everything too.
+    let (states, _, _, events, _) = read(&server);
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    let server = Server::start(dir.path(), &args);
+    let (states2, _, _, events2, _) = read(&server);
+    assert_eq!(states2, states);
+    assert_eq!(events2, events);
+}
+
+// ---- 5. watch -----------------------------------------------------------------
+
+#[test]
+fn watch_streams_added_modified_and_deleted_as_server_sent_events() {
+    let dir = tempdir();
+    let tokens = tokens_file(dir.path());
+    let server = Server::start(dir.path(), &["--tokens", tokens.to_str().unwrap()]);
+    let op = Some(OPERATOR);
+    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), op);
+
+    let wait = Duration::from_secs(10);
+    let events = server.watch("/api/v1/desiredstates?watch=true", Some(VIEWER));
+    let one = server.watch("/api/v1/desiredstates/web?watch=true", Some(VIEWER));
+    let (kind, data) = events.recv_timeout(wait).expect("initial ADDED");
+    assert_eq!(kind, "ADDED");
+    assert_eq!(data["type"], "ADDED");
+    assert_eq!(data["object"]["metadata"]["name"], "web");
+    assert_eq!(data["object"]["status"]["revision"], 1);
+    assert_eq!(one.recv_timeout(wait).expect("initial ADDED").0, "ADDED");
+
+    // Changes made by someone else, while the stream is open.
+    let url = server.url.clone();
+    let writer = std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::new();
+        let apply = |yaml: String| {
+            let response = client
+                .post(format!("{url}/api/v1/apply"))
+                .bearer_auth(OPERATOR)
+                .body(yaml)
+                .send()
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+        };
+        apply(manifest("web", "web", &[("nginx", "1.1-1")]));
+        apply(manifest("other", "db", &[("tool", "1.0-1")]));
+        let response = client
+            .delete(format!("{url}/api/v1/desiredstates/web"))
+            .bearer_auth(OPERATOR)
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+    });
+
+    let (kind, data) = events.recv_timeout(wait).expect("MODIFIED");
+    assert_eq!(kind, "MODIFIED");
+    assert_eq!(data["object"]["metadata"]["name"], "web");
+    assert_eq!(data["object"]["status"]["revision"], 2);
+    assert_eq!(data["object"]["spec"]["components"][0]["version"], "1.1-1");
+    let (kind, data) = events.recv_timeout(wait).expect("ADDED");
+    assert_eq!(
+        (kind.as_str(), &data["object"]["metadata"]["name"]),
+        ("ADDED", &json!("other"))
+    );
+    let (kind, data) = events.recv_timeout(wait).expect("DELETED");
+    assert_eq!(
+        (kind.as_str(), &data["object"]["metadata"]["name"]),
+        ("DELETED", &json!("web"))
+    );
+    writer.join().unwrap();
+
+    // The watch of one object sees only that object.
+    let seen: Vec<String> = (0..2)
+        .map(|_| one.recv_timeout(wait).expect("an event").0)
+        .collect();
+    assert_eq!(seen, vec!["MODIFIED", "DELETED"]);
+    assert!(one.recv_timeout(Duration::from_millis(300)).is_err());
+
+    // Watching needs a reader's token like listing does.
+    server
+        .get("/api/v1/desiredstates?watch=true", None)
+        .error(401);
+    server
+        .get("/api/v1/desiredstates?watch=true", Some(JOIN))
+        .error(403);
+}
+
+// ---- 6. long poll -------------------------------------------------------------
+
+#[test]
+fn assignment_long_poll_returns_at_once_on_change_and_after_wait_without() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &[]);
+    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), None);
+    let token = server.register("n1", "web", None);
+    let current = server
+        .get("/api/v1/nodes/n1/assignment", Some(&token))
+        .ok(200);
+    let generation = current["generation"].as_u64().unwrap();
+    assert!(generation > 0);
+
+    // Nothing changes: the old generation after waitSeconds. An unrelated apply in between
+    // wakes the poll but does not end it.
+    let started = Instant::now();
+    let url = server.url.clone();
+    let unrelated = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let response = reqwest::blocking::Client::new()
+            .post(format!("{url}/api/v1/apply"))
+            .body(manifest("db", "db", &[("postgres", "15.0-1")]))
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+    });
+    let same = server
+        .get(
+            &format!("/api/v1/nodes/n1/assignment?since={generation}&waitSeconds=1"),
+            Some(&token),
+        )
+        .ok(200);
+    let waited = started.elapsed();
+    unrelated.join().unwrap();
+    assert_eq!(same["generation"].as_u64(), Some(generation));
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+
+    // A stale `since` answers at once.
+    let started = Instant::now();
+    let now = server
+        .get(
+            "/api/v1/nodes/n1/assignment?since=1&waitSeconds=20",
+            Some(&token),
+        )
+        .ok(200);
+    assert_eq!(now["generation"].as_u64(), Some(generation));
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // A change to this node's assignment ends the poll well under a second after the apply.
+    let url = server.url.clone();
+    let poll_token = token.clone();
+    let poll = std::thread::spawn(move || {
+        let started = Instant::now();
+        let response = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+            .get(format!(
+                "{url}/api/v1/nodes/n1/assignment?since={generation}&waitSeconds=20"
+            ))
+            .bearer_auth(poll_token)
+            .send()
+            .unwrap();
+        let answered = Instant::now();
+        assert_eq!(response.status().as_u16(), 200);
+        let body: Value = response.json().unwrap();
+        (body, answered, answered - started)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    server.apply_ok(&manifest("web", "web", &[("nginx", "1.1-1")]), None);
+    let applied = Instant::now();
+    let (body, answered, total) = poll.join().unwrap();
+    let latency = answered.saturating_duration_since(applied);
+    assert!(
+        total >= Duration::from_millis(400),
+        "the poll did not wait: {total:?}"
+    );
+    assert!(
+        latency < Duration::from_secs(2),
+        "{latency:?} after the apply"
+    );
+    assert_ne!(body["generation"].as_u64(), Some(generation));
+    assert_eq!(body["states"][0]["name"], "web");
+    assert_eq!(body["states"][0]["revision"], 2);
+    assert_eq!(
+        body["states"][0]["spec"]["components"][0]["version"],
+        "1.1-1"
+    );
+}
+
+// ---- 7. readiness ---------------------------------------------------------------
+
+#[test]
+fn a_node_turns_not_ready_without_heartbeats_and_ready_when_they_return() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &["--ready-grace-seconds", "2"]);
+    let token = server.register("n1", "web", None);
+    let node = server.get("/api/v1/nodes/n1", None).ok(200);
+    assert_eq!(condition(&node, "Ready")["status"], "Unknown");
+
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(1.0), Some(&token))
+            .status,
+        204
+    );
+    let node = server.get("/api/v1/nodes/n1", None).ok(200);
+    assert_eq!(condition(&node, "Ready")["status"], "True");
+    let summary = server.get("/api/v1/summary", None).ok(200);
+    assert_eq!(summary["byCondition"]["Ready"], 1);
+
+    // No heartbeat for more than the grace period (the server sweeps every 2 s).
+    let not_ready_seq = eventually("a NodeNotReady event", Duration::from_secs(15), || {
+        let events = server.get("/api/v1/events?object=node/n1", None).ok(200);
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["reason"] == "NodeNotReady")
+            .map(|e| {
+                assert_eq!(e["type"], "Warning");
+                e["seq"].as_u64().unwrap()
+            })
+    });
+    let node = server.get("/api/v1/nodes/n1", None).ok(200);
+    let ready = condition(&node, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "HeartbeatMissed");
+    let summary = server.get("/api/v1/summary", None).ok(200);
+    assert_eq!(summary["byCondition"]["NotReady"], 1);
+
+    // Heartbeats return.
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(2.0), Some(&token))
+            .status,
+        204
+    );
+    let node = server.get("/api/v1/nodes/n1", None).ok(200);
+    assert_eq!(condition(&node, "Ready")["status"], "True");
+    let events = server
+        .get(
+            &format!("/api/v1/events?object=node/n1&after={not_ready_seq}"),
+            None,
+        )
+        .ok(200);
+    assert_eq!(reasons(&events), vec!["NodeReady"]);
+    // Reported once, not on every sweep.
+    std::thread::sleep(Duration::from_millis(500));
+    let all = server.get("/api/v1/events?object=node/n1", None).ok(200);
+    assert_eq!(
+        reasons(&all),
+        vec!["Registered", "NodeNotReady", "NodeReady"]
+    );
+}
+
+// ---- 8. metrics, openapi, health -------------------------------------------------
+
+#[test]
+fn metrics_openapi_and_health_endpoints() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &[]);
+    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), None);
+    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), None);
+    let token = server.register("n1", "web", None);
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(12.5), Some(&token))
+            .status,
+        204
+    );
+    server.get("/api/v1/desiredstates/web", None).ok(200);
+    server.get("/api/v1/desiredstates/ghost", None).error(404);
+
+    for path in ["/healthz", "/readyz"] {
+        let reply = server.get(path, None);
+        assert_eq!(reply.status, 200, "{path}");
+        assert_eq!(reply.text.trim(), "ok");
+    }
+
+    let metrics = server.get("/metrics", None);
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.content_type.contains("text"),
+        "{}",
+        metrics.content_type
+    );
+    let text = metrics.text;
+    for needle in [
+        "# TYPE shoal_http_request_duration_seconds histogram",
+        "shoal_http_request_duration_seconds_bucket{",
+        // Labelled by route pattern, not by raw path.
+        "route=\"/api/v1/desiredstates/{name}\"",
+        "status=\"404\"",
+        "shoal_applies_total{action=\"created\"} 1",
+        "shoal_applies_total{action=\"unchanged\"} 1",
+        "shoal_nodes 1",
+        "shoal_nodes_by_condition{condition=\"Ready\"} 1",
+        "shoal_node_cpu_percent{node=\"n1\"} 12.5",
+        "shoal_node_memory_used_bytes{node=\"n1\"} 1000",
+        "shoal_node_temperature_celsius{node=\"n1\"} 51.5",
+        "# EOF",
+    ] {
+        assert!(text.contains(needle), "no `{needle}` in:\n{text}");
+    }
+    assert!(!text.contains("/api/v1/desiredstates/ghost"), "{text}");
+
+    let document = server.get("/openapi.json", None).ok(200);
+    assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = document["paths"].as_object().unwrap();
+    let mut documented = BTreeSet::new();
+    for (path, methods) in paths {
+        for method in methods.as_object().unwrap().keys() {
+            documented.insert((method.clone(), path.clone()));
+        }
+    }
+    let operations: BTreeSet<(String, String)> = OPERATIONS
+        .iter()
+        .map(|o| (o.method.to_string(), o.path.to_string()))
+        .collect();
+    assert_eq!(documented, operations);
+    let schemas = document["components"]["schemas"].as_object().unwrap();
+    for (_, methods) in paths {
+        for operation in methods.as_object().unwrap().values() {
+            let text = operation.to_string();
+            // Every schema an operation refers to is in the document.
+            for reference in text.split("#/components/schemas/").skip(1) {
+                let name: String = reference
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(schemas.contains_key(&name), "missing schema {name}");
+            }
+        }
+    }
+    for name in [
+        "DesiredState",
+        "NodeReport",
+        "ApiErrorBody",
+        "NodeAssignment",
+    ] {
+        assert!(schemas.contains_key(name), "missing schema {name}");
+    }
+}
+
+// ---- 9. startup refusals and TLS ----------------------------------------------------
+
+#[test]
+fn startup_refuses_unsafe_or_broken_configurations() {
+    let dir = tempdir();
+    let refused = |args: &[&str]| {
+        let failure = match Server::try_start(dir.path(), args) {
+            Ok(server) => panic!("started with {args:?} on {}", server.url),
+            Err(failure) => failure,
+        };
+        let status = failure.status.expect("the apiserver exits by itself");
+        assert!(!status.success(), "{args:?}: {status:?}");
+        failure.stderr
+    };
+
+    let stderr = refused(&["--listen", "0.0.0.0:0"]);
+    assert!(stderr.contains("--tokens"), "{stderr}");
+
+    let short = dir.path().join("short.yaml");
+    std::fs::write(
+        &short,
+        "tokens: [{name: a, role: operator, token: short}]\n",
+    )
+    .unwrap();
+    let stderr = refused(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tokens",
+        short.to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("shorter"), "{stderr}");
+
+    let stderr = refused(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tokens",
+        dir.path().join("missing.yaml").to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("missing.yaml"), "{stderr}");
+
+    let stderr = refused(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        dir.path().join("nope.pem").to_str().unwrap(),
+        "--tls-key",
+        dir.path().join("nope.key").to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("nope.pem"), "{stderr}");
+
+    // With a tokens file, any address is allowed.
+    let tokens = tokens_file(dir.path());
+    let server = Server::try_start(
+        dir.path(),
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--tokens",
+            tokens.to_str().unwrap(),
+        ],
+    )
+    .unwrap_or_else(|f| panic!("{f:?}"));
+    let port = server.url.rsplit(':').next().unwrap();
+    let local = reqwest::blocking::get(format!("http://127.0.0.1:{port}/api/v1/nodes")).unwrap();
+    assert_eq!(local.status().as_u16(), 401);
+}
+
+#[test]
+fn tls_serves_https_with_the_given_certificate() {
+    let dir = tempdir();
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert_pem = certified.cert.pem();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let port = server
+        .url
+        .strip_prefix("https://127.0.0.1:")
+        .unwrap_or_else(|| panic!("not https: {}", server.url))
+        .to_string();
+
+    let trusting = reqwest::blocking::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for host in ["localhost", "127.0.0.1"] {
+        let response = trusting
+            .get(format!("https://{host}:{port}/healthz"))
+            .send()
+            .unwrap_or_else(|e| panic!("{host}: {e:?}"));
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    let applied = trusting
+        .post(format!("https://localhost:{port}/api/v1/apply"))
+        .body(manifest("web", "web", &[("nginx", "1.0-1")]))
+        .send()
+        .unwrap();
+    assert_eq!(applied.status().as_u16(), 200);
+
+    // A client that does not trust the certificate, and plain HTTP, get nowhere.
+    let default = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    assert!(default
+        .get(format!("https://localhost:{port}/healthz"))
+        .send()
+        .is_err());
+    let plain = default
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send();
+    assert!(
+        plain.map(|r| !r.status().is_success()).unwrap_or(true),
+        "plain HTTP was answered"
+    );
+}
+
+// ---- 10. component conflicts -----------------------------------------------------------
+
+#[test]
+fn a_component_pinned_by_two_desired_states_is_applied_by_neither() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &[]);
+    let token = server.register("n1", "web", None);
+    let lone = server.register("d1", "db", None);
+    server.apply_ok(
+        &format!(
+            "{}---\n{}",
+            manifest("a", "web", &[("shared", "1.0-1"), ("only-a", "1.0-1")]),
+            manifest("b", "web", &[("only-b", "1.0-1"), ("shared", "2.0-1")]),
+        ),
+        None,
+    );
+    server.apply_ok(&manifest("c", "db", &[("shared", "3.0-1")]), None);
+
+    let assignment = server
+        .get("/api/v1/nodes/n1/assignment", Some(&token))
+        .ok(200);
+    assert_eq!(
+        assignment["conflicts"],
+        json!([{"component": "shared", "desiredStates": ["a", "b"]}])
+    );
+    let components = |state: &Value| -> Vec<String> {
+        state["spec"]["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let states = assignment["states"].as_array().unwrap();
+    assert_eq!(states.len(), 2);
+    assert_eq!(states[0]["name"], "a");
+    assert_eq!(components(&states[0]), vec!["only-a"]);
+    assert_eq!(states[1]["name"], "b");
+    assert_eq!(components(&states[1]), vec!["only-b"]);
+
+    let node = server.get("/api/v1/nodes/n1", None).ok(200);
+    let conflict = condition(&node, "Conflict");
+    assert_eq!(conflict["status"], "True");
+    assert!(
+        conflict["message"].as_str().unwrap().contains("shared"),
+        "{conflict}"
+    );
+    let summary = server.get("/api/v1/summary", None).ok(200);
+    assert_eq!(summary["byCondition"]["Conflict"], 1);
+
+    // A node of the other group is not in conflict: it gets `shared` from `c`.
+    let db = server
+        .get("/api/v1/nodes/d1/assignment", Some(&lone))
+        .ok(200);
+    assert!(db.get("conflicts").is_none(), "{db}");
+    assert_eq!(components(&db["states"][0]), vec!["shared"]);
+    let d1 = server.get("/api/v1/nodes/d1", None).ok(200);
+    assert_eq!(condition(&d1, "Conflict")["status"], "False");
+
+    // Resolving the conflict hands `shared` back to the one that still pins it.
+    server.delete("/api/v1/desiredstates/b", None).ok(200);
+    let assignment = server
+        .get("/api/v1/nodes/n1/assignment", Some(&token))
+        .ok(200);
+    assert!(assignment.get("conflicts").is_none(), "{assignment}");
+    assert_eq!(
+        components(&assignment["states"][0]),
+        vec!["shared", "only-a"]
+    );
+    let node = server.get("/api/v1/nodes/n1", None).ok(200);
+    assert_eq!(condition(&node, "Conflict")["status"], "False");
+}
