@@ -112,10 +112,12 @@ impl Supervisor {
         self.stop(&spec.name).await;
         let status = Arc::new(Status::default());
         let (stop, stopped) = oneshot::channel();
+        let (spawned, first_spawn) = oneshot::channel();
         let task = tokio::spawn(supervise(
             spec.clone(),
             status.clone(),
             stopped,
+            spawned,
             self.pid_dir.clone(),
             self.log_dir.clone(),
         ));
@@ -128,6 +130,8 @@ impl Supervisor {
                 task,
             },
         );
+        // Return once the first spawn was attempted, so `running` means something to the caller.
+        let _ = first_spawn.await;
     }
 
     /// Stops a service and its process group (SIGTERM, then SIGKILL after 5 s).
@@ -216,6 +220,7 @@ async fn supervise(
     spec: RunSpec,
     status: Arc<Status>,
     mut stopped: oneshot::Receiver<()>,
+    spawned: oneshot::Sender<()>,
     pid_dir: PathBuf,
     log_dir: PathBuf,
 ) {
@@ -224,6 +229,7 @@ async fn supervise(
     let _ = tokio::fs::create_dir_all(&log_dir).await;
     let log_path = log_dir.join(format!("{}.log", spec.name));
     let mut backoff = Duration::from_secs(1);
+    let mut spawned = Some(spawned);
     loop {
         let mut command = tokio::process::Command::new(&spec.program);
         command
@@ -237,14 +243,22 @@ async fn supervise(
             .kill_on_drop(true);
         let started = Instant::now();
         match command.spawn() {
-            Err(e) => status.log(format!(
-                "shoal: cannot start {}: {e}",
-                spec.program.display()
-            )),
+            Err(e) => {
+                status.log(format!(
+                    "shoal: cannot start {}: {e}",
+                    spec.program.display()
+                ));
+                if let Some(spawned) = spawned.take() {
+                    let _ = spawned.send(());
+                }
+            }
             Ok(mut child) => {
                 let pid = child.id().unwrap_or(0);
                 status.pid.store(pid, Ordering::SeqCst);
                 status.running.store(true, Ordering::SeqCst);
+                if let Some(spawned) = spawned.take() {
+                    let _ = spawned.send(());
+                }
                 let _ = tokio::fs::write(&pid_file, format!("{pid}\n{}\n", spec.program.display()))
                     .await;
                 for stream in [

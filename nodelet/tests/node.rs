@@ -1,0 +1,446 @@
+//! The nodelet against a real apiserver, with real processes and a real dpkg in sandbox roots.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn has_event(
+    server: &Apiserver,
+    node: &str,
+    reason: &str,
+    revision: u64,
+) -> Option<serde_json::Value> {
+    server
+        .node_events(node)
+        .into_iter()
+        .find(|e| e["reason"] == reason && e["revision"] == revision)
+}
+
+#[test]
+fn service_upgrade_stays_and_a_regression_reverts_to_the_exact_previous_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let port = free_port();
+    let node = Nodelet::start(
+        &server.url,
+        "svc-node",
+        "role=svc",
+        &tmp.path().join("node"),
+    );
+
+    let (v1, sha1) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    let (v2, sha2) = demo_tarball(&artifacts.dir, "1.1.0", None);
+    let (v3, sha3) = demo_tarball(&artifacts.dir, "1.2.0", Some(3));
+    let version_url = format!("http://127.0.0.1:{port}/version");
+
+    server.apply(&demo_manifest(
+        "svc",
+        "svc",
+        "1.0.0",
+        &artifacts.url_of(&v1),
+        &sha1,
+        port,
+        2,
+        1,
+    ));
+    wait_for(LONG, "1.0.0 baked", || {
+        has_event(&server, "svc-node", "Baked", 1)
+    });
+    assert_eq!(http_get(&version_url).as_deref(), Some("1.0.0"));
+
+    server.apply(&demo_manifest(
+        "svc",
+        "svc",
+        "1.1.0",
+        &artifacts.url_of(&v2),
+        &sha2,
+        port,
+        2,
+        1,
+    ));
+    wait_for(LONG, "1.1.0 baked", || {
+        has_event(&server, "svc-node", "Baked", 2)
+    });
+    assert_eq!(http_get(&version_url).as_deref(), Some("1.1.0"));
+    assert_eq!(
+        server.applied("svc-node", "svc"),
+        Some(("Healthy".into(), 2)),
+        "an upgrade whose probes pass stays"
+    );
+
+    // 1.2.0 starts fine, then /healthz fails after 3 s: within the 20 s bake, so it must revert.
+    server.apply(&demo_manifest(
+        "svc",
+        "svc",
+        "1.2.0",
+        &artifacts.url_of(&v3),
+        &sha3,
+        port,
+        20,
+        1,
+    ));
+    let reverted = wait_for(LONG, "the revert of 1.2.0", || {
+        has_event(&server, "svc-node", "Reverted", 3)
+    });
+    let message = reverted["message"].as_str().unwrap();
+    assert!(message.contains("probe demo-http failed"), "{message}");
+    assert!(
+        message.contains("503"),
+        "the probe's output is in the event: {message}"
+    );
+    assert!(
+        message.contains("connection pool exhausted"),
+        "the service's log tail is in the event: {message}"
+    );
+    assert_eq!(
+        http_get(&version_url).as_deref(),
+        Some("1.1.0"),
+        "the exact previous version serves again"
+    );
+    assert_eq!(node.service_current("demo").as_deref(), Some("1.1.0"));
+    wait_for(LONG, "the Reverted report", || {
+        (server.applied("svc-node", "svc") == Some(("Reverted".into(), 3))).then_some(())
+    });
+    let report = server.get("/api/v1/nodes/svc-node").unwrap();
+    let component = &report["status"]["report"]["components"][0];
+    assert_eq!(component["version"], "1.1.0");
+    assert_eq!(component["phase"], "Reverted");
+    assert!(
+        component["logTail"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty()),
+        "{component}"
+    );
+    // It is not retried: the node stays at 1.1.0.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(http_get(&version_url).as_deref(), Some("1.1.0"));
+}
+
+fn package_manifest(
+    revision_version: &str,
+    url: &str,
+    sha: &str,
+    probe_root: &std::path::Path,
+) -> String {
+    format!(
+        r#"apiVersion: shoal/v1
+kind: DesiredState
+metadata: {{name: pkgs}}
+spec:
+  selector: {{matchLabels: {{role: pkg}}}}
+  components:
+    - name: shoal-demo-pkg
+      kind: package
+      version: "{revision_version}"
+      artifact: {{url: "{url}", sha256: "{sha}"}}
+  probes:
+    - {{name: pkg-healthy, exec: {{command: [test, -f, "{}/usr/share/shoal-demo-pkg/healthy"]}}, periodSeconds: 1, failureThreshold: 2}}
+  rollout:
+    waves: ["100%"]
+    bakeSeconds: 2
+"#,
+        probe_root.display()
+    )
+}
+
+#[test]
+fn a_deb_is_installed_upgraded_downgraded_and_reverted_in_a_dpkg_sandbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let root = tmp.path().join("node");
+    let _node = Nodelet::start(&server.url, "pkg-node", "role=pkg", &root);
+    let debs: Vec<(String, String)> = [("1.0-1", true), ("1.1-1", true), ("1.2-1", false)]
+        .iter()
+        .map(|(v, healthy)| deb(&artifacts.dir, "shoal-demo-pkg", v, *healthy))
+        .collect();
+    let steps = [("1.0-1", 0, 1), ("1.1-1", 1, 2), ("1.0-1", 0, 3)];
+    for (version, index, revision) in steps {
+        server.apply(&package_manifest(
+            version,
+            &artifacts.url_of(&debs[index].0),
+            &debs[index].1,
+            &root,
+        ));
+        wait_for(LONG, &format!("{version} baked"), || {
+            has_event(&server, "pkg-node", "Baked", revision)
+        });
+        assert_eq!(
+            dpkg_version(&root, "shoal-demo-pkg").as_deref(),
+            Some(version)
+        );
+    }
+    // 1.2-1 lacks the file the probe checks: regression, back to 1.0-1 from the kept .deb.
+    server.apply(&package_manifest(
+        "1.2-1",
+        &artifacts.url_of(&debs[2].0),
+        &debs[2].1,
+        &root,
+    ));
+    let reverted = wait_for(LONG, "the revert of 1.2-1", || {
+        has_event(&server, "pkg-node", "Reverted", 4)
+    });
+    assert!(
+        reverted["message"]
+            .as_str()
+            .unwrap()
+            .contains("pkg-healthy"),
+        "{reverted}"
+    );
+    assert_eq!(
+        dpkg_version(&root, "shoal-demo-pkg").as_deref(),
+        Some("1.0-1")
+    );
+    // The host's package database was never touched.
+    assert!(dpkg_version(std::path::Path::new("/"), "shoal-demo-pkg").is_none());
+    assert!(
+        root.join("var/log/dpkg.log").exists(),
+        "dpkg logged inside the sandbox"
+    );
+}
+
+#[test]
+fn a_wrong_sha256_and_a_tar_slip_are_refused_with_nothing_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let port = free_port();
+    let node = Nodelet::start(
+        &server.url,
+        "bad-node",
+        "role=bad",
+        &tmp.path().join("node"),
+    );
+    let (v1, sha1) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    server.apply(&demo_manifest(
+        "bad",
+        "bad",
+        "1.0.0",
+        &artifacts.url_of(&v1),
+        &sha1,
+        port,
+        1,
+        1,
+    ));
+    wait_for(LONG, "1.0.0 baked", || {
+        has_event(&server, "bad-node", "Baked", 1)
+    });
+
+    let (v2, _) = demo_tarball(&artifacts.dir, "1.1.0", None);
+    server.apply(&demo_manifest(
+        "bad",
+        "bad",
+        "1.1.0",
+        &artifacts.url_of(&v2),
+        &"ab".repeat(32),
+        port,
+        1,
+        1,
+    ));
+    let refused = wait_for(LONG, "the sha256 refusal", || {
+        has_event(&server, "bad-node", "Reverted", 2)
+    });
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("sha256 mismatch"),
+        "{refused}"
+    );
+    assert_eq!(node.service_current("demo").as_deref(), Some("1.0.0"));
+    assert!(!node.root.join("var/lib/shoal/services/demo/1.1.0").exists());
+
+    // A tarball with an entry that climbs out of its folder, with a correct hash.
+    let evil_dir = tmp.path().join("evil");
+    std::fs::create_dir_all(&evil_dir).unwrap();
+    std::fs::write(evil_dir.join("payload"), "pwned").unwrap();
+    let slip = artifacts.dir.join("slip.tar.gz");
+    let status = std::process::Command::new("tar")
+        .args([
+            "-czf",
+            slip.to_str().unwrap(),
+            "-C",
+            evil_dir.to_str().unwrap(),
+            "--transform",
+            "s,^payload,../../../escaped,",
+            "-P",
+            "payload",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let sha = sha256(&slip);
+    server.apply(&demo_manifest(
+        "bad",
+        "bad",
+        "1.3.0",
+        &artifacts.url_of("slip.tar.gz"),
+        &sha,
+        port,
+        1,
+        1,
+    ));
+    let refused = wait_for(LONG, "the tar-slip refusal", || {
+        has_event(&server, "bad-node", "Reverted", 3)
+    });
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("escapes its folder"),
+        "{refused}"
+    );
+    assert_eq!(node.service_current("demo").as_deref(), Some("1.0.0"));
+    assert!(
+        !node.root.join("var/lib/shoal/escaped").exists()
+            && !node.root.join("var/lib/escaped").exists()
+    );
+    assert_eq!(
+        http_get(&format!("http://127.0.0.1:{port}/version")).as_deref(),
+        Some("1.0.0")
+    );
+}
+
+#[test]
+fn kill_9_in_the_middle_of_an_apply_recovers_to_a_consistent_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let port = free_port();
+    let mut node = Nodelet::start(
+        &server.url,
+        "crash-node",
+        "role=crash",
+        &tmp.path().join("node"),
+    );
+    let (v1, sha1) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    let (v2, sha2) = demo_tarball(&artifacts.dir, "1.1.0", None);
+    server.apply(&demo_manifest(
+        "crash",
+        "crash",
+        "1.0.0",
+        &artifacts.url_of(&v1),
+        &sha1,
+        port,
+        1,
+        1,
+    ));
+    wait_for(LONG, "1.0.0 baked", || {
+        has_event(&server, "crash-node", "Baked", 1)
+    });
+
+    // startSeconds 4 keeps the service step open long enough to be killed inside it.
+    server.apply(&demo_manifest(
+        "crash",
+        "crash",
+        "1.1.0",
+        &artifacts.url_of(&v2),
+        &sha2,
+        port,
+        1,
+        4,
+    ));
+    wait_for(LONG, "the step to start", || {
+        let journal = node.journal();
+        (journal["changes"]["crash"]["steps"][0]["state"] == "Started").then_some(())
+    });
+    node.kill9();
+    // Mid-step: the new version may already be switched in and running as an orphan.
+    node.restart();
+    wait_for(LONG, "the change to complete after the restart", || {
+        has_event(&server, "crash-node", "Baked", 2)
+    });
+    assert_eq!(
+        http_get(&format!("http://127.0.0.1:{port}/version")).as_deref(),
+        Some("1.1.0")
+    );
+    assert_eq!(node.service_current("demo").as_deref(), Some("1.1.0"));
+    let journal = node.journal();
+    assert!(
+        journal["changes"].as_object().is_some_and(|c| c.is_empty()),
+        "nothing left in flight: {journal}"
+    );
+    assert_eq!(journal["applied"]["crash"]["phase"], "Healthy");
+    // Exactly one demo-service for this node: the orphan of the killed nodelet is gone.
+    let services = node
+        .root
+        .join("var/lib/shoal/services/demo")
+        .display()
+        .to_string();
+    wait_for(Duration::from_secs(10), "a single service process", || {
+        (processes_mentioning(&services) == 1).then_some(())
+    });
+    assert!(server
+        .node_events("crash-node")
+        .iter()
+        .any(|e| e["reason"] == "Recovering"));
+}
+
+#[test]
+fn with_the_apiserver_gone_the_node_still_reverts_and_reports_afterwards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let port = free_port();
+    let node = Nodelet::start(
+        &server.url,
+        "lonely",
+        "role=lonely",
+        &tmp.path().join("node"),
+    );
+    let (v1, sha1) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    let (v2, sha2) = demo_tarball(&artifacts.dir, "1.2.0", Some(3));
+    server.apply(&demo_manifest(
+        "lonely",
+        "lonely",
+        "1.0.0",
+        &artifacts.url_of(&v1),
+        &sha1,
+        port,
+        1,
+        1,
+    ));
+    wait_for(LONG, "1.0.0 baked", || {
+        has_event(&server, "lonely", "Baked", 1)
+    });
+
+    server.apply(&demo_manifest(
+        "lonely",
+        "lonely",
+        "1.2.0",
+        &artifacts.url_of(&v2),
+        &sha2,
+        port,
+        20,
+        1,
+    ));
+    wait_for(LONG, "the node to take 1.2.0", || {
+        (node.journal()["changes"]["lonely"]["target"]["revision"] == 2).then_some(())
+    });
+    server.kill9();
+    // Alone, the node notices the regression and goes back by itself.
+    wait_for(LONG, "the offline revert", || {
+        (node.journal()["applied"]["lonely"]["phase"] == "Reverted").then_some(())
+    });
+    assert_eq!(
+        http_get(&format!("http://127.0.0.1:{port}/version")).as_deref(),
+        Some("1.0.0")
+    );
+    // Back online: the queued events arrive with their original times.
+    server.restart();
+    let reverted = wait_for(LONG, "the Reverted event after reconnecting", || {
+        has_event(&server, "lonely", "Reverted", 2)
+    });
+    assert!(
+        reverted["message"].as_str().unwrap().contains("503"),
+        "{reverted}"
+    );
+    wait_for(LONG, "the Reverted report", || {
+        (server.applied("lonely", "lonely") == Some(("Reverted".into(), 2))).then_some(())
+    });
+}
