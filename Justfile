@@ -23,3 +23,17 @@ schema:
 cross:
     rustup target add aarch64-unknown-linux-gnu
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc cargo build --release --target aarch64-unknown-linux-gnu
+
+# Fleet benchmark of the apiserver (1,000 and 10,000 simulated nodes); figures go to docs/benchmarks.md.
+bench-apiserver:
+    cargo build --release --workspace --bins
+    cargo bench -p apiserver --bench fleet -- --nodes 1000
+    cargo bench -p apiserver --bench fleet -- --nodes 10000
+
+# Footprint of one nodelet: idle RSS and CPU, and revert time.
+bench-nodelet:
+    cargo build --release --workspace --bins
+    cargo bench -p nodelet --bench footprint
+
+# Every benchmark.
+bench: bench-apiserver bench-nodelet

@@ -493,8 +493,28 @@ fn check_artifact(errors: &mut Vec<FieldError>, path: &FieldPath, artifact: &Art
     }
 }
 
+/// Replaces node variables (`${NAME}`, filled in by each nodelet from its `--var`) with a
+/// placeholder, so a templated URL or address is checked for everything but the variable.
+pub fn without_node_vars(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        match rest[start..].find('}') {
+            Some(end) => {
+                out.push_str(&rest[..start]);
+                out.push('1');
+                rest = &rest[start + end + 1..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn check_url(errors: &mut Vec<FieldError>, path: &FieldPath, text: &str, schemes: &[&str]) {
-    match url::Url::parse(text) {
+    let checked = without_node_vars(text);
+    match url::Url::parse(&checked) {
         Err(err) => errors.push(
             FieldError::new(path.clone(), format!("`{text}` is not a URL ({err})")).hint(format!(
                 "write a full URL with one of the schemes {}",
@@ -562,7 +582,8 @@ fn check_probe(errors: &mut Vec<FieldError>, path: &FieldPath, probe: &Probe) {
         }
     }
     if let Some(tcp) = &probe.tcp {
-        let valid = tcp.address.rsplit_once(':').is_some_and(|(host, port)| {
+        let address = without_node_vars(&tcp.address);
+        let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
         if !valid {
@@ -734,6 +755,16 @@ fn check_rollout(errors: &mut Vec<FieldError>, path: &FieldPath, rollout: &Rollo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_variables_are_checked_as_placeholders() {
+        assert_eq!(
+            without_node_vars("http://127.0.0.1:${PORT}/healthz"),
+            "http://127.0.0.1:1/healthz"
+        );
+        assert_eq!(without_node_vars("${A}:${B}"), "1:1");
+        assert_eq!(without_node_vars("no vars ${"), "no vars ${");
+    }
 
     #[test]
     fn debian_versions() {

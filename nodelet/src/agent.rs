@@ -74,6 +74,7 @@ pub struct Agent {
     installed: BTreeMap<String, Option<String>>,
     shared: Arc<Shared>,
     nodelet_version: String,
+    vars: BTreeMap<String, String>,
 }
 
 fn alive_name(component: &str) -> String {
@@ -111,7 +112,14 @@ impl Agent {
             installed: BTreeMap::new(),
             shared,
             nodelet_version: env!("CARGO_PKG_VERSION").to_string(),
+            vars: BTreeMap::new(),
         })
+    }
+
+    /// Node variables filled into every assigned spec (see `plan::interpolate`).
+    pub fn with_vars(mut self, vars: BTreeMap<String, String>) -> Self {
+        self.vars = vars;
+        self
     }
 
     /// The durable state (for tests and reports).
@@ -211,7 +219,10 @@ impl Agent {
     ) -> Result<(), String> {
         self.start().await?;
         loop {
-            if let Some(assignment) = assignments.borrow_and_update().clone() {
+            if let Some(mut assignment) = assignments.borrow_and_update().clone() {
+                for state in &mut assignment.states {
+                    crate::plan::interpolate(&mut state.spec, &self.vars);
+                }
                 if self.assignment.as_ref().map(|a| a.generation) != Some(assignment.generation) {
                     self.dir.save_assignment(&assignment)?;
                     self.assignment = Some(assignment);

@@ -48,6 +48,10 @@ struct Args {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Node variables, `NAME=VALUE` (repeatable): `${NAME}` in service arguments, environment and
+    /// probes is replaced by VALUE on this node. `${NODE_NAME}` is always set.
+    #[arg(long = "var")]
+    vars: Vec<String>,
     /// Unpacked service versions kept for revert.
     #[arg(long, default_value_t = 3)]
     keep_versions: usize,
@@ -168,7 +172,14 @@ async fn run(args: Args) -> Result<(), String> {
     );
     let shared = Arc::new(Shared::default());
     let host = Arc::new(HostSampler::new(&root));
-    let agent = Agent::new(backends, artifacts, host, dir.clone(), shared.clone())?;
+    let mut vars = BTreeMap::from([("NODE_NAME".to_string(), name.clone())]);
+    for item in &args.vars {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--var: `{item}` is not NAME=VALUE"))?;
+        vars.insert(key.to_string(), value.to_string());
+    }
+    let agent = Agent::new(backends, artifacts, host, dir.clone(), shared.clone())?.with_vars(vars);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stored = dir.load_assignment()?;

@@ -7,6 +7,38 @@ use manifests::{Component, ComponentKind, ComponentState};
 
 use crate::journal::Action;
 
+/// Fills in node variables (`${NAME}`, from `nodelet --var NAME=VALUE`, plus `${NODE_NAME}`)
+/// in what a spec runs and probes: service arguments and environment, probe URLs, addresses
+/// and commands. Several nodes on one host can then run the same manifest on their own ports,
+/// as Nomad's `${NOMAD_PORT_…}` allows. Unknown variables are left as written.
+pub fn interpolate(spec: &mut manifests::DesiredStateSpec, vars: &BTreeMap<String, String>) {
+    let fill = |text: &mut String| {
+        for (name, value) in vars {
+            let pattern = format!("${{{name}}}");
+            if text.contains(&pattern) {
+                *text = text.replace(&pattern, value);
+            }
+        }
+    };
+    for component in &mut spec.components {
+        if let Some(service) = component.service.as_mut() {
+            service.exec.iter_mut().for_each(fill);
+            service.env.values_mut().for_each(fill);
+        }
+    }
+    for probe in &mut spec.probes {
+        if let Some(http) = probe.http.as_mut() {
+            fill(&mut http.url);
+        }
+        if let Some(tcp) = probe.tcp.as_mut() {
+            fill(&mut tcp.address);
+        }
+        if let Some(exec) = probe.exec.as_mut() {
+            exec.command.iter_mut().for_each(fill);
+        }
+    }
+}
+
 /// Compares two versions the way the component's kind orders them: semver for
 /// services and drivers, dpkg's rules for packages. `None` when unparsable.
 pub fn compare(kind: ComponentKind, a: &str, b: &str) -> Option<Ordering> {
@@ -102,6 +134,30 @@ mod tests {
         let gone = component("old", ComponentKind::Package, None, ComponentState::Absent);
         assert_eq!(action(&gone, Some("1.0")), Some(Action::Remove));
         assert_eq!(action(&gone, None), None);
+    }
+
+    #[test]
+    fn fills_node_variables() {
+        let text = "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {name: x}\nspec:\n  components: [{name: s, kind: service, version: 1.0.0, artifact: {url: 'http://a.b/c', sha256: '0000000000000000000000000000000000000000000000000000000000000000'}, service: {exec: [bin/s, --listen, '127.0.0.1:${PORT}'], env: {WHO: '${NODE_NAME}'}}}]\n  probes: [{name: h, http: {url: 'http://127.0.0.1:${PORT}/healthz'}}, {name: t, tcp: {address: '127.0.0.1:${PORT}'}}]\n";
+        let loaded = manifests::parse_str("t", text);
+        assert!(loaded.is_ok(), "{:?}", loaded.diagnostics);
+        let mut spec = loaded.objects[0].object.spec.clone();
+        let vars = BTreeMap::from([
+            ("PORT".to_string(), "18081".to_string()),
+            ("NODE_NAME".to_string(), "n1".to_string()),
+        ]);
+        interpolate(&mut spec, &vars);
+        let service = spec.components[0].service.as_ref().unwrap();
+        assert_eq!(service.exec[2], "127.0.0.1:18081");
+        assert_eq!(service.env["WHO"], "n1");
+        assert_eq!(
+            spec.probes[0].http.as_ref().unwrap().url,
+            "http://127.0.0.1:18081/healthz"
+        );
+        assert_eq!(
+            spec.probes[1].tcp.as_ref().unwrap().address,
+            "127.0.0.1:18081"
+        );
     }
 
     #[test]

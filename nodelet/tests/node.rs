@@ -103,18 +103,24 @@ fn service_upgrade_stays_and_a_regression_reverts_to_the_exact_previous_version(
         "the exact previous version serves again"
     );
     assert_eq!(node.service_current("demo").as_deref(), Some("1.1.0"));
-    wait_for(LONG, "the Reverted report", || {
-        (server.applied("svc-node", "svc") == Some(("Reverted".into(), 3))).then_some(())
+    // The rollout sees the Reverted report, names the node and its probe, and rolls back.
+    let rollout = wait_for(LONG, "the rollout to roll back", || {
+        server
+            .rollout("svc")
+            .filter(|r| r["status"]["phase"] == "RolledBack")
+    });
+    let why = rollout["status"]["failedNodes"]["svc-node"]
+        .as_str()
+        .unwrap_or("");
+    assert!(why.contains("Reverted") && why.contains("503"), "{rollout}");
+    // Back at the last good revision, the node is healthy and converged there.
+    wait_for(LONG, "the node at revision 2 again", || {
+        (server.applied("svc-node", "svc") == Some(("Healthy".into(), 2))).then_some(())
     });
     let report = server.get("/api/v1/nodes/svc-node").unwrap();
-    let component = &report["status"]["report"]["components"][0];
-    assert_eq!(component["version"], "1.1.0");
-    assert_eq!(component["phase"], "Reverted");
-    assert!(
-        component["logTail"]
-            .as_array()
-            .is_some_and(|l| !l.is_empty()),
-        "{component}"
+    assert_eq!(
+        report["status"]["report"]["components"][0]["version"],
+        "1.1.0"
     );
     // It is not retried: the node stays at 1.1.0.
     std::thread::sleep(Duration::from_secs(3));
@@ -175,6 +181,40 @@ fn a_deb_is_installed_upgraded_downgraded_and_reverted_in_a_dpkg_sandbox() {
             Some(version)
         );
     }
+    // Drift: someone installs 1.1-1 by hand; the node puts 1.0-1 back and says so.
+    let output = std::process::Command::new("dpkg")
+        .args([
+            &format!("--root={}", root.display()),
+            &format!("--admindir={}", root.join("var/lib/dpkg").display()),
+            &format!("--log={}", root.join("var/log/dpkg.log").display()),
+            "--force-script-chrootless",
+            "--install",
+            artifacts.dir.join(&debs[1].0).to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let drift = wait_for(LONG, "the drift to be noticed", || {
+        server
+            .node_events("pkg-node")
+            .into_iter()
+            .find(|e| e["reason"] == "Drift")
+    });
+    assert!(
+        drift["message"]
+            .as_str()
+            .unwrap()
+            .contains("shoal-demo-pkg is 1.1-1 instead of 1.0-1"),
+        "{drift}"
+    );
+    wait_for(LONG, "1.0-1 put back", || {
+        (dpkg_version(&root, "shoal-demo-pkg").as_deref() == Some("1.0-1")).then_some(())
+    });
+
     // 1.2-1 lacks the file the probe checks: regression, back to 1.0-1 from the kept .deb.
     server.apply(&package_manifest(
         "1.2-1",
@@ -440,7 +480,224 @@ fn with_the_apiserver_gone_the_node_still_reverts_and_reports_afterwards() {
         reverted["message"].as_str().unwrap().contains("503"),
         "{reverted}"
     );
-    wait_for(LONG, "the Reverted report", || {
-        (server.applied("lonely", "lonely") == Some(("Reverted".into(), 2))).then_some(())
+    wait_for(LONG, "the rollout to roll back", || {
+        server
+            .rollout("lonely")
+            .filter(|r| r["status"]["phase"] == "RolledBack")
     });
+}
+
+fn fleet_manifest(version: &str, url: &str, sha: &str, bake: u64) -> String {
+    format!(
+        r#"apiVersion: shoal/v1
+kind: DesiredState
+metadata: {{name: fleet}}
+spec:
+  selector: {{matchLabels: {{role: fleet}}}}
+  components:
+    - name: demo
+      kind: service
+      version: {version}
+      artifact: {{url: "{url}", sha256: "{sha}"}}
+      service: {{exec: ["bin/demo-service", "--listen", "127.0.0.1:${{PORT}}"], startSeconds: 1}}
+  probes:
+    - {{name: demo-http, http: {{url: "http://127.0.0.1:${{PORT}}/healthz"}}, periodSeconds: 1, failureThreshold: 2, timeoutSeconds: 1}}
+  rollout:
+    waves: ["1", "50%", "100%"]
+    bakeSeconds: {bake}
+    healthyDeadlineSeconds: 30
+    spreadBy: site
+"#
+    )
+}
+
+fn time_of(event: &serde_json::Value) -> std::time::SystemTime {
+    manifests::wire::rfc3339::parse(event["time"].as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn waves_start_only_after_the_previous_wave_baked_and_a_bad_version_stops_at_the_canary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let mut ports = std::collections::BTreeMap::new();
+    let nodes: Vec<Nodelet> = (0..5)
+        .map(|i| {
+            let name = format!("fleet-{i}");
+            let port = free_port();
+            ports.insert(name.clone(), port);
+            let labels = format!(
+                "role=fleet,site={}{}",
+                if i % 2 == 0 { "east" } else { "west" },
+                if i == 3 { ",shoal/canary=true" } else { "" }
+            );
+            Nodelet::start_with_vars(
+                &server.url,
+                &name,
+                &labels,
+                &tmp.path().join(&name),
+                &[("PORT", port.to_string())],
+            )
+        })
+        .collect();
+    wait_for(LONG, "five nodes", || {
+        (server.get("/api/v1/nodes")?.as_array()?.len() == 5).then_some(())
+    });
+    let (v1, sha1) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    let (v2, sha2) = demo_tarball(&artifacts.dir, "1.1.0", Some(2));
+    let (v3, sha3) = demo_tarball(&artifacts.dir, "1.2.0", None);
+    let bake = 3;
+
+    server.apply(&fleet_manifest(
+        "1.0.0",
+        &artifacts.url_of(&v1),
+        &sha1,
+        bake,
+    ));
+    let rollout = wait_for(Duration::from_secs(120), "revision 1 on every node", || {
+        server
+            .rollout("fleet")
+            .filter(|r| r["status"]["phase"] == "Complete" && r["spec"]["revision"] == 1)
+    });
+    let plan: Vec<Vec<String>> = rollout["spec"]["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            w["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(plan.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 2, 2]);
+    assert_eq!(
+        plan[0],
+        vec!["fleet-3".to_string()],
+        "the canary goes first"
+    );
+    // From the events' timestamps: wave k+1 (or completion) only after every node of wave k was healthy for bakeSeconds.
+    let events = server.rollout_events("fleet");
+    let next_starts: Vec<std::time::SystemTime> = events
+        .iter()
+        .filter(|e| {
+            e["revision"] == 1 && (e["reason"] == "WaveStarted" || e["reason"] == "RolloutComplete")
+        })
+        .map(time_of)
+        .collect();
+    assert_eq!(next_starts.len(), plan.len(), "{events:#?}");
+    for (wave, nodes) in plan.iter().enumerate() {
+        for node in nodes {
+            let healthy = has_event(&server, node, "Healthy", 1)
+                .unwrap_or_else(|| panic!("{node} never reported Healthy"));
+            let baked_for = next_starts[wave]
+                .duration_since(time_of(&healthy))
+                .unwrap_or_default();
+            assert!(
+                baked_for >= Duration::from_secs(bake),
+                "wave {} moved on {baked_for:?} after {node} became healthy",
+                wave + 1
+            );
+        }
+    }
+    for (name, port) in &ports {
+        assert_eq!(
+            http_get(&format!("http://127.0.0.1:{port}/version")).as_deref(),
+            Some("1.0.0"),
+            "{name}"
+        );
+    }
+
+    // A bad release: it reaches the canary, reverts there, and the rollout rolls back.
+    server.apply(&fleet_manifest("1.1.0", &artifacts.url_of(&v2), &sha2, 20));
+    let rolled_back = wait_for(LONG, "revision 2 to roll back", || {
+        server
+            .rollout("fleet")
+            .filter(|r| r["spec"]["revision"] == 2 && r["status"]["phase"] == "RolledBack")
+    });
+    assert!(
+        rolled_back["status"]["failedNodes"]["fleet-3"]
+            .as_str()
+            .unwrap()
+            .contains("503"),
+        "{rolled_back}"
+    );
+    assert!(has_event(&server, "fleet-3", "Reverted", 2).is_some());
+    std::thread::sleep(Duration::from_secs(2));
+    for node in ["fleet-0", "fleet-1", "fleet-2", "fleet-4"] {
+        let touched: Vec<_> = server
+            .node_events(node)
+            .into_iter()
+            .filter(|e| e["revision"] == 2)
+            .collect();
+        assert!(
+            touched.is_empty(),
+            "{node} must never run revision 2: {touched:?}"
+        );
+        assert_eq!(
+            http_get(&format!("http://127.0.0.1:{}/version", ports[node])).as_deref(),
+            Some("1.0.0")
+        );
+    }
+    assert_eq!(
+        http_get(&format!("http://127.0.0.1:{}/version", ports["fleet-3"])).as_deref(),
+        Some("1.0.0")
+    );
+
+    // kill -9 the apiserver mid-rollout: after the restart it resumes where it was.
+    server.apply(&fleet_manifest(
+        "1.2.0",
+        &artifacts.url_of(&v3),
+        &sha3,
+        bake,
+    ));
+    wait_for(LONG, "wave 2 of revision 3", || {
+        server
+            .rollout("fleet")
+            .filter(|r| r["spec"]["revision"] == 3 && r["status"]["currentWave"] == 1)
+    });
+    server.kill9();
+    server.restart();
+    wait_for(
+        Duration::from_secs(120),
+        "revision 3 complete after the restart",
+        || {
+            server
+                .rollout("fleet")
+                .filter(|r| r["spec"]["revision"] == 3 && r["status"]["phase"] == "Complete")
+        },
+    );
+    let events = server.rollout_events("fleet");
+    let starts: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["revision"] == 3 && e["reason"] == "WaveStarted")
+        .collect();
+    assert_eq!(
+        starts.len(),
+        2,
+        "each wave started exactly once: {starts:#?}"
+    );
+    let wave_start = [
+        time_of(
+            events
+                .iter()
+                .find(|e| e["revision"] == 3 && e["reason"] == "RolloutStarted")
+                .unwrap(),
+        ),
+        time_of(starts[0]),
+        time_of(starts[1]),
+    ];
+    for (wave, nodes) in plan.iter().enumerate() {
+        for node in nodes {
+            let applying = has_event(&server, node, "Applying", 3)
+                .unwrap_or_else(|| panic!("{node} never applied revision 3"));
+            assert!(
+                time_of(&applying) >= wave_start[wave],
+                "{node} got revision 3 before its wave started"
+            );
+        }
+    }
+    drop(nodes);
 }

@@ -2,6 +2,7 @@
 
 mod client;
 mod resources;
+mod rollout;
 mod table;
 
 use std::io::IsTerminal;
@@ -106,11 +107,59 @@ pub enum Command {
         /// The name.
         name: String,
     },
+    /// Show which nodes would change what, in which wave, before applying.
+    Plan {
+        /// Files, directories or - for standard input.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+    },
+    /// Follow and steer rollouts: status, history, pause, resume, undo.
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        verb: RolloutVerb,
+    },
     /// Print the JSON Schema of DesiredState.
     Schema {
         /// Print the Markdown field reference made from the schema instead.
         #[arg(long)]
         markdown: bool,
+    },
+}
+
+/// `shoal rollout …`.
+#[derive(Debug, Subcommand)]
+pub enum RolloutVerb {
+    /// Waves and nodes of the current rollout: exit 0 complete (or going), 1 aborted or rolled back.
+    Status {
+        /// The DesiredState.
+        name: String,
+        /// Follow until the rollout completes or aborts.
+        #[arg(long, short = 'w')]
+        watch: bool,
+    },
+    /// Every revision, where it came from, and how its rollout ended.
+    History {
+        /// The DesiredState.
+        name: String,
+    },
+    /// Hold the rollout at its current wave.
+    Pause {
+        /// The DesiredState.
+        name: String,
+    },
+    /// Continue a paused rollout.
+    Resume {
+        /// The DesiredState.
+        name: String,
+    },
+    /// Roll back: apply an earlier revision's spec as a new revision.
+    Undo {
+        /// The DesiredState.
+        name: String,
+        /// The revision to go back to (default: the last good one).
+        #[arg(long)]
+        to_revision: Option<u64>,
     },
 }
 
@@ -157,6 +206,8 @@ pub fn run(cli: Cli) -> u8 {
         Command::Describe { kind, name } => {
             connect(&cli).and_then(|c| resources::describe(&c, kind, name))
         }
+        Command::Plan { files } => connect(&cli).and_then(|c| rollout::plan(&c, files, cli.output)),
+        Command::Rollout { verb } => connect(&cli).and_then(|c| rollout::run(&c, verb, cli.output)),
     };
     match outcome {
         Ok(code) => code,
@@ -248,7 +299,10 @@ fn validate(files: &[PathBuf], output: Output) -> u8 {
 }
 
 /// Reads and validates manifests locally; nothing is sent when any is invalid.
-fn load_valid(files: &[PathBuf], command: &str) -> Result<Vec<manifests::Parsed>, CliError> {
+pub(crate) fn load_valid(
+    files: &[PathBuf],
+    command: &str,
+) -> Result<Vec<manifests::Parsed>, CliError> {
     let loaded = manifests::load_paths(files);
     if !loaded.is_ok() {
         print_diagnostics(&loaded.diagnostics, command);

@@ -336,8 +336,8 @@ impl Controller {
                             spec: manifest.spec.clone(),
                             status: DesiredStateStatus {
                                 revision: 1,
-                                // Without the rollout controller, a revision is good as soon as it is stored.
-                                last_good_revision: 1,
+                                // Nothing is good yet: the rollout controller assigns revision 1 wave by wave.
+                                last_good_revision: 0,
                                 source: input.source.clone(),
                                 selected_nodes: 0,
                             },
@@ -374,7 +374,6 @@ impl Controller {
                             object.spec = manifest.spec.clone();
                             object.metadata.generation = number;
                             object.status.revision = number;
-                            object.status.last_good_revision = number;
                             object.status.source = input.source.clone();
                         }
                         (ApplyAction::Configured, object, revision)
@@ -899,14 +898,27 @@ impl Controller {
                 spec: revision_object.spec.clone(),
             });
         }
-        // A component pinned by two DesiredStates is applied by neither.
+        // A component pinned by two DesiredStates that select this node is applied by neither —
+        // judged on their newest specs too, so a conflict shows before any rollout reaches the node.
         let mut owners: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for state in &states {
-            for component in &state.spec.components {
+        for state in cache
+            .states
+            .values()
+            .filter(|s| s.spec.selector.matches(&node.metadata.labels))
+        {
+            let assigned = states.iter().find(|a| a.name == state.metadata.name);
+            let names: std::collections::BTreeSet<&str> = state
+                .spec
+                .components
+                .iter()
+                .chain(assigned.iter().flat_map(|a| a.spec.components.iter()))
+                .map(|c| c.name.as_str())
+                .collect();
+            for component in names {
                 owners
-                    .entry(component.name.as_str())
+                    .entry(component)
                     .or_default()
-                    .push(state.name.clone());
+                    .push(state.metadata.name.clone());
             }
         }
         let conflicts: Vec<ComponentConflict> = owners
@@ -1100,6 +1112,266 @@ impl Controller {
             .into_iter()
             .map(|(k, v)| decode(Table::Rollouts, &k, &v).map_err(ApiError::from))
             .collect()
+    }
+
+    /// The rollout controller's view of every node for one DesiredState.
+    pub fn node_views(
+        &self,
+        desired_state: &str,
+        now: SystemTime,
+    ) -> Result<Vec<crate::rollout::NodeView>, ApiError> {
+        Ok(self
+            .list_nodes_raw()?
+            .into_iter()
+            .map(|stored| {
+                let node = stored.object;
+                let report = &node.status.report;
+                let applied = report
+                    .applied
+                    .iter()
+                    .find(|a| a.desired_state == desired_state)
+                    .cloned();
+                let failure: Vec<String> = report
+                    .components
+                    .iter()
+                    .filter(|c| c.desired_state == desired_state)
+                    .filter(|c| {
+                        matches!(c.phase, ComponentPhase::Reverted | ComponentPhase::Failed)
+                    })
+                    .map(|c| {
+                        let mut text = format!("{} {:?}", c.name, c.phase);
+                        if let Some(message) = &c.message {
+                            text.push_str(&format!(": {message}"));
+                        }
+                        if let Some(output) = &c.probe_output {
+                            text.push_str(&format!(
+                                " (probe: {})",
+                                output.lines().next().unwrap_or("")
+                            ));
+                        }
+                        text
+                    })
+                    .collect();
+                crate::rollout::NodeView {
+                    ready: self.is_ready(&node, now),
+                    name: node.metadata.name,
+                    labels: node.metadata.labels,
+                    applied,
+                    failure: (!failure.is_empty()).then(|| failure.join("; ")),
+                }
+            })
+            .collect())
+    }
+
+    /// One tick of the rollout controller over every DesiredState.
+    pub fn reconcile_rollouts(&self, now: SystemTime) -> Result<(), ApiError> {
+        let states: Vec<Arc<DesiredStateObject>> = self.cache().states.values().cloned().collect();
+        for state in states {
+            let name = &state.metadata.name;
+            let current = match self.get_rollout(name) {
+                Ok(rollout) => Some(rollout),
+                Err(ApiError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let nodes = self.node_views(name, now)?;
+            if let Some(update) = crate::rollout::step(&state, current.as_ref(), &nodes, now) {
+                self.write_rollout(
+                    name,
+                    current
+                        .as_ref()
+                        .map(|r| r.metadata.resource_version.clone()),
+                    update,
+                    now,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a rollout decision in one transaction: the rollout, assignments, last good revision, events.
+    fn write_rollout(
+        &self,
+        name: &str,
+        expected: Option<String>,
+        update: crate::rollout::Update,
+        now: SystemTime,
+    ) -> Result<(), ApiError> {
+        let version = self.store.next_version()?.to_string();
+        let seqs = self.seqs(update.events.len())?;
+        let existing_assignments: Vec<Vec<u8>> = self
+            .cache()
+            .assignments
+            .iter()
+            .filter(|(_, per_node)| per_node.contains_key(name))
+            .map(|(node, _)| store::assignment_key(node, name))
+            .collect();
+        let mut rollout = update.rollout.clone();
+        rollout.metadata.resource_version = version.clone();
+        let events = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
+            // Another writer (pause, undo) got there first: decide again next tick.
+            let stored: Option<RolloutObject> = get_json(txn, Table::Rollouts, name.as_bytes())?;
+            if stored.map(|r| r.metadata.resource_version) != expected {
+                return Err(ApiError::Conflict {
+                    message: "rollout changed meanwhile".into(),
+                    hint: String::new(),
+                });
+            }
+            txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
+            if update.clear_assignments {
+                for key in &existing_assignments {
+                    txn.delete(Table::Assignments, key)?;
+                }
+            }
+            for (node, revision) in &update.assign {
+                txn.put(
+                    Table::Assignments,
+                    &store::assignment_key(node, name),
+                    encode(revision),
+                )?;
+            }
+            if let Some(good) = update.last_good {
+                if let Some(mut state) =
+                    get_json::<DesiredStateObject>(txn, Table::DesiredStates, name.as_bytes())?
+                {
+                    state.status.last_good_revision = good;
+                    state.metadata.resource_version = version.clone();
+                    txn.put(Table::DesiredStates, name.as_bytes(), encode(&state))?;
+                }
+            }
+            let mut events = Vec::new();
+            for ((kind, reason, message), seq) in update.events.iter().zip(&seqs) {
+                let event = self.new_event(
+                    *seq,
+                    now,
+                    *kind,
+                    reason,
+                    &format!("rollout/{name}"),
+                    message.clone(),
+                    None,
+                    Some(name.to_string()),
+                    Some(rollout.spec.revision),
+                )?;
+                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                events.push(event);
+            }
+            Ok(events)
+        });
+        let events = match events {
+            Err(store::TxnError::Aborted(ApiError::Conflict { .. })) => return Ok(()),
+            other => other?,
+        };
+        self.store.flush()?;
+        self.refresh()?;
+        self.bump_epoch();
+        self.publish(Kind::Rollout, ChangeType::Modified, name, &rollout);
+        self.after_events(&events)?;
+        Ok(())
+    }
+
+    /// Pause or resume a rollout (operator verbs).
+    pub fn set_rollout_paused(&self, name: &str, paused: bool) -> Result<RolloutObject, ApiError> {
+        let current = self.get_rollout(name)?;
+        let (from, to) = if paused {
+            (RolloutPhase::Progressing, RolloutPhase::Paused)
+        } else {
+            (RolloutPhase::Paused, RolloutPhase::Progressing)
+        };
+        if current.status.phase != from {
+            return Err(ApiError::Conflict {
+                message: format!(
+                    "rollout `{name}` is {}, not {}",
+                    current.status.phase.as_str(),
+                    from.as_str()
+                ),
+                hint: "see `shoal rollout status NAME`".into(),
+            });
+        }
+        let mut next = current.clone();
+        next.status.phase = to;
+        if !paused {
+            // A pause must not eat the wave's deadline.
+            next.status.wave_started = Some(SystemTime::now());
+        }
+        let reason = if paused {
+            "RolloutPaused"
+        } else {
+            "RolloutResumed"
+        };
+        let update = crate::rollout::Update {
+            rollout: next,
+            assign: vec![],
+            clear_assignments: false,
+            last_good: None,
+            events: vec![(
+                EventType::Normal,
+                reason.into(),
+                format!("revision {}", current.spec.revision),
+            )],
+        };
+        self.write_rollout(
+            name,
+            Some(current.metadata.resource_version.clone()),
+            update,
+            SystemTime::now(),
+        )?;
+        self.get_rollout(name)
+    }
+
+    /// Rolls back by applying an earlier revision's spec as a new revision (`undo`).
+    pub fn undo(
+        &self,
+        name: &str,
+        to_revision: Option<u64>,
+        actor: &str,
+    ) -> Result<ApplyResponse, ApiError> {
+        let state = self.get_desired_state(name)?;
+        let target = match to_revision {
+            Some(r) => r,
+            None if state.status.last_good_revision > 0
+                && state.status.last_good_revision < state.status.revision =>
+            {
+                state.status.last_good_revision
+            }
+            None => state.status.revision.saturating_sub(1),
+        };
+        let revision = self
+            .store
+            .get(Table::Revisions, &store::revision_key(name, target))?
+            .map(|bytes| {
+                decode::<Revision>(Table::Revisions, &store::revision_key(name, target), &bytes)
+            })
+            .transpose()?
+            .ok_or_else(|| {
+                ApiError::invalid_field(
+                    "toRevision",
+                    format!("DesiredState `{name}` has no revision {target}"),
+                    "list them with `shoal rollout history NAME`",
+                )
+            })?;
+        let manifest = DesiredState {
+            api_version: API_VERSION.into(),
+            kind: KIND_DESIRED_STATE.into(),
+            metadata: manifests::ObjectMeta {
+                name: name.to_string(),
+                labels: state.metadata.labels.clone(),
+                annotations: state.metadata.annotations.clone(),
+                resource_version: None,
+            },
+            spec: revision.spec,
+        };
+        let source = RevisionSource {
+            kind: "undo".into(),
+            actor: Some(actor.to_string()),
+            subject: Some(format!("undo to revision {target}")),
+            ..RevisionSource::default()
+        };
+        self.apply(
+            vec![ApplyInput {
+                object: manifest,
+                source,
+            }],
+            false,
+        )
     }
 
     // ---- Summary ------------------------------------------------------------
@@ -1519,6 +1791,8 @@ mod tests {
         c.apply(inputs(&both), false).unwrap();
         register(&c, "web-1", "web");
         register(&c, "db-1", "db");
+        // The rollout controller assigns the first wave (here: each group's only node).
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
 
         let web = c.assignment("web-1").unwrap();
         assert_eq!(

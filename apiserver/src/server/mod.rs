@@ -119,6 +119,23 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         None => None,
     };
 
+    // The rollout controller: one decision per DesiredState per second, all state in the store.
+    let rollouts = controller.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let controller = rollouts.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                controller.reconcile_rollouts(SystemTime::now())
+            })
+            .await;
+            if let Ok(Err(e)) = result {
+                tracing::error!(error = %e, "rollout controller failed; retrying");
+            }
+        }
+    });
+
     let listener = std::net::TcpListener::bind(config.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;

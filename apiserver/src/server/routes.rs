@@ -58,6 +58,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/desiredstates/{name}/revisions", get(revisions))
         .route("/api/v1/rollouts", get(list_rollouts))
         .route("/api/v1/rollouts/{name}", get(get_rollout))
+        .route("/api/v1/rollouts/{name}/{action}", post(rollout_action))
         .route("/api/v1/events", get(events))
         .route("/api/v1/summary", get(summary))
         .route("/api/v1/apply", post(apply))
@@ -633,4 +634,34 @@ async fn apply(
         }
     }
     Ok(Json(response))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UndoQuery {
+    to_revision: Option<u64>,
+}
+
+async fn rollout_action(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, action)): Path<(String, String)>,
+    Query(q): Query<UndoQuery>,
+) -> Result<Response, ApiError> {
+    let actor = caller.operator()?.to_string();
+    let controller = state.controller.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<Response, ApiError> {
+        match action.as_str() {
+            "pause" => Ok(Json(controller.set_rollout_paused(&name, true)?).into_response()),
+            "resume" => Ok(Json(controller.set_rollout_paused(&name, false)?).into_response()),
+            "undo" => Ok(Json(controller.undo(&name, q.to_revision, &actor)?).into_response()),
+            other => Err(ApiError::NotFound {
+                kind: "Rollout action",
+                name: other.to_string(),
+            }),
+        }
+    })
+    .await
+    .expect("rollout actions do not panic");
+    result
 }

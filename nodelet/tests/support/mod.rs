@@ -191,6 +191,18 @@ impl Apiserver {
             .unwrap_or_default()
     }
 
+    /// The rollout of a DesiredState.
+    pub fn rollout(&self, name: &str) -> Option<serde_json::Value> {
+        self.get(&format!("/api/v1/rollouts/{name}"))
+    }
+
+    /// Events about a rollout, oldest first.
+    pub fn rollout_events(&self, name: &str) -> Vec<serde_json::Value> {
+        self.get(&format!("/api/v1/events?object=rollout/{name}&limit=10000"))
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
     /// The node's reported phase and revision for a DesiredState.
     pub fn applied(&self, node: &str, desired_state: &str) -> Option<(String, u64)> {
         let node = self.get(&format!("/api/v1/nodes/{node}"))?;
@@ -214,10 +226,24 @@ pub struct Nodelet {
     pub root: PathBuf,
     pub server: String,
     pub labels: String,
+    pub heartbeat_seconds: u64,
+    /// Extra arguments, e.g. `--var PORT=18081`.
+    pub extra_args: Vec<String>,
 }
 
 impl Nodelet {
     pub fn start(server: &str, name: &str, labels: &str, root: &Path) -> Self {
+        Self::start_with_heartbeat(server, name, labels, root, 1)
+    }
+
+    /// Starts a nodelet with `--var` settings.
+    pub fn start_with_vars(
+        server: &str,
+        name: &str,
+        labels: &str,
+        root: &Path,
+        vars: &[(&str, String)],
+    ) -> Self {
         std::fs::create_dir_all(root).unwrap();
         let mut node = Nodelet {
             proc: None,
@@ -225,6 +251,32 @@ impl Nodelet {
             root: root.to_path_buf(),
             server: server.into(),
             labels: labels.into(),
+            heartbeat_seconds: 1,
+            extra_args: vars
+                .iter()
+                .flat_map(|(k, v)| ["--var".to_string(), format!("{k}={v}")])
+                .collect(),
+        };
+        node.restart();
+        node
+    }
+
+    pub fn start_with_heartbeat(
+        server: &str,
+        name: &str,
+        labels: &str,
+        root: &Path,
+        heartbeat_seconds: u64,
+    ) -> Self {
+        std::fs::create_dir_all(root).unwrap();
+        let mut node = Nodelet {
+            proc: None,
+            name: name.into(),
+            root: root.to_path_buf(),
+            server: server.into(),
+            labels: labels.into(),
+            heartbeat_seconds,
+            extra_args: Vec::new(),
         };
         node.restart();
         node
@@ -249,8 +301,9 @@ impl Nodelet {
                 "--root",
                 self.root.to_str().unwrap(),
                 "--heartbeat-seconds",
-                "1",
+                &self.heartbeat_seconds.to_string(),
             ])
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
