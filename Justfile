@@ -1,9 +1,10 @@
 # shoal tasks. `just` is optional: every recipe is a plain command you can run yourself.
 # Install it with `cargo install just` if you want it.
 
-# Validate the example manifests (the demo issue replaces this with the fleet demo).
+# The demo: six nodes on this machine, a bad release stopped at the canary.
 demo:
-    cargo run --release --bin shoal -- validate -f examples/
+    cargo build --release
+    ./target/release/shoal demo
 
 # Every test of the workspace (the README's test command).
 test:

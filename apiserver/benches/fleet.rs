@@ -143,7 +143,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn manifest(version: &str) -> String {
     format!(
-        "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: bench}}\nspec:\n  selector: {{matchLabels: {{role: bench}}}}\n  components:\n    - {{name: tool, kind: package, version: \"{version}\"}}\n"
+        "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: bench}}\nspec:\n  selector: {{matchLabels: {{role: bench}}}}\n  components:\n    - {{name: tool, kind: package, version: \"{version}\"}}\n  rollout: {{waves: [\"100%\"], bakeSeconds: 0}}\n"
     )
 }
 
@@ -186,12 +186,12 @@ async fn saturate(
             let own = client();
             let mut i = worker;
             while Instant::now() < stop {
-                let ok = match &nodes {
+                let result = match &nodes {
                     None => own
                         .get(format!("{url}/healthz"))
                         .send()
                         .await
-                        .map(|r| r.status().is_success()),
+                        .map(|r| r.status()),
                     Some(nodes) => {
                         let node = &nodes[i % nodes.len()];
                         own.put(format!("{url}/api/v1/nodes/{}/status", node.name))
@@ -200,10 +200,14 @@ async fn saturate(
                             .body(report_body(i))
                             .send()
                             .await
-                            .map(|r| r.status().is_success())
+                            .map(|r| r.status())
                     }
                 };
-                assert!(ok.unwrap_or(false), "request failed during saturation");
+                match result {
+                    Ok(status) if status.is_success() => {}
+                    Ok(status) => panic!("request failed during saturation: {status}"),
+                    Err(e) => panic!("request failed during saturation: {e:?}"),
+                }
                 count.fetch_add(1, Ordering::Relaxed);
                 i += concurrency;
             }

@@ -1,7 +1,8 @@
 //! Runs the real `apiserver` binary on a loopback port, with sled in a temporary
 //! directory, and talks HTTP to it: every endpoint with every role, every bad
 //! input, apply semantics, restarts, watches, long polls, readiness, metrics,
-//! startup refusals, TLS and component conflicts.
+//! startup refusals, TLS, component conflicts, and rollouts driven by node
+//! reports through the rollout controller's 1-second tick.
 //!
 //! Each test starts its own server (own data directory, own port), so the
 //! tests run in parallel.
@@ -59,6 +60,20 @@ mod support {
         text
     }
 
+    /// `yaml` (a `manifest`) with `spec.rollout` set to the flow mapping `rollout`.
+    pub fn with_rollout(yaml: &str, rollout: &str) -> String {
+        format!("{yaml}  rollout: {rollout}\n")
+    }
+
+    /// Rollout settings under which a node receives a new revision at the first tick:
+    /// one wave with every node of the group, a short bake.
+    pub const AT_ONCE: &str = "{waves: [\"100%\"], bakeSeconds: 1}";
+
+    /// `manifest` rolled out with `AT_ONCE`.
+    pub fn manifest_at_once(name: &str, role: &str, components: &[(&str, &str)]) -> String {
+        with_rollout(&manifest(name, role, components), AT_ONCE)
+    }
+
     /// `yaml` with `metadata.resourceVersion` set.
     pub fn with_resource_version(yaml: &str, version: &str) -> String {
         yaml.replacen(
@@ -84,6 +99,26 @@ mod support {
                 "processCount": 42
             }
         })
+    }
+
+    /// A heartbeat that reports `desiredState` at `revision` in `phase` (Healthy since `healthy_since`).
+    pub fn applied(
+        desired_state: &str,
+        revision: u64,
+        phase: &str,
+        healthy_since: Option<std::time::SystemTime>,
+    ) -> Value {
+        let mut report = heartbeat(1.0);
+        let mut state = serde_json::json!({
+            "desiredState": desired_state,
+            "revision": revision,
+            "phase": phase,
+        });
+        if let Some(since) = healthy_since {
+            state["healthySince"] = humantime::format_rfc3339_millis(since).to_string().into();
+        }
+        report["applied"] = serde_json::json!([state]);
+        report
     }
 
     /// An answer, read completely.
@@ -319,6 +354,82 @@ mod support {
             body["token"].as_str().unwrap().to_string()
         }
 
+        /// `POST /api/v1/rollouts/{name}/{action}` (`action` may carry a query).
+        pub fn rollout_action(&self, name: &str, action: &str, token: Option<&str>) -> Reply {
+            self.send(self.request(
+                Method::POST,
+                &format!("/api/v1/rollouts/{name}/{action}"),
+                token,
+            ))
+        }
+
+        /// Waits (at most 15 s: the controller ticks every second) until rollout `name`
+        /// exists and `check` holds for it; returns it.
+        #[track_caller]
+        pub fn rollout_until(
+            &self,
+            name: &str,
+            token: Option<&str>,
+            what: &str,
+            check: impl Fn(&Value) -> bool,
+        ) -> Value {
+            let mut last = Value::Null;
+            let found = eventually_or_none(Duration::from_secs(15), || {
+                let reply = self.get(&format!("/api/v1/rollouts/{name}"), token);
+                if reply.status == 404 {
+                    return None;
+                }
+                let rollout = reply.ok(200);
+                let done = check(&rollout);
+                last = rollout.clone();
+                done.then_some(rollout)
+            });
+            found.unwrap_or_else(|| panic!("rollout/{name} never became {what}; last seen: {last}"))
+        }
+
+        /// Waits until the rollout of `revision` of DesiredState `name` is Complete (at once when
+        /// no node is selected, which also bumps the DesiredState's resourceVersion), and returns
+        /// the DesiredState then.
+        #[track_caller]
+        pub fn completed(&self, name: &str, revision: u64, token: Option<&str>) -> Value {
+            self.rollout_until(
+                name,
+                token,
+                &format!("Complete at revision {revision}"),
+                |r| r["spec"]["revision"] == revision && r["status"]["phase"] == "Complete",
+            );
+            let object = self
+                .get(&format!("/api/v1/desiredstates/{name}"), token)
+                .ok(200);
+            assert_eq!(object["status"]["lastGoodRevision"], revision, "{object}");
+            object
+        }
+
+        /// Waits (at most 15 s) until `node`'s assignment holds exactly `states`
+        /// (name, revision), and returns it.
+        #[track_caller]
+        pub fn assignment_until(
+            &self,
+            node: &str,
+            token: Option<&str>,
+            states: &[(&str, u64)],
+        ) -> Value {
+            let mut last = Value::Null;
+            let want: Vec<(String, u64)> = states
+                .iter()
+                .map(|(name, revision)| (name.to_string(), *revision))
+                .collect();
+            let found = eventually_or_none(Duration::from_secs(15), || {
+                let assignment = self
+                    .get(&format!("/api/v1/nodes/{node}/assignment"), token)
+                    .ok(200);
+                let done = assigned(&assignment) == want;
+                last = assignment.clone();
+                done.then_some(assignment)
+            });
+            found.unwrap_or_else(|| panic!("{node} was never assigned {want:?}; last seen: {last}"))
+        }
+
         pub fn put_status(&self, node: &str, body: &Value, token: Option<&str>) -> Reply {
             self.send(
                 self.request(Method::PUT, &format!("/api/v1/nodes/{node}/status"), token)
@@ -389,6 +500,78 @@ mod support {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Polls `check` until it returns `Some`, or gives `None` after `timeout`.
+    pub fn eventually_or_none<T>(
+        timeout: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = check() {
+                return Some(value);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `(name, revision)` of every state of an assignment.
+    pub fn assigned(assignment: &Value) -> Vec<(String, u64)> {
+        assignment["states"]
+            .as_array()
+            .map(|states| {
+                states
+                    .iter()
+                    .map(|s| {
+                        (
+                            s["name"].as_str().unwrap().to_string(),
+                            s["revision"].as_u64().unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The events of an event list that the rollout controller recorded.
+    pub fn rollout_events(events: &Value) -> Vec<Value> {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["object"].as_str().unwrap().starts_with("rollout/"))
+            .cloned()
+            .collect()
+    }
+
+    /// The events of an event list that are not the rollout controller's.
+    pub fn without_rollout_events(events: &Value) -> Value {
+        Value::Array(
+            events
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| !e["object"].as_str().unwrap().starts_with("rollout/"))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// `(object, reason)` of each event.
+    pub fn objects_and_reasons(events: &[Value]) -> Vec<(String, String)> {
+        events
+            .iter()
+            .map(|e| {
+                (
+                    e["object"].as_str().unwrap().to_string(),
+                    e["reason"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
     }
 
     /// The condition `kind` of a node object.
@@ -482,17 +665,12 @@ fn expected_status(method: &str, path: &str, who: Who) -> u16 {
                 403
             }
         }
-        ("post", "/api/v1/apply") | ("delete", "/api/v1/desiredstates/{name}") => {
+        // The rollout action is called as `pause` on a Progressing rollout.
+        ("post", "/api/v1/apply")
+        | ("delete", "/api/v1/desiredstates/{name}")
+        | ("post", "/api/v1/rollouts/{name}/{action}") => {
             if who == Operator {
                 200
-            } else {
-                403
-            }
-        }
-        // No rollout controller writes rollouts yet: readers get past auth to a 404.
-        ("get", "/api/v1/rollouts/{name}") => {
-            if reader {
-                404
             } else {
                 403
             }
@@ -506,6 +684,7 @@ fn expected_status(method: &str, path: &str, who: Who) -> u16 {
             | "/api/v1/desiredstates/{name}"
             | "/api/v1/desiredstates/{name}/revisions"
             | "/api/v1/rollouts"
+            | "/api/v1/rollouts/{name}"
             | "/api/v1/events"
             | "/api/v1/summary",
         ) => {
@@ -526,14 +705,24 @@ fn every_endpoint_with_every_role() {
     let server = Server::start(dir.path(), &["--tokens", tokens.to_str().unwrap()]);
     let op = Some(OPERATOR);
 
-    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), op);
-    server.apply_ok(&manifest("doomed", "web", &[("nginx", "1.0-1")]), op);
+    // n1 heartbeats before anything rolls out to it (a node without heartbeats fails its wave).
+    // n2 never heartbeats, so no DesiredState selects it.
     let own = server.register("n1", "web", Some(JOIN));
-    let other = server.register("n2", "web", Some(JOIN));
+    let other = server.register("n2", "spare", Some(JOIN));
     assert_eq!(
         server.put_status("n1", &heartbeat(5.0), Some(&own)).status,
         204
     );
+    server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.0-1")]), op);
+    server.apply_ok(
+        &manifest_at_once("doomed", "web", &[("nginx", "1.0-1")]),
+        op,
+    );
+    // Both rollouts under way (and nothing left for the controller to decide) before the calls.
+    let progressing = |r: &Value| r["status"]["phase"] == "Progressing";
+    for name in ["web", "doomed"] {
+        server.rollout_until(name, op, "Progressing", progressing);
+    }
 
     let token_of = |who: Who| -> Option<String> {
         match who {
@@ -559,13 +748,13 @@ fn every_endpoint_with_every_role() {
                     "/api/v1/desiredstates/doomed".to_string()
                 }
                 p if p.starts_with("/api/v1/nodes/") => p.replace("{name}", "n1"),
-                p => p.replace("{name}", "web"),
+                p => p.replace("{name}", "web").replace("{action}", "pause"),
             };
             let mut request = server.request(method, &path, token);
             request = match (operation.method, operation.path) {
                 ("post", "/api/v1/apply") => request
                     .header("content-type", "application/yaml")
-                    .body(manifest(
+                    .body(manifest_at_once(
                         &format!("by-{}", tag(who)),
                         "web",
                         &[("tool", "1.0-1")],
@@ -610,11 +799,29 @@ fn every_endpoint_with_every_role() {
             }
             "/api/v1/desiredstates/{name}" if operation.method == "delete" => {
                 server.get("/api/v1/desiredstates/doomed", op).error(404);
+                // Its rollout went with it.
+                server.get("/api/v1/rollouts/doomed", op).error(404);
+            }
+            "/api/v1/rollouts/{name}/{action}" => {
+                let web = server.get("/api/v1/rollouts/web", op).ok(200);
+                assert_eq!(web["status"]["phase"], "Paused", "{web}");
+                let events = server.get("/api/v1/events?object=rollout/web", op).ok(200);
+                let paused = reasons(&events)
+                    .into_iter()
+                    .filter(|r| r == "RolloutPaused")
+                    .count();
+                assert_eq!(paused, 1, "only the operator paused it: {events}");
             }
             _ => {}
         }
     }
     assert_eq!(checked, OPERATIONS.len() * EVERYONE.len());
+    assert!(
+        OPERATIONS
+            .iter()
+            .any(|o| o.path == "/api/v1/rollouts/{name}/{action}"),
+        "the rollout action route is documented and was checked"
+    );
 
     // The node's own status is what its own token wrote, never the other node's.
     let n1 = server.get("/api/v1/nodes/n1", Some(VIEWER)).ok(200);
@@ -622,18 +829,11 @@ fn every_endpoint_with_every_role() {
     let n2 = server.get("/api/v1/nodes/n2", Some(VIEWER)).ok(200);
     assert!(n2["status"].get("lastHeartbeat").is_none(), "{n2}");
 
-    // A node token reads its own assignment: the DesiredStates that select it.
-    let assignment = server
-        .get("/api/v1/nodes/n1/assignment", Some(&own))
-        .ok(200);
+    // A node token reads its own assignment: the DesiredStates that select it, once their
+    // rollouts reach it (`by-operator`'s starts at the next tick; `web`'s is paused in wave 1,
+    // which already holds n1).
+    let assignment = server.assignment_until("n1", Some(&own), &[("by-operator", 1), ("web", 1)]);
     assert_eq!(assignment["node"], "n1");
-    let states: Vec<&str> = assignment["states"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(states, vec!["by-operator", "web"]);
 
     // Other ways of presenting a bad credential.
     for header in [
@@ -687,12 +887,18 @@ fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() {
     // No tokens file: every loopback caller is an operator.
     let server = Server::start(dir.path(), &[]);
     let v1 = manifest("existing", "web", &[("nginx", "1.0-1")]);
-    let first = server.apply_ok(&v1, None);
-    let rv1 = first[0]["resourceVersion"].as_str().unwrap().to_string();
+    server.apply_ok(&v1, None);
+    // No node is selected: each revision becomes good at the next tick, a status change that
+    // bumps the resourceVersion. Wait for it, so that nothing changes behind the test's back.
+    let rv1 = server.completed("existing", 1, None)["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let v2 = manifest("existing", "web", &[("nginx", "1.1-1")]);
     let second = server.apply_ok(&with_resource_version(&v2, &rv1), None);
     assert_eq!(second[0]["action"], "configured");
     let rv2 = second[0]["resourceVersion"].as_str().unwrap().to_string();
+    server.completed("existing", 2, None);
     let events_before = server.get("/api/v1/events", None).ok(200);
     let existing_before = server.get("/api/v1/desiredstates/existing", None).ok(200);
 
@@ -942,7 +1148,17 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
     assert_eq!(created[0]["revision"], 1);
     assert_eq!(created[0]["kind"], "DesiredState");
     assert_eq!(created[0]["name"], "web");
-    let rv1 = created[0]["resourceVersion"].as_str().unwrap().to_string();
+    let created_rv = created[0]["resourceVersion"].as_str().unwrap().to_string();
+    // No node is selected: the revision is good at the next tick, which is a status change.
+    let settled = server.completed("web", 1, None);
+    let rv1 = settled["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        rv1.parse::<u64>().unwrap() > created_rv.parse::<u64>().unwrap(),
+        "{rv1} after {created_rv}"
+    );
 
     let unchanged = server.apply_ok(&v1, None);
     assert_eq!(unchanged[0]["action"], "unchanged");
@@ -965,10 +1181,18 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
         );
         rv = new_rv;
     }
-    let object = server.get("/api/v1/desiredstates/web", None).ok(200);
+    let object = server.completed("web", 3, None);
     assert_eq!(object["apiVersion"], "shoal/v1");
     assert_eq!(object["kind"], "DesiredState");
-    assert_eq!(object["metadata"]["resourceVersion"], rv.as_str());
+    let applied_rv = rv.parse::<u64>().unwrap();
+    let rv = object["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        rv.parse::<u64>().unwrap() > applied_rv,
+        "{rv} after {applied_rv}"
+    );
     assert_eq!(object["metadata"]["generation"], 3);
     assert_eq!(object["status"]["revision"], 3);
     assert_eq!(object["spec"]["components"][0]["version"], "1.2-1");
@@ -1020,8 +1244,7 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
     assert_eq!(dry_new["results"][0]["action"], "created");
     server.get("/api/v1/desiredstates/maybe", None).error(404);
     let still = server.get("/api/v1/desiredstates/web", None).ok(200);
-    assert_eq!(still["status"]["revision"], 3);
-    assert_eq!(still["metadata"]["resourceVersion"], rv.as_str());
+    assert_eq!(still, object);
     assert_eq!(
         server
             .get("/api/v1/desiredstates/web/revisions", None)
@@ -1061,14 +1284,24 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
     let list = server.get("/api/v1/desiredstates", None).ok(200);
     assert_eq!(names(&list), vec!["db", "from-json"]);
 
-    // Applied and Deleted events, oldest first.
+    // Applied and Deleted events, oldest first, with those of its rollout (each revision
+    // became good at once, in whichever tick came after it).
     let events = server
         .get("/api/v1/events?object=desiredstate/web", None)
         .ok(200);
     assert_eq!(
-        reasons(&events),
+        reasons(&without_rollout_events(&events)),
         vec!["Applied", "Applied", "Applied", "Deleted"]
     );
+    let rollout = rollout_events(&events);
+    assert!(
+        rollout
+            .iter()
+            .all(|e| e["object"] == "rollout/web" && e["reason"] == "RolloutComplete"),
+        "{events}"
+    );
+    assert_eq!(rollout.first().unwrap()["revision"], 1, "{events}");
+    assert_eq!(rollout.last().unwrap()["revision"], 3, "{events}");
     let seqs: Vec<u64> = events
         .as_array()
         .unwrap()
@@ -1077,7 +1310,13 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     let after = server
-        .get(&format!("/api/v1/events?after={}&limit=1", seqs[0]), None)
+        .get(
+            &format!(
+                "/api/v1/events?object=desiredstate/web&after={}&limit=1",
+                seqs[0]
+            ),
+            None,
+        )
         .ok(200);
     assert_eq!(after.as_array().unwrap().len(), 1);
     assert_eq!(after[0]["seq"].as_u64().unwrap(), seqs[1]);
@@ -1095,10 +1334,17 @@ fn everything_survives_a_kill_and_restart() {
     let args = ["--tokens", tokens.to_str().unwrap()];
     let op = Some(OPERATOR);
     let server = Server::start(dir.path(), &args);
-    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), op);
-    server.apply_ok(&manifest("web", "web", &[("nginx", "1.1-1")]), op);
-    server.apply_ok(&manifest("db", "db", &[("postgres", "15.0-1")]), op);
+    // The node heartbeats before anything rolls out to it (a node without heartbeats fails its wave).
     let token = server.register("n1", "web", Some(JOIN));
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(3.0), Some(&token))
+            .status,
+        204
+    );
+    server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.0-1")]), op);
+    server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.1-1")]), op);
+    server.apply_ok(&manifest("db", "db", &[("postgres", "15.0-1")]), op);
     let mut report = heartbeat(12.5);
     report["events"] = json!([{
         "time": "2025-01-01T00:00:00Z",
@@ -1108,6 +1354,12 @@ fn everything_survives_a_kill_and_restart() {
         "component": "nginx"
     }]);
     assert_eq!(server.put_status("n1", &report, Some(&token)).status, 204);
+    // The rollout controller has decided all it can: revision 2 of `web` is on n1, waiting for
+    // it to report Healthy; `db` selects no node, so its revision 1 is good.
+    server.rollout_until("web", op, "Progressing at revision 2", |r| {
+        r["spec"]["revision"] == 2 && r["status"]["phase"] == "Progressing"
+    });
+    server.completed("db", 1, op);
 
     let read = |server: &Server| {
         (
@@ -1118,22 +1370,46 @@ fn everything_survives_a_kill_and_restart() {
             server.get("/api/v1/nodes/n1", op).ok(200),
             server.get("/api/v1/events", op).ok(200),
             server.get("/api/v1/nodes/n1/assignment", op).ok(200),
+            server.get("/api/v1/rollouts", op).ok(200),
         )
     };
-    let (states, revisions, node, events, assignment) = read(&server);
+    let (states, revisions, node, events, assignment, rollouts) = read(&server);
     assert_eq!(
-        reasons(&events),
-        vec!["Applied", "Applied", "Applied", "Registered", "Drift"]
+        reasons(&without_rollout_events(&events)),
+        vec!["Registered", "Applied", "Applied", "Applied", "Drift"]
     );
+    // Whether a tick fell between the two applies of `web` or not, its rollout events end with
+    // the start of revision 2, and `db`'s revision 1 completed at once.
+    let rollout = objects_and_reasons(&rollout_events(&events));
+    let of = |object: &str| -> Vec<String> {
+        rollout
+            .iter()
+            .filter(|(o, _)| o == object)
+            .map(|(_, r)| r.clone())
+            .collect()
+    };
+    assert_eq!(of("rollout/db"), vec!["RolloutComplete"]);
+    let web_events = of("rollout/web");
+    assert!(
+        web_events == ["RolloutStarted"]
+            || web_events == ["RolloutStarted", "Superseded", "RolloutStarted"],
+        "{web_events:?}"
+    );
+    assert_eq!(assigned(&assignment), vec![("web".to_string(), 2)]);
+    assert_eq!(names(&rollouts), vec!["db", "web"]);
+    assert_eq!(states[1]["status"]["lastGoodRevision"], 0);
 
     // No graceful shutdown: the last write happened just now.
     server.kill();
     let server = Server::start(dir.path(), &args);
-    let (states2, revisions2, node2, events2, assignment2) = read(&server);
+    // Let the restarted controller tick a few times: it resumes, it does not start over.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (states2, revisions2, node2, events2, assignment2, rollouts2) = read(&server);
     assert_eq!(states2, states);
     assert_eq!(revisions2, revisions);
     assert_eq!(events2, events);
     assert_eq!(assignment2, assignment);
+    assert_eq!(rollouts2, rollouts);
     assert_eq!(node2["metadata"], node["metadata"]);
     assert_eq!(node2["status"]["report"], node["status"]["report"]);
     assert_eq!(
@@ -1160,7 +1436,7 @@ fn everything_survives_a_kill_and_restart() {
         .unwrap()
         .parse()
         .unwrap();
-    let next = server.apply_ok(&manifest("web", "web", &[("nginx", "1.2-1")]), op);
+    let next = server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.2-1")]), op);
     assert_eq!(next[0]["revision"], 3);
     let new_rv: u64 = next[0]["resourceVersion"]
         .as_str()
@@ -1168,22 +1444,37 @@ fn everything_survives_a_kill_and_restart() {
         .parse()
         .unwrap();
     assert!(new_rv > old_rv, "{new_rv} after {old_rv}");
+    // The restarted controller picks up the new revision where the old one left off.
+    server.rollout_until("web", op, "Progressing at revision 3", |r| {
+        r["spec"]["revision"] == 3 && r["status"]["phase"] == "Progressing"
+    });
+    server.assignment_until("n1", op, &[("web", 3)]);
     let last_seq = events.as_array().unwrap().last().unwrap()["seq"]
         .as_u64()
         .unwrap();
     let newer = server
         .get(&format!("/api/v1/events?after={last_seq}"), op)
         .ok(200);
-    assert_eq!(reasons(&newer), vec!["Applied"]);
+    assert_eq!(
+        objects_and_reasons(newer.as_array().unwrap()),
+        vec![
+            ("desiredstate/web".to_string(), "Applied".to_string()),
+            ("rollout/web".to_string(), "Superseded".to_string()),
+            ("rollout/web".to_string(), "RolloutStarted".to_string()),
+        ]
+    );
 
     // A graceful stop (SIGTERM) exits 0 and keeps everything too.
-    let (states, _, _, events, _) = read(&server);
+    let (states, _, _, events, assignment, rollouts) = read(&server);
     let status = server.terminate();
     assert!(status.success(), "{status:?}");
     let server = Server::start(dir.path(), &args);
-    let (states2, _, _, events2, _) = read(&server);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (states2, _, _, events2, assignment2, rollouts2) = read(&server);
     assert_eq!(states2, states);
     assert_eq!(events2, events);
+    assert_eq!(assignment2, assignment);
+    assert_eq!(rollouts2, rollouts);
 }
 
 // ---- 5. watch -----------------------------------------------------------------
@@ -1268,16 +1559,23 @@ fn watch_streams_added_modified_and_deleted_as_server_sent_events() {
 fn assignment_long_poll_returns_at_once_on_change_and_after_wait_without() {
     let dir = tempdir();
     let server = Server::start(dir.path(), &[]);
-    server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), None);
     let token = server.register("n1", "web", None);
-    let current = server
-        .get("/api/v1/nodes/n1/assignment", Some(&token))
-        .ok(200);
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(1.0), Some(&token))
+            .status,
+        204
+    );
+    server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.0-1")]), None);
+    // The rollout controller hands revision 1 to n1 at its next tick; n1 never reports it
+    // healthy, so the rollout waits there and the assignment stays put.
+    let current = server.assignment_until("n1", Some(&token), &[("web", 1)]);
     let generation = current["generation"].as_u64().unwrap();
     assert!(generation > 0);
 
     // Nothing changes: the old generation after waitSeconds. An unrelated apply in between
-    // wakes the poll but does not end it.
+    // (and the rollout of its revision, which completes at once: it selects no node) wakes
+    // the poll but does not end it.
     let started = Instant::now();
     let url = server.url.clone();
     let unrelated = std::thread::spawn(move || {
@@ -1314,7 +1612,9 @@ fn assignment_long_poll_returns_at_once_on_change_and_after_wait_without() {
     assert_eq!(now["generation"].as_u64(), Some(generation));
     assert!(started.elapsed() < Duration::from_secs(2));
 
-    // A change to this node's assignment ends the poll well under a second after the apply.
+    // A change to this node's assignment ends the poll well under a second after it is made.
+    // An apply changes it at the rollout controller's next tick (every second), which hands
+    // the new revision to n1.
     let url = server.url.clone();
     let poll_token = token.clone();
     let poll = std::thread::spawn(move || {
@@ -1330,22 +1630,39 @@ fn assignment_long_poll_returns_at_once_on_change_and_after_wait_without() {
             .send()
             .unwrap();
         let answered = Instant::now();
+        let answered_at = std::time::SystemTime::now();
         assert_eq!(response.status().as_u16(), 200);
         let body: Value = response.json().unwrap();
-        (body, answered, answered - started)
+        (body, answered, answered_at, answered - started)
     });
     std::thread::sleep(Duration::from_millis(500));
-    server.apply_ok(&manifest("web", "web", &[("nginx", "1.1-1")]), None);
+    server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.1-1")]), None);
     let applied = Instant::now();
-    let (body, answered, total) = poll.join().unwrap();
+    let (body, answered, answered_at, total) = poll.join().unwrap();
     let latency = answered.saturating_duration_since(applied);
     assert!(
         total >= Duration::from_millis(400),
         "the poll did not wait: {total:?}"
     );
+    // At most one tick plus the answer after the apply …
     assert!(
-        latency < Duration::from_secs(2),
+        latency < Duration::from_millis(2500),
         "{latency:?} after the apply"
+    );
+    // … and well under a second after the controller assigned revision 2 (the time of its
+    // RolloutStarted event; same host, same clock).
+    let events = server
+        .get("/api/v1/events?object=rollout/web", None)
+        .ok(200);
+    let started = rollout_events(&events)
+        .into_iter()
+        .find(|e| e["reason"] == "RolloutStarted" && e["revision"] == 2)
+        .unwrap_or_else(|| panic!("no RolloutStarted for revision 2: {events}"));
+    let assigned_at = humantime::parse_rfc3339(started["time"].as_str().unwrap()).unwrap();
+    let after_assigned = answered_at.duration_since(assigned_at).unwrap_or_default();
+    assert!(
+        after_assigned < Duration::from_secs(1),
+        "{after_assigned:?} after revision 2 was assigned"
     );
     assert_ne!(body["generation"].as_u64(), Some(generation));
     assert_eq!(body["states"][0]["name"], "web");
@@ -1649,23 +1966,32 @@ fn a_component_pinned_by_two_desired_states_is_applied_by_neither() {
     let server = Server::start(dir.path(), &[]);
     let token = server.register("n1", "web", None);
     let lone = server.register("d1", "db", None);
+    // Both heartbeat before anything rolls out to them (a node without heartbeats fails its wave).
+    for (node, token) in [("n1", &token), ("d1", &lone)] {
+        assert_eq!(
+            server.put_status(node, &heartbeat(1.0), Some(token)).status,
+            204
+        );
+    }
     server.apply_ok(
         &format!(
             "{}---\n{}",
-            manifest("a", "web", &[("shared", "1.0-1"), ("only-a", "1.0-1")]),
-            manifest("b", "web", &[("only-b", "1.0-1"), ("shared", "2.0-1")]),
+            manifest_at_once("a", "web", &[("shared", "1.0-1"), ("only-a", "1.0-1")]),
+            manifest_at_once("b", "web", &[("only-b", "1.0-1"), ("shared", "2.0-1")]),
         ),
         None,
     );
-    server.apply_ok(&manifest("c", "db", &[("shared", "3.0-1")]), None);
+    server.apply_ok(&manifest_at_once("c", "db", &[("shared", "3.0-1")]), None);
 
-    let assignment = server
+    // The conflict shows at once, before any rollout reaches the node …
+    let conflicts = json!([{"component": "shared", "desiredStates": ["a", "b"]}]);
+    let early = server
         .get("/api/v1/nodes/n1/assignment", Some(&token))
         .ok(200);
-    assert_eq!(
-        assignment["conflicts"],
-        json!([{"component": "shared", "desiredStates": ["a", "b"]}])
-    );
+    assert_eq!(early["conflicts"], conflicts);
+    // … and stays once both rollouts have handed their revision 1 to n1.
+    let assignment = server.assignment_until("n1", Some(&token), &[("a", 1), ("b", 1)]);
+    assert_eq!(assignment["conflicts"], conflicts);
     let components = |state: &Value| -> Vec<String> {
         state["spec"]["components"]
             .as_array()
@@ -1692,9 +2018,7 @@ fn a_component_pinned_by_two_desired_states_is_applied_by_neither() {
     assert_eq!(summary["byCondition"]["Conflict"], 1);
 
     // A node of the other group is not in conflict: it gets `shared` from `c`.
-    let db = server
-        .get("/api/v1/nodes/d1/assignment", Some(&lone))
-        .ok(200);
+    let db = server.assignment_until("d1", Some(&lone), &[("c", 1)]);
     assert!(db.get("conflicts").is_none(), "{db}");
     assert_eq!(components(&db["states"][0]), vec!["shared"]);
     let d1 = server.get("/api/v1/nodes/d1", None).ok(200);
@@ -1712,4 +2036,296 @@ fn a_component_pinned_by_two_desired_states_is_applied_by_neither() {
     );
     let node = server.get("/api/v1/nodes/n1", None).ok(200);
     assert_eq!(condition(&node, "Conflict")["status"], "False");
+}
+
+// ---- 11. rollouts ----------------------------------------------------------------------
+
+#[test]
+fn rollout_actions_pause_resume_and_undo_with_each_role() {
+    let dir = tempdir();
+    let tokens = tokens_file(dir.path());
+    let server = Server::start(dir.path(), &["--tokens", tokens.to_str().unwrap()]);
+    let op = Some(OPERATOR);
+    let viewer = Some(VIEWER);
+    let token = server.register("n1", "web", Some(JOIN));
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(1.0), Some(&token))
+            .status,
+        204
+    );
+    server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.0-1")]), op);
+    // `db` selects no node: its rollout is Complete at once.
+    server.apply_ok(&manifest("db", "db", &[("postgres", "15.0-1")]), op);
+    let rollout = server.rollout_until("web", op, "Progressing", |r| {
+        r["status"]["phase"] == "Progressing"
+    });
+    assert_eq!(rollout["spec"]["revision"], 1);
+    assert_eq!(rollout["spec"]["fromRevision"], 0);
+    assert_eq!(rollout["spec"]["plan"][0]["nodes"], json!(["n1"]));
+    server.completed("db", 1, op);
+    let phase = |name: &str| -> Value {
+        server
+            .get(&format!("/api/v1/rollouts/{name}"), viewer)
+            .ok(200)["status"]["phase"]
+            .clone()
+    };
+
+    // Refused callers change nothing.
+    for action in ["pause", "resume", "undo", "undo?toRevision=1"] {
+        let body = server.rollout_action("web", action, viewer).error(403);
+        assert!(body["hint"].is_string(), "{body}");
+        server.rollout_action("web", action, Some(JOIN)).error(403);
+        server
+            .rollout_action("web", action, Some(&token))
+            .error(403);
+        server.rollout_action("web", action, None).error(401);
+    }
+    assert_eq!(phase("web"), "Progressing");
+    assert_eq!(
+        server.get("/api/v1/desiredstates/web", op).ok(200)["status"]["revision"],
+        1,
+        "no undo happened"
+    );
+
+    // Pause, by an operator: the rollout holds, and n1 keeps its revision.
+    let paused = server.rollout_action("web", "pause", op).ok(200);
+    assert_eq!(paused["metadata"]["name"], "web");
+    assert_eq!(paused["status"]["phase"], "Paused");
+    assert_eq!(phase("web"), "Paused");
+    // Only a Progressing rollout can be paused, only a Paused one resumed.
+    let body = server.rollout_action("web", "pause", op).error(409);
+    assert!(body["error"].as_str().unwrap().contains("Paused"), "{body}");
+    server.rollout_action("db", "pause", op).error(409);
+    server.rollout_action("db", "resume", op).error(409);
+    assert_eq!(phase("db"), "Complete");
+    // The controller leaves a paused rollout alone.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(phase("web"), "Paused");
+    server.assignment_until("n1", op, &[("web", 1)]);
+
+    // Resume.
+    let resumed = server.rollout_action("web", "resume", op).ok(200);
+    assert_eq!(resumed["status"]["phase"], "Progressing");
+    server.rollout_action("web", "resume", op).error(409);
+    let events = server
+        .get("/api/v1/events?object=rollout/web", viewer)
+        .ok(200);
+    assert_eq!(
+        objects_and_reasons(&rollout_events(&events)),
+        vec![
+            ("rollout/web".to_string(), "RolloutStarted".to_string()),
+            ("rollout/web".to_string(), "RolloutPaused".to_string()),
+            ("rollout/web".to_string(), "RolloutResumed".to_string()),
+        ]
+    );
+
+    // Unknown rollouts and actions: 404.
+    for action in ["pause", "resume", "undo", "undo?toRevision=1"] {
+        server.rollout_action("ghost", action, op).error(404);
+    }
+    server.rollout_action("web", "restart", op).error(404);
+
+    // Undo to a revision that does not exist: 422, nothing applied.
+    for target in ["7", "0"] {
+        let body = server
+            .rollout_action("web", &format!("undo?toRevision={target}"), op)
+            .error(422);
+        assert_eq!(body["field"], "toRevision", "{body}");
+    }
+    // With a single revision there is nothing to go back to.
+    server.rollout_action("web", "undo", op).error(422);
+    let revisions = server
+        .get("/api/v1/desiredstates/web/revisions", op)
+        .ok(200);
+    assert_eq!(revisions.as_array().unwrap().len(), 1);
+
+    // Undo, by an operator: the earlier spec comes back as a new revision, which rolls out.
+    server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.1-1")]), op);
+    server.rollout_until("web", op, "Progressing at revision 2", |r| {
+        r["spec"]["revision"] == 2
+    });
+    let undone = server.rollout_action("web", "undo", op).ok(200);
+    assert_eq!(undone["dryRun"], false);
+    assert_eq!(undone["results"][0]["name"], "web");
+    assert_eq!(undone["results"][0]["action"], "configured");
+    assert_eq!(undone["results"][0]["revision"], 3);
+    let web = server.get("/api/v1/desiredstates/web", op).ok(200);
+    assert_eq!(web["status"]["revision"], 3);
+    assert_eq!(web["spec"]["components"][0]["version"], "1.0-1");
+    assert_eq!(web["status"]["source"]["kind"], "undo");
+    assert_eq!(web["status"]["source"]["actor"], "alice");
+    server.rollout_until("web", op, "Progressing at revision 3", |r| {
+        r["spec"]["revision"] == 3 && r["status"]["phase"] == "Progressing"
+    });
+    server.assignment_until("n1", op, &[("web", 3)]);
+    // … and to a named revision.
+    let undone = server
+        .rollout_action("web", "undo?toRevision=2", op)
+        .ok(200);
+    assert_eq!(undone["results"][0]["revision"], 4);
+    let revisions = server
+        .get("/api/v1/desiredstates/web/revisions", op)
+        .ok(200);
+    let versions: Vec<&str> = revisions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["spec"]["components"][0]["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, vec!["1.0-1", "1.1-1", "1.0-1", "1.1-1"]);
+    server.rollout_until("web", op, "Progressing at revision 4", |r| {
+        r["spec"]["revision"] == 4 && r["status"]["phase"] == "Progressing"
+    });
+    let events = server
+        .get("/api/v1/events?object=rollout/web", viewer)
+        .ok(200);
+    let superseded = reasons(&Value::Array(rollout_events(&events)))
+        .into_iter()
+        .filter(|r| r == "Superseded")
+        .count();
+    assert_eq!(
+        superseded, 3,
+        "revisions 1, 2 and 3 were superseded: {events}"
+    );
+}
+
+#[test]
+fn a_single_node_rollout_completes_on_healthy_reports_and_rolls_back_on_a_revert() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &[]);
+    let token = server.register("n1", "web", None);
+    assert_eq!(
+        server
+            .put_status("n1", &heartbeat(1.0), Some(&token))
+            .status,
+        204
+    );
+    let rollout = "{waves: [\"100%\"], bakeSeconds: 60}";
+    server.apply_ok(
+        &with_rollout(&manifest("web", "web", &[("nginx", "1.0-1")]), rollout),
+        None,
+    );
+    let web = server.get("/api/v1/desiredstates/web", None).ok(200);
+    assert_eq!(web["status"]["lastGoodRevision"], 0, "nothing is good yet");
+    server.rollout_until("web", None, "Progressing at revision 1", |r| {
+        r["spec"]["revision"] == 1 && r["status"]["phase"] == "Progressing"
+    });
+    server.assignment_until("n1", Some(&token), &[("web", 1)]);
+
+    // Healthy, but not for bakeSeconds yet: the rollout waits.
+    let now = std::time::SystemTime::now();
+    let healthy_now = applied("web", 1, "Healthy", Some(now));
+    assert_eq!(
+        server.put_status("n1", &healthy_now, Some(&token)).status,
+        204
+    );
+    std::thread::sleep(Duration::from_millis(2200));
+    let waiting = server.get("/api/v1/rollouts/web", None).ok(200);
+    assert_eq!(waiting["status"]["phase"], "Progressing", "{waiting}");
+    assert_eq!(
+        server.get("/api/v1/desiredstates/web", None).ok(200)["status"]["lastGoodRevision"],
+        0
+    );
+
+    // Healthy for longer than bakeSeconds: the only wave baked, the rollout is complete.
+    let baked = applied("web", 1, "Healthy", Some(now - Duration::from_secs(3600)));
+    assert_eq!(server.put_status("n1", &baked, Some(&token)).status, 204);
+    let complete = server.rollout_until("web", None, "Complete", |r| {
+        r["status"]["phase"] == "Complete"
+    });
+    assert_eq!(complete["spec"]["revision"], 1);
+    assert!(complete["status"]["finished"].is_string(), "{complete}");
+    let web = server.get("/api/v1/desiredstates/web", None).ok(200);
+    assert_eq!(web["status"]["lastGoodRevision"], 1);
+    // The explicit assignment is gone; n1 runs the last good revision.
+    server.assignment_until("n1", Some(&token), &[("web", 1)]);
+    let events = server
+        .get("/api/v1/events?object=rollout/web", None)
+        .ok(200);
+    assert_eq!(
+        reasons(&Value::Array(rollout_events(&events))),
+        vec!["RolloutStarted", "RolloutComplete"]
+    );
+
+    // Revision 2 reaches n1, which reverts it: the rollout aborts and everything goes back.
+    server.apply_ok(
+        &with_rollout(&manifest("web", "web", &[("nginx", "1.1-1")]), rollout),
+        None,
+    );
+    let started = server.rollout_until("web", None, "Progressing at revision 2", |r| {
+        r["spec"]["revision"] == 2 && r["status"]["phase"] == "Progressing"
+    });
+    assert_eq!(started["spec"]["fromRevision"], 1);
+    server.assignment_until("n1", Some(&token), &[("web", 2)]);
+    let mut reverted = applied("web", 2, "Reverted", None);
+    reverted["components"] = json!([{
+        "name": "nginx",
+        "kind": "package",
+        "desiredState": "web",
+        "revision": 2,
+        "desiredVersion": "1.1-1",
+        "version": "1.0-1",
+        "phase": "Reverted",
+        "message": "probe http failed",
+        "probeOutput": "HTTP 503"
+    }]);
+    assert_eq!(server.put_status("n1", &reverted, Some(&token)).status, 204);
+    let rolled_back = server.rollout_until("web", None, "RolledBack", |r| {
+        r["status"]["phase"] == "RolledBack"
+    });
+    assert_eq!(rolled_back["spec"]["revision"], 2);
+    let why = rolled_back["status"]["failedNodes"]["n1"]
+        .as_str()
+        .unwrap_or_else(|| panic!("n1 is not a failed node: {rolled_back}"));
+    assert!(why.contains("probe http failed"), "{why}");
+    // n1 falls back to the last good revision, which stays 1.
+    let assignment = server.assignment_until("n1", Some(&token), &[("web", 1)]);
+    assert_eq!(
+        assignment["states"][0]["spec"]["components"][0]["version"],
+        "1.0-1"
+    );
+    let web = server.get("/api/v1/desiredstates/web", None).ok(200);
+    assert_eq!(web["status"]["revision"], 2);
+    assert_eq!(web["status"]["lastGoodRevision"], 1);
+    let events = server
+        .get("/api/v1/events?object=rollout/web", None)
+        .ok(200);
+    let history = rollout_events(&events);
+    assert_eq!(
+        reasons(&Value::Array(history.clone())),
+        vec![
+            "RolloutStarted",
+            "RolloutComplete",
+            "RolloutStarted",
+            "RolloutAborted",
+            "RolledBack"
+        ]
+    );
+    let aborted = &history[3];
+    assert_eq!(aborted["type"], "Warning");
+    assert_eq!(aborted["revision"], 2);
+    assert!(
+        aborted["message"].as_str().unwrap().contains("n1"),
+        "{aborted}"
+    );
+    assert!(
+        history[4]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revision 1"),
+        "{}",
+        history[4]
+    );
+
+    // A rolled back revision stays rolled back: it is not started again.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        server.get("/api/v1/rollouts/web", None).ok(200)["status"]["phase"],
+        "RolledBack"
+    );
+    let again = server
+        .get("/api/v1/events?object=rollout/web", None)
+        .ok(200);
+    assert_eq!(rollout_events(&again), history);
 }

@@ -117,3 +117,83 @@ fn schema_matches_the_committed_copy() {
     let committed = std::fs::read(workspace().join("docs/manifest-reference.md")).unwrap();
     assert_eq!(out.stdout, committed);
 }
+
+/// The README's first command, end to end: six real nodelets, real artifacts, the whole story.
+/// Needs every workspace binary next to `shoal` (scripts/test builds them first).
+#[test]
+fn the_demo_stops_a_bad_release_at_the_canary_and_cleans_up() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["demo", "--no-wait", "--bake-seconds", "4"])
+        .env_remove("SHOAL_SERVER")
+        .env_remove("SHOAL_TOKEN")
+        .output()
+        .expect("shoal demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("✔ 1.2.0 reached only the canary (node-1)"),
+        "{stdout}"
+    );
+    // Final state of every node: back at 1.1.0, with the package installed.
+    let nodes: Vec<&str> = stdout.lines().filter(|l| l.starts_with("node-")).collect();
+    assert_eq!(nodes.len(), 6, "{stdout}");
+    for line in nodes {
+        assert!(
+            line.contains("demo-service=1.1.0") && line.contains("shoal-demo-motd=1.0-1"),
+            "{line}"
+        );
+        assert!(
+            line.contains("True    True      True"),
+            "ready, healthy, converged: {line}"
+        );
+    }
+    // The rollout history: 1 and 2 complete, 3 rolled back.
+    let history: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("shoal rollout history demo"))
+        .collect();
+    assert!(
+        history
+            .iter()
+            .any(|l| l.starts_with("1 ") && l.contains("Complete")),
+        "{stdout}"
+    );
+    assert!(
+        history
+            .iter()
+            .any(|l| l.starts_with("2 ") && l.contains("Complete (last good)")),
+        "{stdout}"
+    );
+    assert!(
+        history
+            .iter()
+            .any(|l| l.starts_with("3 ") && l.contains("RolledBack")),
+        "{stdout}"
+    );
+    // Nothing left running or on disk.
+    let folder = stdout
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(" in ").next())
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        !std::path::Path::new(&folder).exists(),
+        "{folder} was left behind"
+    );
+    let leftovers = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&folder))
+        })
+        .count();
+    assert_eq!(leftovers, 0, "processes of the demo are still running");
+}

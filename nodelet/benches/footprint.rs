@@ -46,6 +46,7 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn manifest(
     version: &str,
     url: &str,

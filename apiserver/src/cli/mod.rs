@@ -1,6 +1,7 @@
 //! The `shoal` operator CLI: argument parsing, commands and their exit codes.
 
 mod client;
+mod demo;
 mod resources;
 mod rollout;
 mod table;
@@ -119,6 +120,8 @@ pub enum Command {
         #[command(subcommand)]
         verb: RolloutVerb,
     },
+    /// Run a whole fleet on this machine and watch shoal stop a bad release at the canary.
+    Demo(demo::DemoArgs),
     /// Print the JSON Schema of DesiredState.
     Schema {
         /// Print the Markdown field reference made from the schema instead.
@@ -206,6 +209,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::Describe { kind, name } => {
             connect(&cli).and_then(|c| resources::describe(&c, kind, name))
         }
+        Command::Demo(args) => demo::run(args),
         Command::Plan { files } => connect(&cli).and_then(|c| rollout::plan(&c, files, cli.output)),
         Command::Rollout { verb } => connect(&cli).and_then(|c| rollout::run(&c, verb, cli.output)),
     };

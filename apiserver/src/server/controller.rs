@@ -1153,7 +1153,9 @@ impl Controller {
                     })
                     .collect();
                 crate::rollout::NodeView {
-                    ready: self.is_ready(&node, now),
+                    // A node that never reported is not "NotReady during its wave": the
+                    // wave's deadline judges it instead.
+                    ready: node.status.last_heartbeat.is_none() || self.is_ready(&node, now),
                     name: node.metadata.name,
                     labels: node.metadata.labels,
                     applied,
@@ -1195,7 +1197,7 @@ impl Controller {
         expected: Option<String>,
         update: crate::rollout::Update,
         now: SystemTime,
-    ) -> Result<(), ApiError> {
+    ) -> Result<bool, ApiError> {
         let version = self.store.next_version()?.to_string();
         let seqs = self.seqs(update.events.len())?;
         let existing_assignments: Vec<Vec<u8>> = self
@@ -1213,6 +1215,13 @@ impl Controller {
             if stored.map(|r| r.metadata.resource_version) != expected {
                 return Err(ApiError::Conflict {
                     message: "rollout changed meanwhile".into(),
+                    hint: String::new(),
+                });
+            }
+            // Deleted since the tick read it: a rollout must not outlive its DesiredState.
+            if txn.get(Table::DesiredStates, name.as_bytes())?.is_none() {
+                return Err(ApiError::Conflict {
+                    message: "DesiredState deleted meanwhile".into(),
                     hint: String::new(),
                 });
             }
@@ -1257,15 +1266,20 @@ impl Controller {
             Ok(events)
         });
         let events = match events {
-            Err(store::TxnError::Aborted(ApiError::Conflict { .. })) => return Ok(()),
+            Err(store::TxnError::Aborted(ApiError::Conflict { .. })) => return Ok(false),
             other => other?,
         };
         self.store.flush()?;
         self.refresh()?;
         self.bump_epoch();
         self.publish(Kind::Rollout, ChangeType::Modified, name, &rollout);
+        if update.last_good.is_some() {
+            if let Ok(state) = self.get_desired_state(name) {
+                self.publish(Kind::DesiredState, ChangeType::Modified, name, &state);
+            }
+        }
         self.after_events(&events)?;
-        Ok(())
+        Ok(true)
     }
 
     /// Pause or resume a rollout (operator verbs).
@@ -1308,12 +1322,18 @@ impl Controller {
                 format!("revision {}", current.spec.revision),
             )],
         };
-        self.write_rollout(
+        let written = self.write_rollout(
             name,
             Some(current.metadata.resource_version.clone()),
             update,
             SystemTime::now(),
         )?;
+        if !written {
+            return Err(ApiError::Conflict {
+                message: format!("rollout `{name}` changed while pausing or resuming it"),
+                hint: "look at `shoal rollout status NAME` and try again".into(),
+            });
+        }
         self.get_rollout(name)
     }
 

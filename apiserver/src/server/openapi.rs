@@ -122,6 +122,14 @@ pub const OPERATIONS: &[Operation] = &[
         response: "RolloutObject",
     },
     Operation {
+        method: "post",
+        path: "/api/v1/rollouts/{name}/{action}",
+        summary: "pause or resume (returns the RolloutObject); undo (?toRevision=N, default the last good revision) applies that revision's spec as a new revision (returns the ApplyResponse)",
+        access: "operator",
+        request: None,
+        response: "object",
+    },
+    Operation {
         method: "get",
         path: "/api/v1/events",
         summary: "Events, oldest first (?after=SEQ&limit=N&object=node/x, ?watch=true)",
