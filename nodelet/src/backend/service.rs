@@ -211,7 +211,9 @@ impl ServiceBackend {
     }
 
     /// Removes unpacked versions beyond the newest `keep`, never the current one.
-    fn prune(&self, name: &str) {
+    /// `previous` is the version a revert of this change would go back to: it is never pruned,
+    /// however old it is (it is typically the oldest folder of all).
+    fn prune(&self, name: &str, previous: Option<&str>) {
         let current = self.current_version(name);
         let Ok(entries) = std::fs::read_dir(self.service_dir(name)) else {
             return;
@@ -221,6 +223,7 @@ impl ServiceBackend {
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .filter(|e| Some(e.file_name().to_string_lossy().into_owned()) != current)
+            .filter(|e| Some(e.file_name().to_string_lossy().as_ref()) != previous)
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
         versions.sort();
@@ -338,10 +341,11 @@ impl Backend for ServiceBackend {
             std::fs::rename(&staging, &target).map_err(io(&target))?;
         }
         self.run_spec(&component.name, version, settings)?;
+        let previous = self.current_version(&component.name);
         self.switch(&component.name, version)?;
         self.start(&component.name, version, settings).await?;
         self.check_started(component, settings).await?;
-        self.prune(&component.name);
+        self.prune(&component.name, previous.as_deref());
         Ok(())
     }
 
@@ -419,5 +423,33 @@ impl Backend for ServiceBackend {
                     .unwrap_or_default()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_the_current_and_the_revert_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let supervisor = Arc::new(Supervisor::new(tmp.path()));
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor), 3);
+        for version in ["1.0.0", "1.1.0", "1.2.0", "1.2.1", "1.2.2"] {
+            std::fs::create_dir_all(backend.version_dir("svc", version)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        backend.switch("svc", "1.2.2").unwrap();
+        // A change from 1.1.0 (the revert target, older than the others) to 1.2.2.
+        backend.prune("svc", Some("1.1.0"));
+        let mut left: Vec<String> = std::fs::read_dir(backend.service_dir("svc"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        // keep = 3: the current one and the two newest others, plus the revert target however old.
+        assert_eq!(left, vec!["1.1.0", "1.2.0", "1.2.1", "1.2.2"], "1.0.0 goes; the revert target stays");
     }
 }
