@@ -450,6 +450,10 @@ mod tests {
             .collect();
         left.sort();
         // keep = 3: the current one and the two newest others, plus the revert target however old.
-        assert_eq!(left, vec!["1.1.0", "1.2.0", "1.2.1", "1.2.2"], "1.0.0 goes; the revert target stays");
+        assert_eq!(
+            left,
+            vec!["1.1.0", "1.2.0", "1.2.1", "1.2.2"],
+            "1.0.0 goes; the revert target stays"
+        );
     }
 }
