@@ -510,8 +510,13 @@ impl Agent {
                 state: previous
                     .as_ref()
                     .map(|p| p.state.clone())
+                    // Nothing was there before: the node runs none of this DesiredState's components.
                     .unwrap_or_else(|| AssignedState {
                         revision: from_revision,
+                        spec: manifests::DesiredStateSpec {
+                            components: vec![],
+                            ..target.spec.clone()
+                        },
                         ..target.clone()
                     }),
                 phase: ComponentPhase::Reverted,

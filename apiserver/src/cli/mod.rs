@@ -381,29 +381,46 @@ struct ComparableMeta<'a> {
 }
 
 fn comparable_local(object: &manifests::DesiredState) -> String {
-    serde_yaml::to_string(&Comparable {
-        api_version: &object.api_version,
-        kind: &object.kind,
-        metadata: ComparableMeta {
-            name: &object.metadata.name,
-            labels: &object.metadata.labels,
-            annotations: &object.metadata.annotations,
-        },
-        spec: &object.spec,
-    })
-    .expect("serializable")
+    let m = &object.metadata;
+    comparable(
+        &object.api_version,
+        &object.kind,
+        &m.name,
+        &m.labels,
+        &m.annotations,
+        &object.spec,
+    )
 }
 
 fn comparable_live(object: &DesiredStateObject) -> String {
+    let m = &object.metadata;
+    comparable(
+        &object.api_version,
+        &object.kind,
+        &m.name,
+        &m.labels,
+        &m.annotations,
+        &object.spec,
+    )
+}
+
+fn comparable(
+    api_version: &str,
+    kind: &str,
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    annotations: &std::collections::BTreeMap<String, String>,
+    spec: &manifests::DesiredStateSpec,
+) -> String {
     serde_yaml::to_string(&Comparable {
-        api_version: &object.api_version,
-        kind: &object.kind,
+        api_version,
+        kind,
         metadata: ComparableMeta {
-            name: &object.metadata.name,
-            labels: &object.metadata.labels,
-            annotations: &object.metadata.annotations,
+            name,
+            labels,
+            annotations,
         },
-        spec: &object.spec,
+        spec,
     })
     .expect("serializable")
 }

@@ -111,7 +111,9 @@ pub fn step(
                         .clone()
                         .unwrap_or_else(|| "reverted the revision".into()),
                 ),
-                _ if !node.ready => Some("went NotReady during its wave".to_string()),
+                _ if !node.ready && index == rollout.status.current_wave => {
+                    Some("went NotReady during its wave".to_string())
+                }
                 Some(ComponentPhase::Healthy) => None,
                 _ if index == rollout.status.current_wave && now > deadline => Some(format!(
                     "not healthy within healthyDeadlineSeconds ({}s)",
@@ -489,6 +491,24 @@ mod tests {
         assert_eq!(update.rollout.status.phase, RolloutPhase::RolledBack);
         let _ = b;
         let _ = LabelSelector::default();
+    }
+
+    #[test]
+    fn a_node_of_a_finished_wave_going_offline_does_not_fail_the_rollout() {
+        let state = state(2, 1);
+        let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        let rollout = step(&state, None, &nodes, at(0)).unwrap().rollout;
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 1);
+        let rollout = step(&state, Some(&rollout), &nodes, at(11))
+            .unwrap()
+            .rollout;
+        assert_eq!(rollout.status.current_wave, 1);
+        nodes[0].ready = false; // the canary's wave is over
+        let update = step(&state, Some(&rollout), &nodes, at(12));
+        assert!(
+            update.as_ref().is_none_or(|u| u.rollout.status.failed_nodes.is_empty()),
+            "{update:?}"
+        );
     }
 
     #[test]

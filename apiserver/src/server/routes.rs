@@ -321,20 +321,50 @@ fn to_values<T: Serialize>(items: &[T]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Answers a read: the object(s) as JSON, or with `?watch=true` a stream of them and their changes.
+/// Subscribing happens before reading, so no change between the two is missed.
+fn read_or_watch<T: Serialize>(
+    state: &AppState,
+    caller: &Caller,
+    kind: Kind,
+    name: Option<String>,
+    watch: bool,
+    read: impl FnOnce(&Controller) -> Result<T, ApiError>,
+    items: impl FnOnce(&T) -> Vec<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    caller.viewer()?;
+    let receiver = state.controller.subscribe();
+    let value = read(&state.controller)?;
+    if watch {
+        return Ok(watch_stream(state, kind, name, receiver, items(&value)).into_response());
+    }
+    Ok(Json(value).into_response())
+}
+
+fn one<T: Serialize>(item: &T) -> Vec<serde_json::Value> {
+    to_values(std::slice::from_ref(item))
+}
+
+// `&Vec` because it is called as `FnOnce(&T)` with `T = Vec<_>`.
+#[allow(clippy::ptr_arg)]
+fn many<T: Serialize>(items: &Vec<T>) -> Vec<serde_json::Value> {
+    to_values(items)
+}
+
 async fn list_nodes(
     State(state): State<AppState>,
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
-    let nodes = state.controller.list_nodes()?;
-    if q.watch {
-        return Ok(
-            watch_stream(&state, Kind::Node, None, receiver, to_values(&nodes)).into_response(),
-        );
-    }
-    Ok(Json(nodes).into_response())
+    read_or_watch(
+        &state,
+        &caller,
+        Kind::Node,
+        None,
+        q.watch,
+        |c| c.list_nodes(),
+        many,
+    )
 }
 
 async fn get_node(
@@ -343,16 +373,15 @@ async fn get_node(
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
-    let node = state.controller.get_node(&name)?;
-    if q.watch {
-        return Ok(
-            watch_stream(&state, Kind::Node, Some(name), receiver, to_values(&[node]))
-                .into_response(),
-        );
-    }
-    Ok(Json(node).into_response())
+    read_or_watch(
+        &state,
+        &caller,
+        Kind::Node,
+        Some(name.clone()),
+        q.watch,
+        |c| c.get_node(&name),
+        one,
+    )
 }
 
 async fn register(
@@ -442,20 +471,15 @@ async fn list_desired_states(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
-    let states = state.controller.list_desired_states()?;
-    if q.watch {
-        return Ok(watch_stream(
-            &state,
-            Kind::DesiredState,
-            None,
-            receiver,
-            to_values(&states),
-        )
-        .into_response());
-    }
-    Ok(Json(states).into_response())
+    read_or_watch(
+        &state,
+        &caller,
+        Kind::DesiredState,
+        None,
+        q.watch,
+        |c| c.list_desired_states(),
+        many,
+    )
 }
 
 async fn get_desired_state(
@@ -464,20 +488,15 @@ async fn get_desired_state(
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
-    let object = state.controller.get_desired_state(&name)?;
-    if q.watch {
-        return Ok(watch_stream(
-            &state,
-            Kind::DesiredState,
-            Some(name),
-            receiver,
-            to_values(&[object]),
-        )
-        .into_response());
-    }
-    Ok(Json(object).into_response())
+    read_or_watch(
+        &state,
+        &caller,
+        Kind::DesiredState,
+        Some(name.clone()),
+        q.watch,
+        |c| c.get_desired_state(&name),
+        one,
+    )
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -513,16 +532,15 @@ async fn list_rollouts(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
-    let rollouts = state.controller.list_rollouts()?;
-    if q.watch {
-        return Ok(
-            watch_stream(&state, Kind::Rollout, None, receiver, to_values(&rollouts))
-                .into_response(),
-        );
-    }
-    Ok(Json(rollouts).into_response())
+    read_or_watch(
+        &state,
+        &caller,
+        Kind::Rollout,
+        None,
+        q.watch,
+        |c| c.list_rollouts(),
+        many,
+    )
 }
 
 async fn get_rollout(
@@ -531,20 +549,15 @@ async fn get_rollout(
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
-    let rollout = state.controller.get_rollout(&name)?;
-    if q.watch {
-        return Ok(watch_stream(
-            &state,
-            Kind::Rollout,
-            Some(name),
-            receiver,
-            to_values(&[rollout]),
-        )
-        .into_response());
-    }
-    Ok(Json(rollout).into_response())
+    read_or_watch(
+        &state,
+        &caller,
+        Kind::Rollout,
+        Some(name.clone()),
+        q.watch,
+        |c| c.get_rollout(&name),
+        one,
+    )
 }
 
 #[derive(Debug, Default, Deserialize)]
