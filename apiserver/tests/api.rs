@@ -639,6 +639,9 @@ fn expected_status(method: &str, path: &str, who: Who) -> u16 {
     if ["/healthz", "/readyz", "/openapi.json"].contains(&path) {
         return 200;
     }
+    if path == "/api/v1/hooks/git" {
+        return 404; // not configured here; tests/cli.rs covers signatures with a real repository
+    }
     if matches!(who, Nobody | BadToken) {
         return 401;
     }
@@ -690,6 +693,15 @@ fn expected_status(method: &str, path: &str, who: Who) -> u16 {
         ) => {
             if reader {
                 200
+            } else {
+                403
+            }
+        }
+        // Without --git-repo there is no git sync: the status is 404 for readers, and the
+        // webhook is 404 for everyone (its own signature, not a token, is its credential).
+        ("get", "/api/v1/gitsync") => {
+            if reader {
+                404
             } else {
                 403
             }

@@ -197,3 +197,279 @@ fn the_demo_stops_a_bad_release_at_the_canary_and_cleans_up() {
         .count();
     assert_eq!(leftovers, 0, "processes of the demo are still running");
 }
+
+fn git(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn ds(name: &str, version: &str, extra: &str) -> String {
+    format!("apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: {name}}}\nspec:\n  selector: {{matchLabels: {{role: {name}}}}}\n  components:\n    - {{name: {name}-tool, kind: package, version: \"{version}\"}}\n{extra}")
+}
+
+fn commit(repo: &Path, message: &str) -> String {
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "--quiet", "-m", message]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+fn wait<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// GitOps end to end with a real git repository in a temp dir and the real apiserver.
+#[test]
+fn git_sync_applies_commits_with_provenance_verifies_webhooks_prunes_and_refuses_broken_commits() {
+    use hmac::Mac;
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(repo.join("manifests")).unwrap();
+    git(&repo, &["init", "--quiet", "-b", "main"]);
+    git(&repo, &["config", "user.name", "Ada Operator"]);
+    git(&repo, &["config", "user.email", "ada@example.com"]);
+    std::fs::write(repo.join("manifests/web.yaml"), ds("web", "1.0", "")).unwrap();
+    std::fs::write(repo.join("manifests/db.yaml"), ds("db", "1.0", "")).unwrap();
+    std::fs::write(repo.join("README.md"), "not a manifest\n").unwrap();
+    let first = commit(&repo, "Pin web and db");
+    let secret = "webhook-secret-0123456789";
+    std::fs::write(tmp.path().join("secret"), secret).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--git-branch",
+            "main",
+            "--git-path",
+            "manifests",
+            "--git-interval",
+            "1h",
+        ])
+        .arg("--git-repo")
+        .arg(&repo)
+        .arg("--git-webhook-secret-file")
+        .arg(tmp.path().join("secret"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _guard = Kill(child);
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let http = reqwest::blocking::Client::new();
+    let get = |path: &str| -> Option<serde_json::Value> {
+        let r = http.get(format!("{url}{path}")).send().ok()?;
+        r.status().is_success().then(|| r.json().unwrap())
+    };
+    let hook = |body: &str, headers: &[(&str, String)]| -> u16 {
+        let mut request = http
+            .post(format!("{url}/api/v1/hooks/git"))
+            .body(body.to_string());
+        for (k, v) in headers {
+            request = request.header(*k, v);
+        }
+        request.send().unwrap().status().as_u16()
+    };
+    let sign = |body: &str| {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+
+    // The first sync at start: revisions carry the commit, its author and subject, and the file.
+    let web = wait("web from git", || get("/api/v1/desiredstates/web"));
+    assert_eq!(web["status"]["source"]["commit"], first);
+    assert_eq!(
+        web["metadata"]["annotations"]["shoal/managed-by"],
+        "git-sync"
+    );
+    let revisions = get("/api/v1/desiredstates/web/revisions").unwrap();
+    assert_eq!(
+        revisions[0]["source"]["author"],
+        "Ada Operator <ada@example.com>"
+    );
+    assert_eq!(revisions[0]["source"]["subject"], "Pin web and db");
+    assert_eq!(revisions[0]["source"]["file"], "manifests/web.yaml");
+    assert!(get("/api/v1/desiredstates/db").is_some());
+    // Something applied by hand is never pruned by git sync.
+    let manual = http
+        .post(format!("{url}/api/v1/apply"))
+        .body(ds("manual", "1.0", ""))
+        .send()
+        .unwrap();
+    assert!(manual.status().is_success());
+
+    // A new commit; an unsigned or wrongly signed webhook changes nothing.
+    std::fs::write(repo.join("manifests/web.yaml"), ds("web", "2.0", "")).unwrap();
+    let second = commit(&repo, "Upgrade web");
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    assert_eq!(hook(body, &[]), 401);
+    assert_eq!(
+        hook(body, &[("x-hub-signature-256", sign("something else"))]),
+        401
+    );
+    assert_eq!(hook(body, &[("x-gitlab-token", "wrong".into())]), 401);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        get("/api/v1/desiredstates/web").unwrap()["status"]["revision"],
+        1,
+        "nothing synced without a valid signature"
+    );
+    // A signed one syncs at once (the poll interval is an hour); the new revision starts a rollout.
+    assert_eq!(hook(body, &[("x-hub-signature-256", sign(body))]), 202);
+    let web = wait("revision 2 from the webhook", || {
+        get("/api/v1/desiredstates/web").filter(|w| w["status"]["revision"] == 2)
+    });
+    assert_eq!(web["status"]["source"]["commit"], second);
+    wait("the rollout of revision 2", || {
+        get("/api/v1/rollouts/web").filter(|r| r["spec"]["revision"] == 2)
+    });
+
+    // Deleting a file prunes its object (GitLab-style hook this time).
+    std::fs::remove_file(repo.join("manifests/db.yaml")).unwrap();
+    let third = commit(&repo, "Retire db");
+    assert_eq!(hook("{}", &[("x-gitlab-token", secret.into())]), 202);
+    wait("db pruned", || {
+        get("/api/v1/desiredstates/db").is_none().then_some(())
+    });
+    assert!(get("/api/v1/desiredstates/manual").is_some());
+    assert_eq!(get("/api/v1/gitsync").unwrap()["appliedCommit"], third);
+
+    // A broken commit changes nothing and is reported with file and line.
+    std::fs::write(
+        repo.join("manifests/web.yaml"),
+        ds("web", "3.0", "  rollout: {bakeSecond: 5}\n"),
+    )
+    .unwrap();
+    std::fs::write(repo.join("manifests/cache.yaml"), ds("cache", "1.0", "")).unwrap();
+    let broken = commit(&repo, "Typo");
+    assert_eq!(hook(body, &[("x-hub-signature-256", sign(body))]), 202);
+    let status = wait("the broken commit to be reported", || {
+        get("/api/v1/gitsync").filter(|s| s["headCommit"] == broken)
+    });
+    assert_eq!(
+        status["appliedCommit"], third,
+        "the last good commit stays in force"
+    );
+    let problem = &status["problems"][0];
+    assert!(
+        problem["file"]
+            .as_str()
+            .unwrap()
+            .starts_with("manifests/web.yaml@"),
+        "{status}"
+    );
+    assert_eq!(problem["line"], 8);
+    assert_eq!(problem["field"], "spec.rollout.bakeSecond");
+    assert_eq!(
+        get("/api/v1/desiredstates/web").unwrap()["status"]["revision"],
+        2
+    );
+    assert!(
+        get("/api/v1/desiredstates/cache").is_none(),
+        "nothing of a broken commit is applied"
+    );
+    let events = get("/api/v1/events?limit=1000").unwrap();
+    assert!(events
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["reason"] == "GitSyncFailed"
+            && e["message"].as_str().unwrap().contains("bakeSecond")));
+}
+
+#[test]
+fn apply_prune_removes_only_what_the_same_paths_created() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let dir = tmp.path().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), ds("alpha", "1.0", "")).unwrap();
+    std::fs::write(dir.join("b.yaml"), ds("beta", "1.0", "")).unwrap();
+    std::fs::write(tmp.path().join("other.yaml"), ds("gamma", "1.0", "")).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["--server", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let d = dir.to_str().unwrap();
+    assert_eq!(run(&["apply", "--prune", "-f", d]).0, Some(0));
+    assert_eq!(
+        run(&[
+            "apply",
+            "-f",
+            tmp.path().join("other.yaml").to_str().unwrap()
+        ])
+        .0,
+        Some(0)
+    );
+    std::fs::remove_file(dir.join("b.yaml")).unwrap();
+    let (code, out) = run(&["apply", "--prune", "--dry-run", "-f", d]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("desiredstate/beta pruned"), "{out}");
+    let (code, out) = run(&["apply", "--prune", "-f", d]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("desiredstate/alpha unchanged") && out.contains("desiredstate/beta pruned"),
+        "{out}"
+    );
+    let (_, out) = run(&["get", "ds"]);
+    assert!(
+        out.contains("alpha") && out.contains("gamma") && !out.contains("beta"),
+        "{out}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

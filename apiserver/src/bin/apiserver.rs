@@ -36,6 +36,21 @@ struct Args {
     /// Seconds without a heartbeat before a node is not Ready.
     #[arg(long, default_value_t = 40)]
     ready_grace_seconds: u64,
+    /// Git repository (URL or path) to sync manifests from.
+    #[arg(long)]
+    git_repo: Option<String>,
+    /// Branch to sync.
+    #[arg(long, default_value = "main", requires = "git_repo")]
+    git_branch: String,
+    /// Folder of the repository holding the manifests.
+    #[arg(long, default_value = ".", requires = "git_repo")]
+    git_path: String,
+    /// How often to poll the repository (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", requires = "git_repo", value_parser = humantime::parse_duration)]
+    git_interval: Duration,
+    /// File holding the webhook secret (GitHub HMAC key or GitLab token).
+    #[arg(long, requires = "git_repo")]
+    git_webhook_secret_file: Option<PathBuf>,
     /// Events kept.
     #[arg(long, default_value_t = 10_000)]
     event_retention: usize,
@@ -49,7 +64,35 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let webhook_secret = match &args.git_webhook_secret_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(secret) if !secret.trim().is_empty() => Some(secret.trim().to_string()),
+            Ok(_) => {
+                eprintln!(
+                    "apiserver: {} is empty; put the webhook secret in it",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("apiserver: cannot read {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let git = args
+        .git_repo
+        .clone()
+        .map(|repo| apiserver::gitsync::GitConfig {
+            repo,
+            branch: args.git_branch.clone(),
+            path: args.git_path.clone(),
+            interval: args.git_interval,
+            webhook_secret,
+        });
     let config = ServerConfig {
+        git,
         data: args.data,
         listen: args.listen,
         tokens: args.tokens,

@@ -74,6 +74,10 @@ pub enum Command {
         /// Report what would change without storing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Delete DesiredStates that an earlier `apply --prune` of the same paths created and
+        /// that these files no longer hold. Objects applied otherwise are never touched.
+        #[arg(long)]
+        prune: bool,
     },
     /// Show how manifests differ from what the apiserver has: exit 0 none, 1 some, 2 error.
     Diff {
@@ -184,9 +188,11 @@ pub fn run(cli: Cli) -> u8 {
             }
             return EXIT_OK;
         }
-        Command::Apply { files, dry_run } => {
-            connect(&cli).and_then(|c| apply(&c, files, *dry_run, cli.output))
-        }
+        Command::Apply {
+            files,
+            dry_run,
+            prune,
+        } => connect(&cli).and_then(|c| apply(&c, files, *dry_run, *prune, cli.output)),
         Command::Diff { files } => connect(&cli).and_then(|c| diff(&c, files)),
         Command::Delete {
             kind,
@@ -318,13 +324,44 @@ pub(crate) fn load_valid(
     Ok(loaded.objects)
 }
 
+/// The annotation naming the apply set an object belongs to (`apply --prune`).
+pub const APPLY_SET: &str = "shoal/apply-set";
+
+/// An apply set is named after the inputs, as absolute paths: applying the same
+/// directory again, from anywhere, is the same set.
+fn apply_set_id(files: &[PathBuf]) -> String {
+    use sha2::Digest;
+    let mut paths: Vec<String> = files
+        .iter()
+        .map(|f| {
+            std::fs::canonicalize(f)
+                .unwrap_or_else(|_| f.clone())
+                .display()
+                .to_string()
+        })
+        .collect();
+    paths.sort();
+    hex::encode(&sha2::Sha256::digest(paths.join("\n").as_bytes())[..8])
+}
+
 fn apply(
     client: &Client,
     files: &[PathBuf],
     dry_run: bool,
+    prune: bool,
     output: Output,
 ) -> Result<u8, CliError> {
-    let objects = load_valid(files, "apply")?;
+    let mut objects = load_valid(files, "apply")?;
+    let set = apply_set_id(files);
+    if prune {
+        for parsed in &mut objects {
+            parsed
+                .object
+                .metadata
+                .annotations
+                .insert(APPLY_SET.into(), set.clone());
+        }
+    }
     let body: String = objects
         .iter()
         .map(|p| {
@@ -339,7 +376,33 @@ fn apply(
     } else {
         "/api/v1/apply"
     };
-    let response: ApplyResponse = client.post(path, "application/yaml", body)?;
+    let mut response: ApplyResponse = client.post(path, "application/yaml", body)?;
+    if prune {
+        let keep: std::collections::BTreeSet<&str> = objects
+            .iter()
+            .map(|p| p.object.metadata.name.as_str())
+            .collect();
+        let live: Vec<DesiredStateObject> = client.get("/api/v1/desiredstates")?;
+        for state in live {
+            let ours = state.metadata.annotations.get(APPLY_SET) == Some(&set);
+            if !ours || keep.contains(state.metadata.name.as_str()) {
+                continue;
+            }
+            if !dry_run {
+                client.delete::<DesiredStateObject>(&format!(
+                    "/api/v1/desiredstates/{}?resourceVersion={}",
+                    state.metadata.name, state.metadata.resource_version
+                ))?;
+            }
+            response.results.push(manifests::wire::ApplyResult {
+                kind: manifests::KIND_DESIRED_STATE.into(),
+                name: state.metadata.name.clone(),
+                action: ApplyAction::Pruned,
+                revision: state.status.revision,
+                resource_version: state.metadata.resource_version.clone(),
+            });
+        }
+    }
     match output {
         Output::Table => {
             let suffix = if response.dry_run { " (dry run)" } else { "" };

@@ -506,7 +506,9 @@ mod tests {
         nodes[0].ready = false; // the canary's wave is over
         let update = step(&state, Some(&rollout), &nodes, at(12));
         assert!(
-            update.as_ref().is_none_or(|u| u.rollout.status.failed_nodes.is_empty()),
+            update
+                .as_ref()
+                .is_none_or(|u| u.rollout.status.failed_nodes.is_empty()),
             "{update:?}"
         );
     }

@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub cache_bytes: u64,
     /// Controller tunables.
     pub controller: ControllerConfig,
+    /// Git sync, when configured.
+    pub git: Option<crate::gitsync::GitConfig>,
 }
 
 /// Default request body limit: a generous manifest bundle, far below anything that could hurt.
@@ -76,12 +78,25 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         Arc::new(SledStore::open(&config.data, config.cache_bytes).map_err(|e| e.to_string())?);
     let controller =
         Controller::new(store.clone(), config.controller.clone()).map_err(|e| e.to_string())?;
+    let git_wake = Arc::new(tokio::sync::Notify::new());
+    let git = config.git.clone().map(|git| {
+        Arc::new(crate::gitsync::GitSync::new(
+            git,
+            &config.data,
+            controller.clone(),
+        ))
+    });
     let state = AppState {
         controller: controller.clone(),
         tokens: Arc::new(tokens),
         metrics: Arc::new(Metrics::new()),
         max_body: config.max_body,
+        git: git.clone(),
+        git_wake: git_wake.clone(),
     };
+    if let Some(git) = git {
+        tokio::spawn(git.run(git_wake));
+    }
     let app = app(state);
 
     // Readiness changes are noticed by a sweep, not by a request.

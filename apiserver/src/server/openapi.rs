@@ -130,6 +130,22 @@ pub const OPERATIONS: &[Operation] = &[
         response: "object",
     },
     Operation {
+        method: "post",
+        path: "/api/v1/hooks/git",
+        summary: "Git push webhook: starts a sync at once (GitHub X-Hub-Signature-256 or GitLab X-Gitlab-Token)",
+        access: "webhook signature",
+        request: None,
+        response: "object",
+    },
+    Operation {
+        method: "get",
+        path: "/api/v1/gitsync",
+        summary: "Git sync status: the commit in force, the newest commit, its problems with file and line",
+        access: "viewer",
+        request: None,
+        response: "object",
+    },
+    Operation {
         method: "get",
         path: "/api/v1/events",
         summary: "Events, oldest first (?after=SEQ&limit=N&object=node/x, ?watch=true)",

@@ -36,6 +36,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Largest accepted request body, bytes.
     pub max_body: usize,
+    /// Git sync, when configured.
+    pub git: Option<Arc<crate::gitsync::GitSync>>,
+    /// Wakes git sync at once (the webhook).
+    pub git_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Every route of the API (see `openapi::OPERATIONS`).
@@ -62,6 +66,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/events", get(events))
         .route("/api/v1/summary", get(summary))
         .route("/api/v1/apply", post(apply))
+        .route("/api/v1/hooks/git", post(git_hook))
+        .route("/api/v1/gitsync", get(git_status))
         .fallback(not_found)
 }
 
@@ -677,4 +683,43 @@ async fn rollout_action(
     .await
     .expect("rollout actions do not panic");
     result
+}
+
+fn git_sync(state: &AppState) -> Result<&Arc<crate::gitsync::GitSync>, ApiError> {
+    state.git.as_ref().ok_or_else(|| ApiError::NotFound {
+        kind: "Git sync",
+        name: "(not configured: start the apiserver with --git-repo)".into(),
+    })
+}
+
+/// A push webhook: verified against the configured secret, then a sync starts at once.
+/// The signature is the authentication, so no bearer token is needed.
+async fn git_hook(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let git = git_sync(&state)?;
+    let bytes = body(raw, &state)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if !git.verify_webhook(
+        &bytes,
+        header("x-hub-signature-256"),
+        header("x-gitlab-token"),
+    ) {
+        return Err(ApiError::Unauthorized(
+            "the webhook's X-Hub-Signature-256 or X-Gitlab-Token does not match the configured secret".into(),
+        ));
+    }
+    state.git_wake.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"sync": "started"})),
+    )
+        .into_response())
+}
+
+async fn git_status(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.viewer()?;
+    Ok(Json(git_sync(&state)?.status()).into_response())
 }
