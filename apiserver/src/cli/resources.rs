@@ -238,6 +238,15 @@ fn recent_events(client: &Client, object: &str) -> Result<String, CliError> {
     ))
 }
 
+/// An indented table under a heading, or `<none>`.
+fn section(header: &[&str], rows: &[Vec<String>]) -> String {
+    if rows.is_empty() {
+        "  <none>\n".to_string()
+    } else {
+        indent(&render(header, rows))
+    }
+}
+
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
 }
@@ -318,14 +327,10 @@ pub fn describe(client: &Client, kind: &str, name: &str) -> Result<u8, CliError>
                     ]
                 })
                 .collect();
-            out += &if rows.is_empty() {
-                "  <none>\n".to_string()
-            } else {
-                indent(&render(
-                    &["NAME", "KIND", "INSTALLED", "DESIRED", "PHASE", "MESSAGE"],
-                    &rows,
-                ))
-            };
+            out += &section(
+                &["NAME", "KIND", "INSTALLED", "DESIRED", "PHASE", "MESSAGE"],
+                &rows,
+            );
             for c in report
                 .components
                 .iter()
@@ -363,11 +368,7 @@ pub fn describe(client: &Client, kind: &str, name: &str) -> Result<u8, CliError>
                     ]
                 })
                 .collect();
-            out += &if rows.is_empty() {
-                "  <none>\n".to_string()
-            } else {
-                indent(&render(&["NAME", "NOW", "BASELINE", "OUTPUT"], &rows))
-            };
+            out += &section(&["NAME", "NOW", "BASELINE", "OUTPUT"], &rows);
             if let Some(host) = &report.host {
                 out += "Host:\n";
                 out += &format!(

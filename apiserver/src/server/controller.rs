@@ -531,9 +531,7 @@ impl Controller {
             kind: "DesiredState",
             name: name.to_string(),
         })?;
-        let mut object = (**object).clone();
-        object.status.selected_nodes = self.count_selected(&object)?;
-        Ok(object)
+        Ok(with_selected(object, &self.list_nodes_raw()?))
     }
 
     /// Every DesiredState, by name.
@@ -543,23 +541,8 @@ impl Controller {
         Ok(cache
             .states
             .values()
-            .map(|object| {
-                let mut object = (**object).clone();
-                object.status.selected_nodes = nodes
-                    .iter()
-                    .filter(|n| object.spec.selector.matches(&n.object.metadata.labels))
-                    .count() as u64;
-                object
-            })
+            .map(|object| with_selected(object, &nodes))
             .collect())
-    }
-
-    fn count_selected(&self, object: &DesiredStateObject) -> Result<u64, ApiError> {
-        Ok(self
-            .list_nodes_raw()?
-            .iter()
-            .filter(|n| object.spec.selector.matches(&n.object.metadata.labels))
-            .count() as u64)
     }
 
     /// Every revision of a DesiredState, oldest first.
@@ -665,10 +648,9 @@ impl Controller {
     /// True when `token` is the node token of `name` (compared in constant time).
     pub fn node_token_matches(&self, name: &str, token: &str) -> Result<bool, ApiError> {
         use subtle::ConstantTimeEq;
-        let Some(bytes) = self.store.get(Table::Nodes, name.as_bytes())? else {
+        let Some(stored) = self.find_node(name)? else {
             return Ok(false);
         };
-        let stored: StoredNode = decode(Table::Nodes, name.as_bytes(), &bytes)?;
         let presented = sha256_hex(token);
         Ok(bool::from(
             presented.as_bytes().ct_eq(stored.token_sha256.as_bytes()),
@@ -779,17 +761,25 @@ impl Controller {
         Ok(node)
     }
 
+    /// A node's stored record, if it is registered.
+    fn find_node(&self, name: &str) -> Result<Option<StoredNode>, StoreError> {
+        self.store
+            .get(Table::Nodes, name.as_bytes())?
+            .map(|bytes| decode(Table::Nodes, name.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// A node's stored record, or 404.
+    fn stored_node(&self, name: &str) -> Result<StoredNode, ApiError> {
+        self.find_node(name)?.ok_or_else(|| ApiError::NotFound {
+            kind: "Node",
+            name: name.to_string(),
+        })
+    }
+
     /// One node with its conditions.
     pub fn get_node(&self, name: &str) -> Result<NodeObject, ApiError> {
-        let bytes = self
-            .store
-            .get(Table::Nodes, name.as_bytes())?
-            .ok_or_else(|| ApiError::NotFound {
-                kind: "Node",
-                name: name.to_string(),
-            })?;
-        let stored: StoredNode = decode(Table::Nodes, name.as_bytes(), &bytes)?;
-        self.decorate(stored.object, SystemTime::now())
+        self.decorate(self.stored_node(name)?.object, SystemTime::now())
     }
 
     /// Every node with its conditions, by name.
@@ -869,15 +859,7 @@ impl Controller {
 
     /// What `node` should run now.
     pub fn assignment(&self, node: &str) -> Result<NodeAssignment, ApiError> {
-        let bytes = self
-            .store
-            .get(Table::Nodes, node.as_bytes())?
-            .ok_or_else(|| ApiError::NotFound {
-                kind: "Node",
-                name: node.to_string(),
-            })?;
-        let stored: StoredNode = decode(Table::Nodes, node.as_bytes(), &bytes)?;
-        Ok(self.assignment_for(&stored.object))
+        Ok(self.assignment_for(&self.stored_node(node)?.object))
     }
 
     fn assignment_for(&self, node: &NodeObject) -> NodeAssignment {
@@ -1292,7 +1274,8 @@ impl Controller {
         self.refresh()?;
         self.bump_epoch();
         self.publish(Kind::Rollout, ChangeType::Modified, name, &rollout);
-        if update.last_good.is_some() {
+        // Counting selected nodes reads every node: only for watchers that will see it.
+        if update.last_good.is_some() && self.changes.receiver_count() > 0 {
             if let Ok(state) = self.get_desired_state(name) {
                 self.publish(Kind::DesiredState, ChangeType::Modified, name, &state);
             }
@@ -1461,6 +1444,16 @@ impl Controller {
         }
         Ok(summary)
     }
+}
+
+/// A stored DesiredState with the number of nodes its selector picks among `nodes`.
+fn with_selected(object: &DesiredStateObject, nodes: &[StoredNode]) -> DesiredStateObject {
+    let mut object = object.clone();
+    object.status.selected_nodes = nodes
+        .iter()
+        .filter(|n| object.spec.selector.matches(&n.object.metadata.labels))
+        .count() as u64;
+    object
 }
 
 fn format_labels(labels: &BTreeMap<String, String>) -> String {
