@@ -81,10 +81,36 @@ pub async fn run_in<S: AsRef<OsStr>>(
     cwd: Option<&Path>,
     limit: Duration,
 ) -> Result<Output, CommandError> {
+    run_full(program, args, env, cwd, None, limit).await
+}
+
+/// `run` with `input` on standard input (`dpkg --set-selections` reads its orders there).
+pub async fn run_with_input<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    env: &[(&str, &str)],
+    input: Vec<u8>,
+    limit: Duration,
+) -> Result<Output, CommandError> {
+    run_full(program, args, env, None, Some(input), limit).await
+}
+
+async fn run_full<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    env: &[(&str, &str)],
+    cwd: Option<&Path>,
+    input: Option<Vec<u8>>,
+    limit: Duration,
+) -> Result<Output, CommandError> {
     let mut command = Command::new(program);
     command
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -94,10 +120,18 @@ pub async fn run_in<S: AsRef<OsStr>>(
     if let Some(cwd) = cwd {
         command.current_dir(cwd);
     }
-    let child = command.spawn().map_err(|source| CommandError::Spawn {
+    let mut child = command.spawn().map_err(|source| CommandError::Spawn {
         program: program.to_string(),
         source,
     })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // Written beside the wait: a program that prints before it has read everything must
+        // not block on a full pipe. Dropping stdin at the end is the end of input.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&input).await;
+        });
+    }
     let output = match tokio::time::timeout(limit, child.wait_with_output()).await {
         Ok(result) => result.map_err(|source| CommandError::Spawn {
             program: program.to_string(),
@@ -158,6 +192,20 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, CommandError::Spawn { .. }));
+    }
+
+    #[tokio::test]
+    async fn input_reaches_standard_input() {
+        let out = run_with_input(
+            "sh",
+            &["-c", "read line; echo \"got $line\""],
+            &[],
+            b"hold\n".to_vec(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.stdout.trim(), "got hold");
     }
 
     #[test]

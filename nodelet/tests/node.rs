@@ -1,6 +1,7 @@
 //! The nodelet against a real apiserver, with real processes and a real dpkg in sandbox roots.
 
 mod support;
+mod vm;
 
 use std::time::Duration;
 

@@ -68,7 +68,7 @@ impl DriverBackend {
         }
         Some(
             std::fs::read_to_string(dir.join("version"))
-                .map(|v| v.trim().to_string())
+                .map(|v| canonical_version(v.trim()))
                 .unwrap_or_else(|_| "unknown".into()),
         )
     }
@@ -116,6 +116,23 @@ impl DriverBackend {
             ))),
             None => Err(BackendError::Invalid(format!("module {module} is not loaded after modprobe"))),
         }
+    }
+}
+
+/// The version a module reports, as manifests write it: modules commonly say
+/// `MODULE_VERSION("1.0")`, manifests pin drivers with semantic versions (`1.0.0`), so a
+/// numeric version of one or two parts is padded with `.0`. Anything else is kept as it is.
+pub fn canonical_version(loaded: &str) -> String {
+    let parts: Vec<&str> = loaded.split('.').collect();
+    let numeric = parts
+        .iter()
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if numeric && parts.len() < 3 {
+        let mut padded = parts;
+        padded.resize(3, "0");
+        padded.join(".")
+    } else {
+        loaded.to_string()
     }
 }
 
@@ -225,6 +242,7 @@ impl Backend for DriverBackend {
 
     fn log_tail(&self, _component: &Component) -> Vec<String> {
         // The kernel log is where a module explains itself.
+        // (dmesg is synchronous here: this is only called to build a failure report.)
         std::process::Command::new("dmesg")
             .arg("--ctime")
             .output()
@@ -234,5 +252,22 @@ impl Backend for DriverBackend {
                 lines[lines.len().saturating_sub(10)..].to_vec()
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_version;
+
+    #[test]
+    fn module_versions_read_as_manifests_write_them() {
+        assert_eq!(canonical_version("1.0"), "1.0.0");
+        assert_eq!(canonical_version("1"), "1.0.0");
+        assert_eq!(canonical_version("1.1.0"), "1.1.0");
+        // Not numeric, or already longer: as the module says it.
+        assert_eq!(canonical_version("5.1.0-k"), "5.1.0-k");
+        assert_eq!(canonical_version("2.1.0.2"), "2.1.0.2");
+        assert_eq!(canonical_version("1.0-rc1"), "1.0-rc1");
+        assert_eq!(canonical_version(""), "");
     }
 }

@@ -1,5 +1,7 @@
 //! Packages: dpkg for `.deb` artifacts, apt-get for repository versions, every
-//! installed `.deb` kept so a revert needs no network.
+//! installed `.deb` kept so a revert needs no network. A managed package is put on hold
+//! (dpkg's selection), so an operator's `apt-get upgrade` does not move a pinned version
+//! behind shoal's back; shoal itself overrides the hold when the manifest changes the pin.
 //!
 //! With a sandbox root (`nodelet --root DIR`), dpkg runs with `--root`,
 //! `--admindir`, `--log` and `--force-script-chrootless`, so tests never touch
@@ -14,6 +16,7 @@ use super::{io, Backend, BackendError, Snapshot};
 use crate::command;
 
 const DPKG_LIMIT: Duration = Duration::from_secs(600);
+const APT_ENV: [(&str, &str); 1] = [("DEBIAN_FRONTEND", "noninteractive")];
 
 /// The package backend.
 pub struct PackageBackend {
@@ -59,17 +62,33 @@ impl PackageBackend {
     }
 
     fn dpkg_options(&self) -> Vec<String> {
+        // The hold is ours (see `hold`): shoal changes a pinned package on purpose.
+        let mut options = vec!["--force-hold".to_string()];
         if self.sandbox {
-            vec![
+            options.extend([
                 format!("--root={}", self.root.display()),
                 format!("--admindir={}", self.admindir().display()),
                 format!("--log={}", self.root.join("var/log/dpkg.log").display()),
                 "--force-script-chrootless".into(),
                 "--force-not-root".into(),
-            ]
-        } else {
-            vec![]
+            ]);
         }
+        options
+    }
+
+    /// Sets dpkg's selection for `package` (`hold` pins it; `install` releases it).
+    async fn select(&self, package: &str, selection: &str) -> Result<(), BackendError> {
+        let mut args = self.dpkg_options();
+        args.push("--set-selections".into());
+        command::run_with_input(
+            "dpkg",
+            &args,
+            &[],
+            format!("{package} {selection}\n").into_bytes(),
+            DPKG_LIMIT,
+        )
+        .await?;
+        Ok(())
     }
 
     fn package_name<'a>(&self, component: &'a Component) -> &'a str {
@@ -207,17 +226,30 @@ impl Backend for PackageBackend {
                     )));
                 }
                 let pin = format!("{package}={version}");
+                // The version may have been published after apt last read its lists. A source
+                // that cannot be read is not fatal here: the install says whether the version
+                // is known.
+                if let Err(e) =
+                    command::run("apt-get", &["update", "-q"], &APT_ENV, DPKG_LIMIT).await
+                {
+                    tracing::warn!(error = %e, "apt-get update failed; installing from the lists apt has");
+                }
                 command::run(
                     "apt-get",
                     &[
                         "install",
                         "-y",
+                        "-q",
+                        "--no-install-recommends",
                         "--allow-downgrades",
+                        "--allow-change-held-packages",
                         "-o",
                         "Dpkg::Options::=--force-confold",
+                        "-o",
+                        "Dpkg::Options::=--force-hold",
                         pin.as_str(),
                     ],
-                    &[("DEBIAN_FRONTEND", "noninteractive")],
+                    &APT_ENV,
                     DPKG_LIMIT,
                 )
                 .await?;
@@ -229,7 +261,7 @@ impl Backend for PackageBackend {
             }
         }
         match self.installed_version(package).await? {
-            Some(installed) if installed == version => Ok(()),
+            Some(installed) if installed == version => self.select(package, "hold").await,
             other => Err(BackendError::Invalid(format!(
                 "after installing, dpkg reports {package} at {} instead of {version}; is the artifact the version the manifest pins?",
                 other.as_deref().unwrap_or("nothing")
@@ -241,6 +273,8 @@ impl Backend for PackageBackend {
         let package = self.package_name(component);
         if self.installed_version(package).await?.is_some() {
             self.dpkg(&["--remove", package]).await?;
+            // A removed package keeps its selection; release it so apt may install it again.
+            self.select(package, "install").await?;
         }
         Ok(())
     }
@@ -260,7 +294,8 @@ impl Backend for PackageBackend {
                 if self.installed_version(package).await?.as_deref() == Some(version) {
                     return Ok(());
                 }
-                self.install_deb(package, deb).await
+                self.install_deb(package, deb).await?;
+                self.select(package, "hold").await
             }
             Snapshot::Package { version, deb: None } => {
                 let mut previous = component.clone();

@@ -73,6 +73,30 @@ impl ServiceBackend {
         self.service_dir(name).join("current")
     }
 
+    /// Where the settings a version was last started with are kept: a revert restarts the old
+    /// version with its own exec and env, not the new manifest's (systemd forgets them once the
+    /// unit is rewritten, and the supervisor forgets them when the nodelet restarts).
+    fn settings_path(&self, name: &str, version: &str) -> PathBuf {
+        self.service_dir(name)
+            .join(format!(".{version}.settings.json"))
+    }
+
+    fn record_settings(
+        &self,
+        name: &str,
+        version: &str,
+        settings: &ServiceSettings,
+    ) -> Result<(), BackendError> {
+        let path = self.settings_path(name, version);
+        let json = serde_json::to_vec(settings).expect("settings serialize");
+        crate::journal::write_atomic(&path, &json).map_err(io(&path))
+    }
+
+    fn recorded_settings(&self, name: &str, version: &str) -> Option<ServiceSettings> {
+        let bytes = std::fs::read(self.settings_path(name, version)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     fn current_version(&self, name: &str) -> Option<String> {
         let target = std::fs::read_link(self.current_link(name)).ok()?;
         target.file_name().map(|n| n.to_string_lossy().into_owned())
@@ -122,6 +146,7 @@ impl ServiceBackend {
         settings: &ServiceSettings,
     ) -> Result<(), BackendError> {
         let spec = self.run_spec(name, version, settings)?;
+        self.record_settings(name, version, settings)?;
         match &self.runner {
             Runner::Supervisor(supervisor) => supervisor.start(spec).await,
             Runner::Systemd { unit_dir } => {
@@ -229,6 +254,9 @@ impl ServiceBackend {
         versions.sort();
         let excess = versions.len().saturating_sub(self.keep - 1);
         for (_, path) in versions.into_iter().take(excess) {
+            if let Some(version) = path.file_name() {
+                let _ = std::fs::remove_file(self.settings_path(name, &version.to_string_lossy()));
+            }
             let _ = std::fs::remove_dir_all(path);
         }
     }
@@ -289,22 +317,28 @@ impl Backend for ServiceBackend {
         let Some(version) = self.current_version(&component.name) else {
             return Ok(Snapshot::Absent);
         };
-        // How it runs now: the supervisor knows; with systemd, the settings of the
-        // manifest that put it there are recorded by the agent (see `managed`).
-        let settings = match self.supervisor() {
-            Some(supervisor) => {
-                supervisor
-                    .spec(&component.name)
-                    .await
-                    .map(|spec| ServiceSettings {
-                        exec: std::iter::once(spec.program.display().to_string())
-                            .chain(spec.args)
-                            .collect(),
-                        env: spec.env,
-                        start_seconds: component.service.as_ref().map_or(2, |s| s.start_seconds),
-                    })
-            }
-            None => None,
+        // How it runs now: as it was last started (recorded beside the version); for a version
+        // put there before settings were recorded, the supervisor's memory or the manifest.
+        let settings = match self.recorded_settings(&component.name, &version) {
+            Some(settings) => Some(settings),
+            None => match self.supervisor() {
+                Some(supervisor) => {
+                    supervisor
+                        .spec(&component.name)
+                        .await
+                        .map(|spec| ServiceSettings {
+                            exec: std::iter::once(spec.program.display().to_string())
+                                .chain(spec.args)
+                                .collect(),
+                            env: spec.env,
+                            start_seconds: component
+                                .service
+                                .as_ref()
+                                .map_or(2, |s| s.start_seconds),
+                        })
+                }
+                None => None,
+            },
         };
         let settings = settings
             .or_else(|| component.service.clone())

@@ -402,9 +402,19 @@ pub fn sha256(path: &Path) -> String {
 
 /// The demo service packaged as `demo-<version>.tar.gz`: the binary, VERSION, and the fault switch.
 pub fn demo_tarball(dir: &Path, version: &str, fail_after: Option<u64>) -> (String, String) {
+    demo_tarball_of(&bin("demo-service"), dir, version, fail_after)
+}
+
+/// `demo_tarball` with a given demo-service binary (the VM test packages a stripped one).
+pub fn demo_tarball_of(
+    program: &Path,
+    dir: &Path,
+    version: &str,
+    fail_after: Option<u64>,
+) -> (String, String) {
     let staging = dir.join(format!("stage-{version}"));
     std::fs::create_dir_all(staging.join("bin")).unwrap();
-    std::fs::copy(bin("demo-service"), staging.join("bin/demo-service")).unwrap();
+    std::fs::copy(program, staging.join("bin/demo-service")).unwrap();
     std::fs::write(staging.join("VERSION"), format!("{version}\n")).unwrap();
     if let Some(seconds) = fail_after {
         std::fs::write(
