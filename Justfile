@@ -10,6 +10,10 @@ demo:
 test:
     scripts/test
 
+# The real-node test: nodelet as a systemd service in a bookworm VM (root, /dev/kvm; docs/vm-test.md).
+vm-test:
+    scripts/vm-test
+
 # Formatting and lints, as CI runs them.
 lint:
     cargo fmt --all --check

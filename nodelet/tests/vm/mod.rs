@@ -315,9 +315,10 @@ fn event(server: &Apiserver, ds: &str, reason: &str, revision: u64) -> Option<se
         .find(|e| e["reason"] == reason && e["revision"] == revision && e["desiredState"] == ds)
 }
 
-/// Waits for the node's report of a revision to end Healthy (baked) or Reverted.
+/// Waits for the node's report of a revision to end Healthy (baked) or Reverted, then for the
+/// rollout to agree: Complete after a bake, RolledBack to the previous revision after a revert.
 fn wait_outcome(server: &Apiserver, ds: &str, revision: u64) -> (String, serde_json::Value) {
-    wait_for(
+    let (outcome, event) = wait_for(
         STEP,
         &format!("{ds} revision {revision} to bake or revert"),
         || {
@@ -327,7 +328,31 @@ fn wait_outcome(server: &Apiserver, ds: &str, revision: u64) -> (String, serde_j
                     event(server, ds, reason, revision).map(|e| (reason.to_string(), e))
                 })
         },
-    )
+    );
+    let phase = if outcome == "Baked" {
+        "Complete"
+    } else {
+        "RolledBack"
+    };
+    let rollout = wait_for(STEP, &format!("the {ds} rollout to be {phase}"), || {
+        server
+            .rollout(ds)
+            .filter(|r| r["spec"]["revision"] == revision && r["status"]["phase"] == phase)
+    });
+    if outcome == "Reverted" {
+        let message = event["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains(&format!("reverted to revision {}", revision - 1)),
+            "the node went back to the revision before: {message}"
+        );
+        assert_eq!(
+            server.get(&format!("/api/v1/desiredstates/{ds}")).unwrap()["status"]
+                ["lastGoodRevision"],
+            revision - 1,
+            "{rollout}"
+        );
+    }
+    (outcome, event)
 }
 
 #[test]
@@ -353,7 +378,7 @@ fn install_nodelet(vm: &Vm, server: &Apiserver, nodelet: &Path) {
     vm.copy_in(nodelet, "/usr/local/bin/nodelet");
     let unit = format!(
         "[Unit]\nDescription=shoal nodelet\nAfter=network-online.target\n\n[Service]\n\
-         ExecStart=/usr/local/bin/nodelet --server http://{HOST_FROM_GUEST}:{port} --join-token {JOIN} --name {NODE} --labels role=vm\n\
+         ExecStart=/usr/local/bin/nodelet --server http://{HOST_FROM_GUEST}:{port} --join-token {JOIN} --name {NODE} --labels role=vm --heartbeat-seconds 1\n\
          Environment=RUST_LOG=info\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n",
         port = server.port
     );
