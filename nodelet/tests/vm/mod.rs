@@ -628,7 +628,9 @@ fn package_scenario(vm: &Vm, server: &Apiserver, debs: &Path) {
 
     // The pin holds against the operator's own apt: 1.1-1 is published, `apt-get upgrade` keeps 1.0-1.
     publish("1.1-1", true);
-    let upgrade = vm.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y 2>&1 | grep -i -A1 'held back' || true");
+    let upgrade = vm.run(
+        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y 2>&1 | grep -E 'kept back|upgraded,|^ +shoal-hello' || true",
+    );
     println!(
         "  apt-get upgrade with 1.1-1 published: {}",
         upgrade.replace('\n', " ")
