@@ -181,6 +181,8 @@ fn a_deb_is_installed_upgraded_downgraded_and_reverted_in_a_dpkg_sandbox() {
             dpkg_version(&root, "shoal-demo-pkg").as_deref(),
             Some(version)
         );
+        // Held, so that an `apt-get upgrade` on the node leaves the pinned version alone.
+        assert!(dpkg_held(&root, "shoal-demo-pkg"), "{version} is held");
     }
     // Drift: someone installs 1.1-1 by hand; the node puts 1.0-1 back and says so.
     let output = std::process::Command::new("dpkg")

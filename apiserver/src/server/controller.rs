@@ -122,6 +122,9 @@ pub struct Controller {
     changes: broadcast::Sender<Change>,
     epoch: watch::Sender<u64>,
     cache: RwLock<Arc<Cache>>,
+    /// Held for writing from a rollout decision's commit until the cache shows it, and for
+    /// reading by rollout reads: a client that sees a wave started also sees its assignments.
+    rollout_gate: RwLock<()>,
     live: Mutex<Live>,
 }
 
@@ -168,6 +171,7 @@ impl Controller {
             changes,
             epoch,
             cache: RwLock::new(Arc::new(Cache::default())),
+            rollout_gate: RwLock::new(()),
             live: Mutex::new(Live::default()),
         });
         controller.refresh()?;
@@ -1085,6 +1089,7 @@ impl Controller {
 
     /// One rollout.
     pub fn get_rollout(&self, name: &str) -> Result<RolloutObject, ApiError> {
+        let _visible = self.rollout_gate.read().expect("not poisoned");
         let bytes = self
             .store
             .get(Table::Rollouts, name.as_bytes())?
@@ -1097,6 +1102,7 @@ impl Controller {
 
     /// Every rollout, by name.
     pub fn list_rollouts(&self) -> Result<Vec<RolloutObject>, ApiError> {
+        let _visible = self.rollout_gate.read().expect("not poisoned");
         self.store
             .scan_prefix(Table::Rollouts, b"")?
             .into_iter()
@@ -1210,6 +1216,7 @@ impl Controller {
             .collect();
         let mut rollout = update.rollout.clone();
         rollout.metadata.resource_version = version.clone();
+        let visible = self.rollout_gate.write().expect("not poisoned");
         let events = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
             // Another writer (pause, undo) got there first: decide again next tick.
             let stored: Option<RolloutObject> = get_json(txn, Table::Rollouts, name.as_bytes())?;
@@ -1272,6 +1279,7 @@ impl Controller {
         };
         self.store.flush()?;
         self.refresh()?;
+        drop(visible);
         self.bump_epoch();
         self.publish(Kind::Rollout, ChangeType::Modified, name, &rollout);
         // Counting selected nodes reads every node: only for watchers that will see it.

@@ -478,6 +478,18 @@ pub fn deb(dir: &Path, name: &str, version: &str, healthy: bool) -> (String, Str
 
 /// The installed version of a package in a sandbox root, read with dpkg-query.
 pub fn dpkg_version(root: &Path, package: &str) -> Option<String> {
+    let (status, version) = dpkg_query(root, package)?;
+    // `ii` or `hi`: installed, whether or not the nodelet holds it against `apt-get upgrade`.
+    (status.get(1..2) == Some("i")).then_some(version)
+}
+
+/// Whether `package` is selected `hold` in the sandbox's dpkg database.
+pub fn dpkg_held(root: &Path, package: &str) -> bool {
+    dpkg_query(root, package).is_some_and(|(status, _)| status.starts_with('h'))
+}
+
+/// `(db:Status-Abbrev, Version)` of `package` in the dpkg database under `root`.
+fn dpkg_query(root: &Path, package: &str) -> Option<(String, String)> {
     let output = Command::new("dpkg-query")
         .args([
             &format!("--admindir={}", root.join("var/lib/dpkg").display()),
@@ -489,7 +501,7 @@ pub fn dpkg_version(root: &Path, package: &str) -> Option<String> {
         .ok()?;
     let text = String::from_utf8_lossy(&output.stdout).to_string();
     let (status, version) = text.split_once('|')?;
-    status.starts_with("ii").then(|| version.to_string())
+    Some((status.to_string(), version.to_string()))
 }
 
 /// GET a URL's body, if it answers 200.
