@@ -1,7 +1,10 @@
 //! Packages: dpkg for `.deb` artifacts, apt-get for repository versions, every
 //! installed `.deb` kept so a revert needs no network. A managed package is put on hold
 //! (dpkg's selection), so an operator's `apt-get upgrade` does not move a pinned version
-//! behind shoal's back; shoal itself overrides the hold when the manifest changes the pin.
+//! behind shoal's back; shoal releases its own hold to change the pin, and nothing else's
+//! (apt still refuses to move other held packages). dpkg's removal drops the hold. A package
+//! that leaves every manifest stays installed and held: shoal does not know what the
+//! operator's selection was before it took the package over.
 //!
 //! With a sandbox root (`nodelet --root DIR`), dpkg runs with `--root`,
 //! `--admindir`, `--log` and `--force-script-chrootless`, so tests never touch
@@ -16,6 +19,8 @@ use super::{io, Backend, BackendError, Snapshot};
 use crate::command;
 
 const DPKG_LIMIT: Duration = Duration::from_secs(600);
+/// Reading package lists: a slow mirror must not hold an install (or a revert) for ten minutes.
+const APT_UPDATE_LIMIT: Duration = Duration::from_secs(120);
 const APT_ENV: [(&str, &str); 1] = [("DEBIAN_FRONTEND", "noninteractive")];
 
 /// The package backend.
@@ -76,7 +81,8 @@ impl PackageBackend {
         options
     }
 
-    /// Sets dpkg's selection for `package` (`hold` pins it; `install` releases it).
+    /// Sets dpkg's selection for `package` (`hold` pins it; `install` releases it), and checks
+    /// that dpkg took it: `--set-selections` only warns about a package it does not know.
     async fn select(&self, package: &str, selection: &str) -> Result<(), BackendError> {
         let mut args = self.dpkg_options();
         args.push("--set-selections".into());
@@ -88,6 +94,85 @@ impl PackageBackend {
             DPKG_LIMIT,
         )
         .await?;
+        let admindir = format!("--admindir={}", self.admindir().display());
+        let want = command::run(
+            "dpkg-query",
+            &[admindir.as_str(), "-W", "-f=${db:Status-Want}", package],
+            &[],
+            DPKG_LIMIT,
+        )
+        .await?;
+        if want.stdout.trim() != selection {
+            return Err(BackendError::Invalid(format!(
+                "dpkg did not take the selection `{selection}` for {package}: it says `{}`",
+                want.stdout.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that dpkg now has `package` at `version`, and holds it there.
+    async fn hold_at(&self, package: &str, version: &str) -> Result<(), BackendError> {
+        match self.installed_version(package).await? {
+            Some(installed) if installed == version => self.select(package, "hold").await,
+            other => Err(BackendError::Invalid(format!(
+                "after installing, dpkg reports {package} at {} instead of {version}; is the artifact the version the manifest pins?",
+                other.as_deref().unwrap_or("nothing")
+            ))),
+        }
+    }
+
+    /// `apt-get install package=version`. `refresh` reads the package lists first: a new pin may
+    /// have been published after apt last read them; a revert goes back to a version apt knew.
+    async fn apt_install(
+        &self,
+        package: &str,
+        version: &str,
+        refresh: bool,
+    ) -> Result<(), BackendError> {
+        if refresh {
+            // A source that cannot be read is not fatal: the install says whether the version is known.
+            if let Err(e) =
+                command::run("apt-get", &["update", "-q"], &APT_ENV, APT_UPDATE_LIMIT).await
+            {
+                tracing::warn!(error = %e, "apt-get update failed; installing from the lists apt has");
+            }
+        }
+        // Release our own hold, and only ours: apt must still refuse to move a package that
+        // the operator holds (no --allow-change-held-packages).
+        let held = self.installed_version(package).await?.is_some();
+        if held {
+            self.select(package, "install").await?;
+        }
+        let pin = format!("{package}={version}");
+        let installed = command::run(
+            "apt-get",
+            &[
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "--allow-downgrades",
+                "-o",
+                "Dpkg::Options::=--force-confold",
+                pin.as_str(),
+            ],
+            &APT_ENV,
+            DPKG_LIMIT,
+        )
+        .await;
+        if let Err(e) = installed {
+            if held {
+                // Nothing changed: pin the version that is still there again.
+                let _ = self.select(package, "hold").await;
+            }
+            return Err(e.into());
+        }
+        // Keep apt's .deb so a later revert needs no network.
+        if let Some(deb) = self.find_deb(package, version) {
+            std::fs::create_dir_all(&self.debs).map_err(io(&self.debs))?;
+            let _ = std::fs::copy(&deb, self.kept_deb(package, version));
+        }
         Ok(())
     }
 
@@ -225,56 +310,17 @@ impl Backend for PackageBackend {
                         "package {package} has no artifact: installing from apt needs the real root (--root /); give a .deb artifact in sandbox roots"
                     )));
                 }
-                let pin = format!("{package}={version}");
-                // The version may have been published after apt last read its lists. A source
-                // that cannot be read is not fatal here: the install says whether the version
-                // is known.
-                if let Err(e) =
-                    command::run("apt-get", &["update", "-q"], &APT_ENV, DPKG_LIMIT).await
-                {
-                    tracing::warn!(error = %e, "apt-get update failed; installing from the lists apt has");
-                }
-                command::run(
-                    "apt-get",
-                    &[
-                        "install",
-                        "-y",
-                        "-q",
-                        "--no-install-recommends",
-                        "--allow-downgrades",
-                        "--allow-change-held-packages",
-                        "-o",
-                        "Dpkg::Options::=--force-confold",
-                        "-o",
-                        "Dpkg::Options::=--force-hold",
-                        pin.as_str(),
-                    ],
-                    &APT_ENV,
-                    DPKG_LIMIT,
-                )
-                .await?;
-                // Keep apt's .deb so a later revert needs no network.
-                if let Some(deb) = self.find_deb(package, version) {
-                    std::fs::create_dir_all(&self.debs).map_err(io(&self.debs))?;
-                    let _ = std::fs::copy(&deb, self.kept_deb(package, version));
-                }
+                self.apt_install(package, version, true).await?;
             }
         }
-        match self.installed_version(package).await? {
-            Some(installed) if installed == version => self.select(package, "hold").await,
-            other => Err(BackendError::Invalid(format!(
-                "after installing, dpkg reports {package} at {} instead of {version}; is the artifact the version the manifest pins?",
-                other.as_deref().unwrap_or("nothing")
-            ))),
-        }
+        self.hold_at(package, version).await
     }
 
     async fn remove(&self, component: &Component) -> Result<(), BackendError> {
         let package = self.package_name(component);
         if self.installed_version(package).await?.is_some() {
+            // dpkg's removal also drops the hold: the selection becomes `deinstall` (`rc`).
             self.dpkg(&["--remove", package]).await?;
-            // A removed package keeps its selection; release it so apt may install it again.
-            self.select(package, "install").await?;
         }
         Ok(())
     }
@@ -295,13 +341,18 @@ impl Backend for PackageBackend {
                     return Ok(());
                 }
                 self.install_deb(package, deb).await?;
-                self.select(package, "hold").await
+                self.hold_at(package, version).await
             }
             Snapshot::Package { version, deb: None } => {
-                let mut previous = component.clone();
-                previous.version = Some(version.clone());
-                previous.artifact = None;
-                self.apply(&previous, None).await
+                if self.sandbox {
+                    return Err(BackendError::Invalid(format!(
+                        "package {package}: no .deb of {version} is kept, and a sandbox root cannot install from apt"
+                    )));
+                }
+                if self.installed_version(package).await?.as_deref() != Some(version) {
+                    self.apt_install(package, version, false).await?;
+                }
+                self.hold_at(package, version).await
             }
             other => Err(BackendError::Invalid(format!(
                 "package {package}: cannot restore {other:?}"

@@ -146,7 +146,12 @@ impl ServiceBackend {
         settings: &ServiceSettings,
     ) -> Result<(), BackendError> {
         let spec = self.run_spec(name, version, settings)?;
-        self.record_settings(name, version, settings)?;
+        // Recorded before the start, so a crash right after it still leaves the record. Not
+        // fatal: a revert must not fail on a full disk; without a record, a later snapshot
+        // falls back to the supervisor's memory or the manifest.
+        if let Err(e) = self.record_settings(name, version, settings) {
+            tracing::warn!(service = name, version, error = %e, "could not record the settings this version starts with");
+        }
         match &self.runner {
             Runner::Supervisor(supervisor) => supervisor.start(spec).await,
             Runner::Systemd { unit_dir } => {
@@ -263,16 +268,20 @@ impl ServiceBackend {
 
     /// Starts a service that should run but does not (after a reboot or a nodelet restart).
     pub async fn ensure_running(&self, component: &Component) -> Result<bool, BackendError> {
-        let (Some(version), Some(settings)) = (
-            self.current_version(&component.name),
-            component.service.as_ref(),
-        ) else {
+        let Some(version) = self.current_version(&component.name) else {
+            return Ok(false);
+        };
+        // As the current version last ran: after a revert that is not the manifest's version.
+        let Some(settings) = self
+            .recorded_settings(&component.name, &version)
+            .or_else(|| component.service.clone())
+        else {
             return Ok(false);
         };
         if self.running(&component.name).await {
             return Ok(false);
         }
-        self.start(&component.name, &version, settings).await?;
+        self.start(&component.name, &version, &settings).await?;
         Ok(true)
     }
 }
@@ -463,6 +472,66 @@ impl Backend for ServiceBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn component(version: &str, tag: &str) -> Component {
+        serde_json::from_value(serde_json::json!({
+            "name": "svc",
+            "kind": "service",
+            "version": version,
+            "service": {"exec": ["bin/run", tag], "env": {"TAG": tag}, "startSeconds": 1},
+        }))
+        .unwrap()
+    }
+
+    fn unpack(backend: &ServiceBackend, version: &str) {
+        let bin = backend.version_dir("svc", version).join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let run = bin.join("run");
+        std::fs::write(&run, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// After a nodelet restart (a new supervisor that remembers nothing), a revert still starts
+    /// the old version with its own arguments and environment, not the new manifest's.
+    #[tokio::test]
+    async fn a_revert_after_a_restart_starts_the_old_version_as_it_ran() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = Arc::new(Supervisor::new(&tmp.path().join("s1")));
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(first.clone()), 3);
+        unpack(&backend, "1.0.0");
+        unpack(&backend, "1.1.0");
+        backend
+            .apply(&component("1.0.0", "one"), None)
+            .await
+            .unwrap();
+        first.stop("svc").await;
+
+        let second = Arc::new(Supervisor::new(&tmp.path().join("s2")));
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(second.clone()), 3);
+        let new = component("1.1.0", "two");
+        let snapshot = backend.snapshot(&new).await.unwrap();
+        let Snapshot::Service { version, settings } = &snapshot else {
+            panic!("{snapshot:?}");
+        };
+        assert_eq!(version, "1.0.0");
+        assert_eq!(settings.exec, vec!["bin/run", "one"]);
+        assert_eq!(settings.env.get("TAG").map(String::as_str), Some("one"));
+
+        backend.apply(&new, None).await.unwrap();
+        assert_eq!(second.spec("svc").await.unwrap().args, vec!["two"]);
+        backend.restore(&new, &snapshot).await.unwrap();
+        let running = second.spec("svc").await.unwrap();
+        assert_eq!(backend.current_version("svc").as_deref(), Some("1.0.0"));
+        assert_eq!(running.args, vec!["one"]);
+        assert_eq!(running.env.get("TAG").map(String::as_str), Some("one"));
+
+        // A restart after the revert: the manifest still says 1.1.0 "two", the node runs 1.0.0 "one".
+        second.stop("svc").await;
+        assert!(backend.ensure_running(&new).await.unwrap());
+        assert_eq!(second.spec("svc").await.unwrap().args, vec!["one"]);
+        second.stop("svc").await;
+    }
 
     #[test]
     fn pruning_keeps_the_current_and_the_revert_target() {

@@ -114,6 +114,12 @@ impl Vm {
         command
             .args(["-smp", "2", "-m", "1024", "-no-reboot", "-display", "none"])
             .args(["-monitor", "none"])
+            // scripts/vm-test kills exactly this qemu, whatever happens to the test process.
+            .arg("-pidfile")
+            .arg(
+                std::env::var_os("SHOAL_VM_PIDFILE")
+                    .unwrap_or_else(|| work.join("qemu.pid").into()),
+            )
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-kernel")
@@ -176,6 +182,8 @@ impl Vm {
                 "-o",
                 "ConnectTimeout=5",
             ])
+            // A guest that stops answering ends the command within 30 s instead of hanging it.
+            .args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6"])
             .arg("-i")
             .arg(&self.key)
             .args(["-p", &self.ssh_port.to_string(), "root@127.0.0.1"]);
@@ -329,6 +337,7 @@ fn wait_outcome(server: &Apiserver, ds: &str, revision: u64) -> (String, serde_j
                 })
         },
     );
+    assert_ne!(outcome, "Failed", "{ds} revision {revision}: {event}");
     let phase = if outcome == "Baked" {
         "Complete"
     } else {
@@ -491,14 +500,16 @@ fn build_module(image: &Image, version: &str, healthy: bool, out: &Path) -> (Str
         .arg("modules")
         .output()
         .unwrap();
+    let file = format!("shoal_demo-{version}.ko");
+    let built = output.status.success()
+        && std::fs::copy(dir.join("shoal_demo.ko"), out.join(&file)).is_ok();
+    // The cached rootfs keeps nothing of the build, failed or not.
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(
-        output.status.success(),
+        built,
         "building shoal_demo {version}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let file = format!("shoal_demo-{version}.ko");
-    std::fs::copy(dir.join("shoal_demo.ko"), out.join(&file)).unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     let sha = sha256(&out.join(&file));
     (file, sha)
 }
@@ -628,12 +639,21 @@ fn package_scenario(vm: &Vm, server: &Apiserver, debs: &Path) {
 
     // The pin holds against the operator's own apt: 1.1-1 is published, `apt-get upgrade` keeps 1.0-1.
     publish("1.1-1", true);
-    let upgrade = vm.run(
-        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y 2>&1 | grep -E 'kept back|upgraded,|^ +shoal-hello' || true",
+    vm.run("apt-get update -qq");
+    let policy = vm.run("apt-cache policy shoal-hello");
+    assert!(
+        policy.contains("Candidate: 1.1-1"),
+        "apt sees 1.1-1, so only the hold can keep 1.0-1: {policy}"
     );
-    println!(
-        "  apt-get upgrade with 1.1-1 published: {}",
-        upgrade.replace('\n', " ")
+    let upgrade = vm.run("DEBIAN_FRONTEND=noninteractive apt-get upgrade -y 2>&1");
+    let summary = upgrade
+        .lines()
+        .find(|l| l.contains("upgraded,"))
+        .unwrap_or("");
+    println!("  apt-get upgrade with 1.1-1 the candidate: {summary}");
+    assert!(
+        summary.starts_with("0 upgraded") && summary.contains("1 not upgraded"),
+        "apt-get upgrade kept shoal-hello back: {upgrade}"
     );
     assert_eq!(
         package_state(vm),
