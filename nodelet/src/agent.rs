@@ -72,6 +72,9 @@ pub struct Agent {
     assignment: Option<NodeAssignment>,
     probes: HashMap<(String, String), ProbeRecord>,
     installed: BTreeMap<String, Option<String>>,
+    /// Components whose inventory failed this tick (a backend error, or dpkg busy with the
+    /// package): their DesiredStates are left alone until a tick can read them.
+    unknown: std::collections::BTreeSet<String>,
     shared: Arc<Shared>,
     nodelet_version: String,
     vars: BTreeMap<String, String>,
@@ -110,6 +113,7 @@ impl Agent {
             assignment,
             probes: HashMap::new(),
             installed: BTreeMap::new(),
+            unknown: Default::default(),
             shared,
             nodelet_version: env!("CARGO_PKG_VERSION").to_string(),
             vars: BTreeMap::new(),
@@ -304,17 +308,25 @@ impl Agent {
                 .flat_map(|a| a.state.spec.components.clone()),
         );
         let mut installed = BTreeMap::new();
+        let mut unknown = std::collections::BTreeSet::new();
         for component in components {
             if installed.contains_key(&component.name) {
                 continue;
             }
-            let version = self.backends.current(&component).await.unwrap_or_else(|e| {
-                tracing::warn!(component = %component.name, error = %e, "inventory failed");
-                None
-            });
+            // A version that cannot be read is not "absent": acting on it would reinstall
+            // over whatever is going on (an operator's dpkg run, a backend error).
+            let version = match self.backends.current(&component).await {
+                Ok(version) => version,
+                Err(e) => {
+                    tracing::warn!(component = %component.name, error = %e, "inventory failed; leaving its DesiredState alone this tick");
+                    unknown.insert(component.name.clone());
+                    None
+                }
+            };
             installed.insert(component.name.clone(), version);
         }
         self.installed = installed;
+        self.unknown = unknown;
     }
 
     async fn reconcile_state(&mut self, target: &AssignedState) -> Result<(), String> {
@@ -325,6 +337,14 @@ impl Agent {
             .is_some_and(|r| r.contains(&target.revision));
         if failed {
             return Ok(()); // reverted here before: wait for a different revision
+        }
+        if target
+            .spec
+            .components
+            .iter()
+            .any(|c| self.unknown.contains(&c.name))
+        {
+            return Ok(()); // the inventory could not read it: next tick
         }
         let steps = crate::plan::steps(&target.spec.components, &self.installed);
         let applied = self.state.applied.get(&target.name);

@@ -125,6 +125,8 @@ pub struct Controller {
     /// Held for writing from a rollout decision's commit until the cache shows it, and for
     /// reading by rollout reads: a client that sees a wave started also sees its assignments.
     rollout_gate: RwLock<()>,
+    /// One refresh at a time: two interleaved ones could store the older scan last.
+    refreshing: Mutex<()>,
     live: Mutex<Live>,
 }
 
@@ -172,6 +174,7 @@ impl Controller {
             epoch,
             cache: RwLock::new(Arc::new(Cache::default())),
             rollout_gate: RwLock::new(()),
+            refreshing: Mutex::new(()),
             live: Mutex::new(Live::default()),
         });
         controller.refresh()?;
@@ -233,6 +236,7 @@ impl Controller {
 
     /// Reloads the cache of DesiredStates, revisions in use and assignments from the store.
     pub fn refresh(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.refreshing.lock().expect("not poisoned");
         let mut cache = Cache::default();
         for (key, value) in self.store.scan_prefix(Table::DesiredStates, b"")? {
             let object: DesiredStateObject = decode(Table::DesiredStates, &key, &value)?;

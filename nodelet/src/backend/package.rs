@@ -1,8 +1,8 @@
 //! Packages: dpkg for `.deb` artifacts, apt-get for repository versions, every
 //! installed `.deb` kept so a revert needs no network. A managed package is put on hold
 //! (dpkg's selection), so an operator's `apt-get upgrade` does not move a pinned version
-//! behind shoal's back; shoal releases its own hold to change the pin, and nothing else's
-//! (apt still refuses to move other held packages). dpkg's removal drops the hold. A package
+//! behind shoal's back. To change the pin shoal releases the hold on that one package, and
+//! no other (apt still refuses to move other held packages). dpkg's removal drops the hold. A package
 //! that leaves every manifest stays installed and held: shoal does not know what the
 //! operator's selection was before it took the package over.
 //!
@@ -97,12 +97,19 @@ impl PackageBackend {
         let admindir = format!("--admindir={}", self.admindir().display());
         let want = command::run(
             "dpkg-query",
-            &[admindir.as_str(), "-W", "-f=${db:Status-Want}", package],
+            &[admindir.as_str(), "-W", "-f=${db:Status-Want}\n", package],
             &[],
             DPKG_LIMIT,
         )
         .await?;
-        if want.stdout.trim() != selection {
+        // One line per installed architecture (multi-arch packages): each must have taken it.
+        let wants: Vec<&str> = want
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if wants.is_empty() || wants.iter().any(|w| *w != selection) {
             return Err(BackendError::Invalid(format!(
                 "dpkg did not take the selection `{selection}` for {package}: it says `{}`",
                 want.stdout.trim()
@@ -191,6 +198,13 @@ impl PackageBackend {
     }
 
     async fn installed_version(&self, package: &str) -> Result<Option<String>, BackendError> {
+        Ok(match self.dpkg_state(package).await? {
+            DpkgState::Installed(version) => Some(version),
+            DpkgState::Absent | DpkgState::Unfinished(_) => None,
+        })
+    }
+
+    async fn dpkg_state(&self, package: &str) -> Result<DpkgState, BackendError> {
         let admindir = format!("--admindir={}", self.admindir().display());
         match command::run(
             "dpkg-query",
@@ -207,11 +221,18 @@ impl PackageBackend {
         {
             Ok(output) => {
                 let (status, version) = output.stdout.split_once('|').unwrap_or(("", ""));
-                // "ii " installed; "hi " held; anything else (rc, un…) is not installed.
-                Ok((status.len() >= 2 && &status[1..2] == "i").then(|| version.trim().to_string()))
+                // The second letter is the package's state: `i` installed (`ii`, or `hi` held),
+                // `n`/`c` not installed (`un`, `rc`); anything else (`U` unpacked, `F`
+                // half-configured, `H` half-installed, `W`/`t` triggers) is a change in progress
+                // or one that failed half-way.
+                Ok(match status.get(1..2) {
+                    Some("i") => DpkgState::Installed(version.trim().to_string()),
+                    Some("n" | "c") | None => DpkgState::Absent,
+                    Some(_) => DpkgState::Unfinished(status.trim().to_string()),
+                })
             }
             // dpkg-query exits 1 for a package it has never heard of.
-            Err(command::CommandError::Failed { .. }) => Ok(None),
+            Err(command::CommandError::Failed { .. }) => Ok(DpkgState::Absent),
             Err(e) => Err(e.into()),
         }
     }
@@ -276,9 +297,42 @@ impl PackageBackend {
     }
 }
 
+/// A package as dpkg's database has it.
+enum DpkgState {
+    Installed(String),
+    Absent,
+    /// dpkg's status letters, for a package in the middle of (or stuck half-way through) a change.
+    Unfinished(String),
+}
+
+/// Whether a dpkg process runs on this machine (anyone's: an operator's, apt's, ours).
+fn dpkg_running() -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            && std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim() == "dpkg")
+    })
+}
+
 impl Backend for PackageBackend {
     async fn current(&self, component: &Component) -> Result<Option<String>, BackendError> {
-        self.installed_version(self.package_name(component)).await
+        let package = self.package_name(component);
+        match self.dpkg_state(package).await? {
+            DpkgState::Installed(version) => Ok(Some(version)),
+            DpkgState::Absent => Ok(None),
+            // Someone's dpkg is changing it right now: read it again when that is done.
+            DpkgState::Unfinished(status) if dpkg_running() => Err(BackendError::Invalid(format!(
+                "dpkg is changing {package} right now (status `{status}`)"
+            ))),
+            // Stuck half-way with no dpkg running: not installed, and the reconcile repairs it.
+            DpkgState::Unfinished(_) => Ok(None),
+        }
     }
 
     async fn snapshot(&self, component: &Component) -> Result<Snapshot, BackendError> {
@@ -337,10 +391,10 @@ impl Backend for PackageBackend {
                 version,
                 deb: Some(deb),
             } => {
-                if self.installed_version(package).await?.as_deref() == Some(version) {
-                    return Ok(());
+                // Already there (a failed change may have left it so): make sure it is held.
+                if self.installed_version(package).await?.as_deref() != Some(version) {
+                    self.install_deb(package, deb).await?;
                 }
-                self.install_deb(package, deb).await?;
                 self.hold_at(package, version).await
             }
             Snapshot::Package { version, deb: None } => {
@@ -369,5 +423,118 @@ impl Backend for PackageBackend {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
         lines[lines.len().saturating_sub(10)..].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// These tests run dpkg, and `current` looks for any running dpkg: one at a time.
+    static DPKG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// A `.deb` of `shoal-busy` 1.0 with the given maintainer scripts.
+    fn deb_with_scripts(dir: &Path, scripts: &[(&str, &str)]) -> PathBuf {
+        let staging = dir.join("deb");
+        std::fs::create_dir_all(staging.join("DEBIAN")).unwrap();
+        std::fs::write(
+            staging.join("DEBIAN/control"),
+            "Package: shoal-busy\nVersion: 1.0\nArchitecture: all\nMaintainer: shoal <shoal@example.invalid>\nDescription: test\n",
+        )
+        .unwrap();
+        for (name, body) in scripts {
+            use std::os::unix::fs::PermissionsExt;
+            let path = staging.join("DEBIAN").join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let deb = dir.join("shoal-busy.deb");
+        let status = std::process::Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-b"])
+            .arg(&staging)
+            .arg(&deb)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        deb
+    }
+
+    fn component() -> Component {
+        serde_json::from_value(serde_json::json!({
+            "name": "shoal-busy", "kind": "package", "version": "1.0",
+        }))
+        .unwrap()
+    }
+
+    /// While someone's dpkg is installing the package, the inventory says "cannot tell"
+    /// instead of "absent" (which would reinstall over it); once dpkg is done, the version.
+    #[tokio::test]
+    async fn a_package_dpkg_is_changing_is_unknown_not_absent() {
+        let _one_at_a_time = DPKG.lock().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let backend = PackageBackend::new(&root, &tmp.path().join("state"));
+        backend.prepare_sandbox().unwrap();
+        let deb = deb_with_scripts(tmp.path(), &[("postinst", "sleep 3")]);
+        let mut args = backend.dpkg_options();
+        args.extend(["--install".into(), deb.display().to_string()]);
+        let mut operator = std::process::Command::new("dpkg")
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let busy = loop {
+            match backend.current(&component()).await {
+                Err(e) => break e.to_string(),
+                Ok(v) => assert!(
+                    std::time::Instant::now() < deadline && v.is_none(),
+                    "never seen busy: {v:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(busy.contains("dpkg is changing shoal-busy"), "{busy}");
+        assert!(operator.wait().unwrap().success());
+        assert_eq!(
+            backend.current(&component()).await.unwrap().as_deref(),
+            Some("1.0")
+        );
+    }
+
+    /// A package left half-configured by a failed script, with no dpkg running, is not
+    /// installed: the reconcile puts the pinned version in place again.
+    #[tokio::test]
+    async fn a_package_stuck_half_way_counts_as_absent() {
+        let _one_at_a_time = DPKG.lock().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let backend = PackageBackend::new(&root, &tmp.path().join("state"));
+        backend.prepare_sandbox().unwrap();
+        let deb = deb_with_scripts(tmp.path(), &[("postinst", "exit 1")]);
+        assert!(backend
+            .dpkg(&["--install", deb.to_str().unwrap()])
+            .await
+            .is_err());
+        let DpkgState::Unfinished(status) = backend.dpkg_state("shoal-busy").await.unwrap() else {
+            panic!("expected a half-configured package");
+        };
+        assert_eq!(status.get(1..2), Some("F"), "{status}");
+        assert_eq!(backend.current(&component()).await.unwrap(), None);
+    }
+
+    /// dpkg only warns when asked to hold a package it does not know; shoal must not take
+    /// that for a hold.
+    #[tokio::test]
+    async fn a_hold_dpkg_did_not_take_is_an_error() {
+        let _one_at_a_time = DPKG.lock().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = PackageBackend::new(tmp.path(), &tmp.path().join("state"));
+        backend.prepare_sandbox().unwrap();
+        let result = backend.select("shoal-not-installed", "hold").await;
+        assert!(result.is_err(), "{result:?}");
+        let status = std::fs::read_to_string(backend.admindir().join("status")).unwrap();
+        assert!(!status.contains("shoal-not-installed"), "{status}");
     }
 }

@@ -151,6 +151,8 @@ impl ServiceBackend {
         // falls back to the supervisor's memory or the manifest.
         if let Err(e) = self.record_settings(name, version, settings) {
             tracing::warn!(service = name, version, error = %e, "could not record the settings this version starts with");
+            // An older record would be believed over the settings it really runs with now.
+            let _ = std::fs::remove_file(self.settings_path(name, version));
         }
         match &self.runner {
             Runner::Supervisor(supervisor) => supervisor.start(spec).await,

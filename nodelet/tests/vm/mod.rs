@@ -163,6 +163,10 @@ impl Vm {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // SIGKILL leaves qemu's pidfile behind: scripts/vm-test must not kill a reused pid.
+        if let Some(pidfile) = std::env::var_os("SHOAL_VM_PIDFILE") {
+            let _ = std::fs::write(pidfile, b"");
+        }
     }
 
     fn ssh_command(&self) -> Command {
