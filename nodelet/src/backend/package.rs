@@ -433,6 +433,14 @@ mod tests {
     /// These tests run dpkg, and `current` looks for any running dpkg: one at a time.
     static DPKG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+    /// A backend on an empty dpkg database in a temporary sandbox root.
+    fn sandbox() -> (tempfile::TempDir, PackageBackend) {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = PackageBackend::new(&tmp.path().join("root"), &tmp.path().join("state"));
+        backend.prepare_sandbox().unwrap();
+        (tmp, backend)
+    }
+
     /// A `.deb` of `shoal-busy` 1.0 with the given maintainer scripts.
     fn deb_with_scripts(dir: &Path, scripts: &[(&str, &str)]) -> PathBuf {
         let staging = dir.join("deb");
@@ -472,10 +480,7 @@ mod tests {
     #[tokio::test]
     async fn a_package_dpkg_is_changing_is_unknown_not_absent() {
         let _one_at_a_time = DPKG.lock().await;
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("root");
-        let backend = PackageBackend::new(&root, &tmp.path().join("state"));
-        backend.prepare_sandbox().unwrap();
+        let (tmp, backend) = sandbox();
         let deb = deb_with_scripts(tmp.path(), &[("postinst", "sleep 3")]);
         let mut args = backend.dpkg_options();
         args.extend(["--install".into(), deb.display().to_string()]);
@@ -508,10 +513,7 @@ mod tests {
     #[tokio::test]
     async fn a_package_stuck_half_way_counts_as_absent() {
         let _one_at_a_time = DPKG.lock().await;
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("root");
-        let backend = PackageBackend::new(&root, &tmp.path().join("state"));
-        backend.prepare_sandbox().unwrap();
+        let (tmp, backend) = sandbox();
         let deb = deb_with_scripts(tmp.path(), &[("postinst", "exit 1")]);
         assert!(backend
             .dpkg(&["--install", deb.to_str().unwrap()])
@@ -529,9 +531,7 @@ mod tests {
     #[tokio::test]
     async fn a_hold_dpkg_did_not_take_is_an_error() {
         let _one_at_a_time = DPKG.lock().await;
-        let tmp = tempfile::tempdir().unwrap();
-        let backend = PackageBackend::new(tmp.path(), &tmp.path().join("state"));
-        backend.prepare_sandbox().unwrap();
+        let (_tmp, backend) = sandbox();
         let result = backend.select("shoal-not-installed", "hold").await;
         assert!(result.is_err(), "{result:?}");
         let status = std::fs::read_to_string(backend.admindir().join("status")).unwrap();
