@@ -10,6 +10,9 @@
 #   vmlinuz, initrd.img, kernel-release
 #   id_ed25519   the key the tests log in with (root, over ssh on a forwarded loopback port)
 set -euo pipefail
+# Stdout carries one line, the image's folder (callers do `image=$(vm/image.sh)`); everything any
+# tool prints goes to stderr (mke2fs, for one, says "Creating regular file …" even with -q).
+exec 3>&1 1>&2
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${SHOAL_VM_CACHE:-/var/cache/shoal-vm}
@@ -18,7 +21,7 @@ key=$(sha256sum "$here/image.sh" | cut -c1-12)
 out="$cache/bookworm-$key"
 
 if [ -f "$out/ready" ]; then
-  echo "$out"
+  echo "$out" >&3
   exit 0
 fi
 
@@ -27,7 +30,7 @@ exec 9>"$cache/.lock"
 flock 9
 # Another run may have built it while this one waited for the lock.
 if [ -f "$out/ready" ]; then
-  echo "$out"
+  echo "$out" >&3
   exit 0
 fi
 
@@ -35,6 +38,7 @@ for tool in debootstrap mkfs.ext4 ssh-keygen chroot; do
   command -v "$tool" >/dev/null || { echo "vm image: $tool is missing (apt-get install debootstrap e2fsprogs openssh-client)" >&2; exit 2; }
 done
 
+# Kept if the build fails (its debootstrap.log says why); the next run starts it afresh.
 work="$cache/.building-$key"
 rm -rf "$work"
 mkdir -p "$work"
@@ -86,4 +90,4 @@ mkfs.ext4 -q -F -L shoalroot -d "$root" "$work/root.img" 4G
 touch "$work/ready"
 rm -rf "$out"
 mv "$work" "$out"
-echo "$out"
+echo "$out" >&3
