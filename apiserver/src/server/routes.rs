@@ -347,6 +347,31 @@ fn read_or_watch<T: Serialize>(
     Ok(Json(value).into_response())
 }
 
+/// [`read_or_watch`] for rollouts, whose reads run on the blocking pool: a rollout read waits
+/// while the rollout controller makes a decision durable (commit, sled flush, cache refresh), and
+/// that wait must not hold an async worker.
+async fn read_or_watch_rollouts<T: Serialize + Send + 'static>(
+    state: &AppState,
+    caller: &Caller,
+    name: Option<String>,
+    watch: bool,
+    read: impl FnOnce(&Controller) -> Result<T, ApiError> + Send + 'static,
+    items: impl FnOnce(&T) -> Vec<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    caller.viewer()?;
+    let receiver = state.controller.subscribe();
+    let controller = state.controller.clone();
+    let value = tokio::task::spawn_blocking(move || read(&controller))
+        .await
+        .expect("rollout reads do not panic")?;
+    if watch {
+        return Ok(
+            watch_stream(state, Kind::Rollout, name, receiver, items(&value)).into_response(),
+        );
+    }
+    Ok(Json(value).into_response())
+}
+
 fn one<T: Serialize>(item: &T) -> Vec<serde_json::Value> {
     to_values(std::slice::from_ref(item))
 }
@@ -538,15 +563,7 @@ async fn list_rollouts(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    read_or_watch(
-        &state,
-        &caller,
-        Kind::Rollout,
-        None,
-        q.watch,
-        |c| c.list_rollouts(),
-        many,
-    )
+    read_or_watch_rollouts(&state, &caller, None, q.watch, |c| c.list_rollouts(), many).await
 }
 
 async fn get_rollout(
@@ -555,15 +572,16 @@ async fn get_rollout(
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    read_or_watch(
+    let read_name = name.clone();
+    read_or_watch_rollouts(
         &state,
         &caller,
-        Kind::Rollout,
-        Some(name.clone()),
+        Some(name),
         q.watch,
-        |c| c.get_rollout(&name),
+        move |c| c.get_rollout(&read_name),
         one,
     )
+    .await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -601,7 +619,12 @@ async fn summary(
     caller: Caller,
 ) -> Result<Json<manifests::wire::Summary>, ApiError> {
     caller.viewer()?;
-    Ok(Json(state.controller.summary()?))
+    // The summary counts rollouts, whose reads wait out a rollout decision's flush.
+    let controller = state.controller.clone();
+    let summary = tokio::task::spawn_blocking(move || controller.summary())
+        .await
+        .expect("the summary does not panic")?;
+    Ok(Json(summary))
 }
 
 #[derive(Debug, Default, Deserialize)]
