@@ -90,4 +90,9 @@ mkfs.ext4 -q -F -L shoalroot -d "$root" "$work/root.img" 4G
 touch "$work/ready"
 rm -rf "$out"
 mv "$work" "$out"
+# Each image is about 2 GB: drop those an earlier version of this script built (still under the
+# lock, so no other run is building one).
+for stale in "$cache"/bookworm-*; do
+  [ "$stale" = "$out" ] || { echo "vm image: removing the outdated $stale" >&2; rm -rf "$stale"; }
+done
 echo "$out" >&3
