@@ -504,6 +504,26 @@ pub fn run(args: &DemoArgs) -> Result<u8, CliError> {
                 .all(|p| version_of(*p).as_deref() == Some("1.1.0")))
         },
     )?;
+    // What the services answer leads what the nodes report by up to a heartbeat: the table below
+    // shows the reports, so wait for them too.
+    story.until(
+        Duration::from_secs(30),
+        "every node to report itself healthy and converged at 1.1.0",
+        |c| {
+            Ok(c.get::<Vec<NodeObject>>("/api/v1/nodes")?.iter().all(|n| {
+                let holds = |kind| {
+                    resources::condition(n, kind).is_some_and(|c| c.status == ConditionStatus::True)
+                };
+                holds("Healthy")
+                    && holds("Converged")
+                    && n.status
+                        .report
+                        .components
+                        .iter()
+                        .any(|c| c.name == "demo-service" && c.version.as_deref() == Some("1.1.0"))
+            }))
+        },
+    )?;
 
     // The promise: a bad version reaches one canary, reverts itself, and stops there.
     let events: Vec<Event> = client.get("/api/v1/events?limit=10000")?;

@@ -28,7 +28,7 @@ fn resource(kind: &str) -> Result<Resource, CliError> {
     }
 }
 
-fn condition<'a>(node: &'a NodeObject, kind: &str) -> Option<&'a Condition> {
+pub(super) fn condition<'a>(node: &'a NodeObject, kind: &str) -> Option<&'a Condition> {
     node.status.conditions.iter().find(|c| c.kind == kind)
 }
 
