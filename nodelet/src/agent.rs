@@ -1,34 +1,50 @@
-//! The reconcile loop: inventory, diff, baseline probes, apply, verify, bake, and revert on regression.
+//! The reconcile loop: observe, decide (`lifecycle::decide`), act — never blocked by the work.
 //!
-//! One task owns the node state and advances every DesiredState's change one
-//! tick at a time (brupop-style: read, decide, act, record). Every transition
-//! is written to the journal before the step it announces, so after `kill -9`
-//! the next start finishes the change (Applying, Verifying, Baking) or finishes
-//! undoing it (Reverting) — never leaves a half-installed component unreported.
-//! Nothing here needs the apiserver: the last assignment is on disk, events
-//! queue up, and reports resume when it answers again.
+//! One task owns the node state. Everything slow runs beside it: each change's current
+//! action (baseline and downloads, a step, a restore) in a worker task of its own, and every
+//! probe in a task of its own, on the probe's own period. The loop only reads their results,
+//! asks `lifecycle::decide` what each change does next, writes the journal and starts the next
+//! worker; so a download that hangs in one DesiredState never delays another's revert, probes
+//! keep running while dpkg works, and SIGTERM is seen within a tick.
+//!
+//! Every transition is written to the journal before the action it announces, so after
+//! `kill -9` the next start brings the services back as they ran, then resumes each change
+//! where `lifecycle::resume` says. Nothing here needs the apiserver: the last assignment is on
+//! disk, events queue up (bounded), and reports resume when it answers again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use manifests::wire::*;
 use manifests::{Component, ComponentKind, ComponentState, Probe};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::artifact::ArtifactCache;
-use crate::backend::{BackendError, Backends};
+use crate::artifact::{ArtifactCache, ArtifactError};
+use crate::backend::Backends;
 use crate::client::{ApiClient, ClientError};
 use crate::host::HostSampler;
-use crate::journal::{Action, Applied, Change, ChangePhase, NodeState, StateDir, Step, StepState};
-use crate::probe::{self, Outcome};
+use crate::journal::{Action, Applied, Change, ChangePhase, Failure, NodeState, StateDir, Step};
+use crate::lifecycle::{self, alive_name, Decision, Observations, Outcome, ProbeView};
+use crate::probe;
 
 /// How often the loop wakes when nothing happens.
 const TICK: Duration = Duration::from_millis(250);
 /// Implicit "is it running" probe of every service: period and threshold.
 const ALIVE_PERIOD: Duration = Duration::from_secs(1);
 const ALIVE_THRESHOLD: u32 = 3;
+/// On SIGTERM, how long a running step may take to finish before it is abandoned (the journal
+/// says Started, so the next start runs it again).
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// A change refused for lack of disk space is tried again after this long.
+const NO_SPACE_RETRY: Duration = Duration::from_secs(30);
+/// Events kept in memory (and on disk) while the apiserver is unreachable.
+pub const MAX_QUEUED_EVENTS: usize = 500;
+/// Events sent in one report, and the longest message: a report stays far below the
+/// apiserver's body limit (4 MiB by default) however long the node was offline.
+pub const EVENTS_PER_REPORT: usize = 100;
+const MAX_EVENT_MESSAGE: usize = 8 * 1024;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -41,15 +57,88 @@ fn ms_to_time(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// One probe's running record.
-#[derive(Debug, Clone)]
-struct ProbeRecord {
-    next_due: Instant,
-    period: Duration,
-    threshold: u32,
-    consecutive_failures: u32,
-    passes_since_change: u32,
-    last: Option<Outcome>,
+/// Events not yet delivered: bounded; when full, the oldest Normal event goes first (Warnings
+/// explain failures and are kept longest), and what was dropped is counted and reported.
+#[derive(Debug, Default)]
+pub struct EventQueue {
+    events: VecDeque<NodeEvent>,
+    dropped: u64,
+}
+
+impl EventQueue {
+    /// A queue holding what was stored (newest kept if it was over the bound).
+    pub fn from_stored(stored: Vec<NodeEvent>) -> Self {
+        let mut queue = EventQueue::default();
+        for event in stored {
+            queue.push(event);
+        }
+        queue
+    }
+
+    /// Adds an event, dropping the oldest Normal one (or the oldest of all) when full.
+    pub fn push(&mut self, mut event: NodeEvent) {
+        if event.message.len() > MAX_EVENT_MESSAGE {
+            event.message = crate::command::tail(&event.message, MAX_EVENT_MESSAGE);
+        }
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            let victim = self
+                .events
+                .iter()
+                .position(|e| e.kind == EventType::Normal)
+                .unwrap_or(0);
+            self.events.remove(victim);
+            self.dropped += 1;
+        }
+        self.events.push_back(event);
+    }
+
+    /// The oldest events, at most one report's worth.
+    pub fn batch(&self) -> Vec<NodeEvent> {
+        self.events
+            .iter()
+            .take(EVENTS_PER_REPORT)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets the `delivered` oldest events; after the first delivery following drops,
+    /// queues one event saying how many were lost.
+    pub fn delivered(&mut self, batch: &[NodeEvent]) {
+        // Only what is still at the front: events dropped meanwhile are not delivered twice.
+        let mut n = 0;
+        while n < batch.len() && self.events.front() == Some(&batch[n]) {
+            self.events.pop_front();
+            n += 1;
+        }
+        if self.dropped > 0 {
+            let dropped = std::mem::take(&mut self.dropped);
+            self.push(NodeEvent {
+                time: SystemTime::now(),
+                kind: EventType::Warning,
+                reason: "EventsDropped".into(),
+                message: format!(
+                    "{dropped} older events were dropped while the apiserver was unreachable (the node keeps {MAX_QUEUED_EVENTS})"
+                ),
+                desired_state: None,
+                revision: None,
+                component: None,
+            });
+        }
+    }
+
+    /// How many are waiting.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Nothing waiting.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    fn snapshot(&self) -> Vec<NodeEvent> {
+        self.events.iter().cloned().collect()
+    }
 }
 
 /// What the heartbeat sends, kept fresh by the loop.
@@ -58,35 +147,96 @@ pub struct Shared {
     /// The latest report (events excluded).
     pub report: Mutex<NodeReport>,
     /// Events not yet delivered.
-    pub events: Mutex<Vec<NodeEvent>>,
+    pub events: Mutex<EventQueue>,
+}
+
+/// What workers and probe tasks share with the loop.
+pub struct Context {
+    /// The backends.
+    pub backends: Backends,
+    /// The artifact cache.
+    pub artifacts: ArtifactCache,
+    /// Host metrics (resource probes, reports).
+    pub host: Arc<HostSampler>,
+    /// For http probes.
+    pub http: reqwest::Client,
+    /// dpkg and modprobe/depmod change machine-wide state: one such step at a time.
+    serial: tokio::sync::Mutex<()>,
+}
+
+/// One probe's running record.
+#[derive(Debug, Clone)]
+struct ProbeRecord {
+    /// Identifies this record: a result of a task started for an older record is dropped.
+    epoch: u64,
+    next_due: Instant,
+    period: Duration,
+    threshold: u32,
+    consecutive_failures: u32,
+    passes: u32,
+    running: bool,
+    last: Option<probe::Outcome>,
+}
+
+impl ProbeRecord {
+    fn view(&self) -> ProbeView {
+        ProbeView {
+            consecutive_failures: self.consecutive_failures,
+            threshold: self.threshold,
+            passes: self.passes,
+            output: self
+                .last
+                .as_ref()
+                .map(|o| o.output.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+type ProbeKey = (String, String);
+
+/// What a probe task sends back.
+struct ProbeResult {
+    key: ProbeKey,
+    epoch: u64,
+    outcome: probe::Outcome,
+}
+
+/// What a worker sends back.
+struct WorkerResult {
+    desired_state: String,
+    revision: u64,
+    outcome: Outcome,
+}
+
+struct Worker {
+    revision: u64,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The agent.
 pub struct Agent {
-    backends: Backends,
-    artifacts: ArtifactCache,
-    host: Arc<HostSampler>,
-    http: reqwest::Client,
+    ctx: Arc<Context>,
     dir: StateDir,
     state: NodeState,
     assignment: Option<NodeAssignment>,
-    probes: HashMap<(String, String), ProbeRecord>,
+    probes: HashMap<ProbeKey, ProbeRecord>,
+    probe_epoch: u64,
+    probe_tx: mpsc::UnboundedSender<ProbeResult>,
+    probe_rx: mpsc::UnboundedReceiver<ProbeResult>,
+    workers: HashMap<String, Worker>,
+    worker_tx: mpsc::UnboundedSender<WorkerResult>,
+    worker_rx: mpsc::UnboundedReceiver<WorkerResult>,
     installed: BTreeMap<String, Option<String>>,
     /// Components whose inventory failed this tick (a backend error, or dpkg busy with the
     /// package): their DesiredStates are left alone until a tick can read them.
-    unknown: std::collections::BTreeSet<String>,
+    unknown: BTreeSet<String>,
+    /// DesiredStates refused for lack of disk space: not before this Unix ms.
+    retry_after: HashMap<String, u64>,
     shared: Arc<Shared>,
     nodelet_version: String,
     vars: BTreeMap<String, String>,
-}
-
-fn alive_name(component: &str) -> String {
-    format!("{component}-alive")
-}
-
-/// The component an error is about, for the failure report's log tail.
-fn describe(error: &BackendError) -> String {
-    error.to_string()
+    stopping: bool,
 }
 
 impl Agent {
@@ -100,23 +250,36 @@ impl Agent {
     ) -> Result<Self, String> {
         let state = dir.load()?;
         let assignment = dir.load_assignment()?;
-        *shared.events.lock().expect("not poisoned") = dir.load_events()?;
+        *shared.events.lock().expect("not poisoned") = EventQueue::from_stored(dir.load_events()?);
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let (worker_tx, worker_rx) = mpsc::unbounded_channel();
         Ok(Agent {
-            backends,
-            artifacts,
-            host,
-            http: reqwest::Client::builder()
-                .build()
-                .map_err(|e| e.to_string())?,
+            ctx: Arc::new(Context {
+                backends,
+                artifacts,
+                host,
+                http: reqwest::Client::builder()
+                    .build()
+                    .map_err(|e| e.to_string())?,
+                serial: tokio::sync::Mutex::new(()),
+            }),
             dir,
             state,
             assignment,
             probes: HashMap::new(),
+            probe_epoch: 0,
+            probe_tx,
+            probe_rx,
+            workers: HashMap::new(),
+            worker_tx,
+            worker_rx,
             installed: BTreeMap::new(),
-            unknown: Default::default(),
+            unknown: BTreeSet::new(),
+            retry_after: HashMap::new(),
             shared,
             nodelet_version: env!("CARGO_PKG_VERSION").to_string(),
             vars: BTreeMap::new(),
+            stopping: false,
         })
     }
 
@@ -131,8 +294,12 @@ impl Agent {
         &self.state
     }
 
+    /// Writes the journal. A failure (a full disk) is reported and returned: forward steps
+    /// do not run without their journal entry; reverts go on regardless.
     fn save(&self) -> Result<(), String> {
-        self.dir.save(&self.state)
+        self.dir.save(&self.state).inspect_err(|e| {
+            tracing::error!(error = %e, "cannot write the journal");
+        })
     }
 
     fn event(
@@ -162,32 +329,35 @@ impl Agent {
             revision,
             component: component.map(str::to_string),
         });
-        let _ = self.dir.save_events(&events);
+        let _ = self.dir.save_events(&events.snapshot());
     }
 
-    /// Brings services back after a start (reboot or nodelet restart), before anything else.
+    /// Brings services back after a start (reboot or nodelet restart) as they ran when the
+    /// nodelet stopped — also those of a change in flight — then resumes every change.
     pub async fn start(&mut self) -> Result<(), String> {
-        if let Some(supervisor) = self.backends.service.supervisor() {
+        if let Some(supervisor) = self.ctx.backends.service.supervisor() {
             supervisor.reap_orphans();
         }
-        let components: Vec<Component> = self
-            .state
-            .applied
-            .values()
-            .flat_map(|a| a.state.spec.components.clone())
-            .filter(|c| c.kind == ComponentKind::Service && c.state == ComponentState::Present)
-            .collect();
-        for component in components {
-            // A change in flight decides for itself what runs.
-            let in_flight = self
-                .state
-                .changes
-                .values()
-                .any(|c| c.steps.iter().any(|s| s.component.name == component.name));
-            if in_flight {
-                continue;
+        // The components a change in flight targets come first: with their settings, as a
+        // fallback for a version whose recorded settings are missing.
+        let mut services: BTreeMap<String, Component> = BTreeMap::new();
+        let targets = self.state.changes.values().map(|c| &c.target.spec);
+        let applied = self.state.applied.values().map(|a| &a.state.spec);
+        for spec in targets.chain(applied) {
+            for component in spec
+                .components
+                .iter()
+                .filter(|c| c.kind == ComponentKind::Service && c.state == ComponentState::Present)
+            {
+                services
+                    .entry(component.name.clone())
+                    .or_insert_with(|| component.clone());
             }
-            if let Err(e) = self.backends.service.ensure_running(&component).await {
+        }
+        for component in services.values() {
+            // Whatever `current` points at runs again, as it last ran: the old version before
+            // its step, the new one after.
+            if let Err(e) = self.ctx.backends.service.ensure_running(component).await {
                 self.event(
                     EventType::Warning,
                     "StartFailed",
@@ -199,7 +369,14 @@ impl Agent {
             }
         }
         if !self.state.changes.is_empty() {
-            let names: Vec<String> = self.state.changes.keys().cloned().collect();
+            let now = now_ms();
+            let mut names = Vec::new();
+            for (name, change) in self.state.changes.iter_mut() {
+                let settle = settle_ms(change);
+                lifecycle::resume(change, now, settle);
+                names.push(format!("{name} ({:?})", change.phase));
+            }
+            let _ = self.save();
             self.event(
                 EventType::Warning,
                 "Recovering",
@@ -222,24 +399,28 @@ impl Agent {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), String> {
         self.start().await?;
+        let mut pending_results = Vec::new();
         loop {
             if let Some(mut assignment) = assignments.borrow_and_update().clone() {
                 for state in &mut assignment.states {
                     crate::plan::interpolate(&mut state.spec, &self.vars);
                 }
                 if self.assignment.as_ref().map(|a| a.generation) != Some(assignment.generation) {
-                    self.dir.save_assignment(&assignment)?;
+                    if let Err(e) = self.dir.save_assignment(&assignment) {
+                        // Enforced from memory; on disk it is stored with the next one.
+                        tracing::error!(error = %e, "cannot store the assignment");
+                    }
                     self.assignment = Some(assignment);
                 }
             }
-            if let Err(e) = self.tick().await {
-                tracing::error!(error = %e, "reconcile failed; retrying");
-            }
+            self.tick(std::mem::take(&mut pending_results)).await;
             tokio::select! {
                 _ = assignments.changed() => {}
                 _ = tokio::time::sleep(TICK) => {}
+                Some(result) = self.worker_rx.recv() => pending_results.push(result),
                 _ = stop.changed() => {
                     if *stop.borrow() {
+                        self.shutdown().await;
                         return Ok(());
                     }
                 }
@@ -247,20 +428,90 @@ impl Agent {
         }
     }
 
-    /// One pass: advance changes in flight, start new ones, probe, publish the report.
-    pub async fn tick(&mut self) -> Result<(), String> {
+    /// Stops starting work, lets running steps finish for a short grace, abandons the rest
+    /// (the journal resumes them), and writes the journal once more.
+    async fn shutdown(&mut self) {
+        self.stopping = true;
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        while !self.workers.is_empty() {
+            match tokio::time::timeout_at(deadline, self.worker_rx.recv()).await {
+                Ok(Some(result)) => self.absorb(vec![result]),
+                _ => break,
+            }
+        }
+        for (name, worker) in self.workers.drain() {
+            tracing::warn!(desired_state = %name, "abandoning a running step at shutdown; it runs again at the next start");
+            worker.task.abort();
+        }
+        let _ = self.save();
+    }
+
+    /// Folds worker results into their changes.
+    fn absorb(&mut self, results: Vec<WorkerResult>) {
+        let mut results = results;
+        while let Ok(result) = self.worker_rx.try_recv() {
+            results.push(result);
+        }
+        for result in results {
+            if self
+                .workers
+                .get(&result.desired_state)
+                .is_some_and(|w| w.revision == result.revision)
+            {
+                self.workers.remove(&result.desired_state);
+            }
+            let Some(change) = self.state.changes.get_mut(&result.desired_state) else {
+                continue;
+            };
+            if change.target.revision != result.revision {
+                continue;
+            }
+            lifecycle::record(change, result.outcome);
+            let _ = self.save();
+        }
+    }
+
+    fn absorb_probes(&mut self) {
+        let now = Instant::now();
+        while let Ok(result) = self.probe_rx.try_recv() {
+            let Some(record) = self.probes.get_mut(&result.key) else {
+                continue;
+            };
+            if record.epoch != result.epoch {
+                continue;
+            }
+            record.running = false;
+            record.next_due = now + record.period;
+            if result.outcome.passed {
+                record.consecutive_failures = 0;
+                record.passes += 1;
+            } else {
+                record.consecutive_failures += 1;
+            }
+            record.last = Some(result.outcome);
+        }
+    }
+
+    /// One pass: fold in results, advance every change, start new ones, schedule probes,
+    /// publish the report. Never waits for a step or a probe.
+    async fn tick(&mut self, results: Vec<WorkerResult>) {
+        self.absorb(results);
+        self.absorb_probes();
         let assignment = self.assignment.clone();
         self.inventory(assignment.as_ref()).await;
+        self.drop_superseded(assignment.as_ref());
         let in_flight: Vec<String> = self.state.changes.keys().cloned().collect();
         for name in in_flight {
-            self.advance(&name).await?;
+            self.advance(&name);
         }
         if let Some(assignment) = &assignment {
-            for target in &assignment.states {
-                if self.state.changes.contains_key(&target.name) {
-                    continue;
+            if !self.stopping {
+                for target in &assignment.states {
+                    if self.state.changes.contains_key(&target.name) {
+                        continue;
+                    }
+                    self.reconcile_state(target);
                 }
-                self.reconcile_state(target).await?;
             }
             // DesiredStates no longer assigned: stop managing them (nothing is uninstalled).
             let gone: Vec<String> = self
@@ -273,8 +524,8 @@ impl Agent {
                 .collect();
             for name in gone {
                 self.state.applied.remove(&name);
-                self.probes.retain(|(ds, _), _| ds != &name);
-                self.save()?;
+                self.reset_probes(&name);
+                let _ = self.save();
                 self.event(
                     EventType::Normal,
                     "Unmanaged",
@@ -285,9 +536,49 @@ impl Agent {
                 );
             }
         }
-        self.steady_probes().await;
+        self.schedule_probes();
         self.publish(assignment.as_ref());
-        Ok(())
+    }
+
+    /// A change that touched nothing yet (Pending) and whose revision is no longer the one
+    /// assigned is dropped, its download abandoned: a fixed revision never waits for a
+    /// stalled download of the broken one.
+    fn drop_superseded(&mut self, assignment: Option<&NodeAssignment>) {
+        let Some(assignment) = assignment else {
+            return;
+        };
+        let superseded: Vec<String> = self
+            .state
+            .changes
+            .iter()
+            .filter(|(_, c)| c.phase == ChangePhase::Pending)
+            .filter(|(name, c)| {
+                assignment
+                    .states
+                    .iter()
+                    .find(|s| &s.name == *name)
+                    .is_none_or(|s| s.revision != c.target.revision)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in superseded {
+            if let Some(worker) = self.workers.remove(&name) {
+                worker.task.abort();
+            }
+            let change = self.state.changes.remove(&name).expect("listed");
+            let _ = self.save();
+            self.event(
+                EventType::Normal,
+                "Superseded",
+                format!(
+                    "revision {} was replaced before anything changed; dropped",
+                    change.target.revision
+                ),
+                Some(&name),
+                Some(change.target.revision),
+                None,
+            );
+        }
     }
 
     /// Reads the installed version of every component this node manages or is asked to.
@@ -308,17 +599,17 @@ impl Agent {
                 .flat_map(|a| a.state.spec.components.clone()),
         );
         let mut installed = BTreeMap::new();
-        let mut unknown = std::collections::BTreeSet::new();
+        let mut unknown = BTreeSet::new();
         for component in components {
             if installed.contains_key(&component.name) {
                 continue;
             }
             // A version that cannot be read is not "absent": acting on it would reinstall
             // over whatever is going on (an operator's dpkg run, a backend error).
-            let version = match self.backends.current(&component).await {
+            let version = match self.ctx.backends.current(&component).await {
                 Ok(version) => version,
                 Err(e) => {
-                    tracing::warn!(component = %component.name, error = %e, "inventory failed; leaving its DesiredState alone this tick");
+                    tracing::debug!(component = %component.name, error = %e, "inventory failed; leaving its DesiredState alone this tick");
                     unknown.insert(component.name.clone());
                     None
                 }
@@ -329,14 +620,22 @@ impl Agent {
         self.unknown = unknown;
     }
 
-    async fn reconcile_state(&mut self, target: &AssignedState) -> Result<(), String> {
+    /// Starts a change when a DesiredState's components are not what its revision pins.
+    fn reconcile_state(&mut self, target: &AssignedState) {
         let failed = self
             .state
             .failed_revisions
             .get(&target.name)
             .is_some_and(|r| r.contains(&target.revision));
         if failed {
-            return Ok(()); // reverted here before: wait for a different revision
+            return; // reverted here before: wait for a different revision
+        }
+        if self
+            .retry_after
+            .get(&target.name)
+            .is_some_and(|t| now_ms() < *t)
+        {
+            return; // refused for lack of space a moment ago
         }
         if target
             .spec
@@ -344,7 +643,7 @@ impl Agent {
             .iter()
             .any(|c| self.unknown.contains(&c.name))
         {
-            return Ok(()); // the inventory could not read it: next tick
+            return; // the inventory could not read it: next tick
         }
         let steps = crate::plan::steps(&target.spec.components, &self.installed);
         let applied = self.state.applied.get(&target.name);
@@ -367,9 +666,9 @@ impl Agent {
                         reverted_revision: None,
                     },
                 );
-                self.save()?;
+                let _ = self.save();
             }
-            return Ok(());
+            return;
         }
         if applied.is_some_and(|a| {
             a.state.revision == target.revision && a.phase == ComponentPhase::Healthy
@@ -401,138 +700,214 @@ impl Agent {
                 None,
             );
         }
-        self.begin(target.clone(), steps).await
+        self.begin(target.clone(), steps);
     }
 
-    /// Baseline, snapshots, artifacts — then the journal entry, then the steps.
-    async fn begin(
-        &mut self,
-        target: AssignedState,
-        steps: Vec<(Component, Action)>,
-    ) -> Result<(), String> {
+    /// Journals a new change, Pending: nothing is touched until it is prepared.
+    fn begin(&mut self, target: AssignedState, steps: Vec<(Component, Action)>) {
         let name = target.name.clone();
         let from_revision = self
             .state
             .applied
             .get(&name)
             .map_or(0, |a| a.state.revision);
-        self.event(
-            EventType::Normal,
-            "Applying",
-            format!(
-                "revision {from_revision} → {}: {}",
-                target.revision,
-                steps
-                    .iter()
-                    .map(|(c, a)| format!(
-                        "{:?} {} {}",
-                        a,
-                        c.name,
-                        c.version.as_deref().unwrap_or("")
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Some(&name),
-            Some(target.revision),
-            None,
-        );
-        // Baseline: every probe once, before anything changes.
-        let mut baseline = BTreeMap::new();
-        for probe in &target.spec.probes {
-            let outcome = probe::run(probe, &self.http, &self.host).await;
-            baseline.insert(probe.name.clone(), outcome.passed);
-        }
-        for component in target
-            .spec
-            .components
+        let summary = steps
             .iter()
-            .filter(|c| c.kind == ComponentKind::Service)
-        {
-            // A service that is not installed yet has nothing to regress from: its alive probe
-            // must pass after the change, so it counts as passing at baseline.
-            let alive = self.backends.alive(component).await.is_ok();
-            baseline.insert(alive_name(&component.name), alive);
-        }
-        // Artifacts first: a bad download or a wrong hash stops everything before anything is touched.
-        let mut journal_steps = Vec::new();
-        let mut artifacts: HashMap<String, PathBuf> = HashMap::new();
-        for (component, action) in &steps {
-            if *action != Action::Remove {
-                if let Some(artifact) = &component.artifact {
-                    match self.artifacts.fetch(&artifact.url, &artifact.sha256).await {
-                        Ok(path) => {
-                            artifacts.insert(component.name.clone(), path);
-                        }
-                        Err(e) => {
-                            return self.refuse(&target, from_revision, component, &e.to_string())
-                        }
-                    }
-                }
-            }
-            let snapshot = match self.backends.snapshot(component).await {
-                Ok(snapshot) => snapshot,
-                Err(e) => return self.refuse(&target, from_revision, component, &e.to_string()),
-            };
-            journal_steps.push(Step {
-                component: component.clone(),
-                action: *action,
-                snapshot,
-                state: StepState::Pending,
-            });
-        }
+            .map(|(c, a)| format!("{:?} {} {}", a, c.name, c.version.as_deref().unwrap_or("")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let revision = target.revision;
         let change = Change {
             target,
             from_revision,
-            phase: ChangePhase::Applying,
-            steps: journal_steps,
-            baseline,
+            phase: ChangePhase::Pending,
+            steps: steps
+                .into_iter()
+                .map(|(component, action)| Step {
+                    component,
+                    action,
+                    snapshot: None,
+                    state: crate::journal::StepState::Pending,
+                })
+                .collect(),
+            baseline: BTreeMap::new(),
             applied_at_ms: 0,
             healthy_at_ms: None,
             revert_reason: None,
             probe_output: None,
             culprit: None,
+            phase_since_ms: now_ms(),
+            prepared: false,
+            failure: None,
+            settle_until_ms: None,
+            revert_failure: None,
+            log_tail: vec![],
         };
         self.state.changes.insert(name.clone(), change);
-        self.save()?;
-        self.apply_steps(&name, artifacts).await
+        if self.save().is_err() {
+            // Without its journal entry the change does not exist: try again next tick.
+            self.state.changes.remove(&name);
+            return;
+        }
+        self.event(
+            EventType::Normal,
+            "Applying",
+            format!("revision {from_revision} → {revision}: {summary}"),
+            Some(&name),
+            Some(revision),
+            None,
+        );
+        self.advance(&name);
+    }
+
+    /// Observes one change, decides, acts.
+    fn advance(&mut self, name: &str) {
+        let Some(change) = self.state.changes.get(name) else {
+            return;
+        };
+        let observations = Observations {
+            now_ms: now_ms(),
+            busy: self.workers.contains_key(name),
+            probes: self.probe_views(name),
+            stopping: self.stopping,
+        };
+        let decision = lifecycle::decide(change, &observations);
+        if decision != Decision::Wait {
+            tracing::debug!(desired_state = name, ?decision, "decided");
+        }
+        self.act(name, decision, observations.now_ms);
+    }
+
+    fn act(&mut self, name: &str, decision: Decision, now: u64) {
+        let change = self.state.changes.get_mut(name).expect("in flight");
+        let revision = change.target.revision;
+        if let Some(next) = lifecycle::transition(change.phase, &decision) {
+            lifecycle::enter(change, next, now);
+        }
+        match decision {
+            Decision::Wait => {}
+            Decision::Prepare => {
+                let change = change.clone();
+                self.spawn(name, revision, prepare(self.ctx.clone(), change));
+            }
+            Decision::RunStep(i) => {
+                change.steps[i].state = crate::journal::StepState::Started;
+                let step = change.steps[i].clone();
+                if self.save().is_err() {
+                    return; // no step without its journal entry; next tick tries again
+                }
+                self.spawn(name, revision, run_step(self.ctx.clone(), i, step));
+            }
+            Decision::Verify => {
+                change.applied_at_ms = now;
+                let _ = self.save();
+                // Fresh probe records: failures before the change do not count after it.
+                self.reset_probes(name);
+                self.event(
+                    EventType::Normal,
+                    "Applied",
+                    format!("revision {revision} applied; verifying"),
+                    Some(name),
+                    Some(revision),
+                    None,
+                );
+            }
+            Decision::Bake => {
+                let bake = change.target.spec.rollout.bake_seconds;
+                let _ = self.save();
+                self.event(
+                    EventType::Normal,
+                    "Healthy",
+                    format!("revision {revision} healthy; watching for {bake}s"),
+                    Some(name),
+                    Some(revision),
+                    None,
+                );
+            }
+            Decision::Commit => self.commit(name),
+            Decision::Revert(cause) => {
+                change.revert_reason = Some(cause.reason.clone());
+                change.probe_output = cause.probe_output;
+                change.culprit = cause.culprit;
+                // The culprit's log, read before its process is replaced.
+                let culprit = change
+                    .culprit
+                    .as_ref()
+                    .and_then(|c| change.target.spec.components.iter().find(|x| &x.name == c))
+                    .cloned();
+                if let Some(component) = culprit {
+                    change.log_tail = self.ctx.backends.log_tail(&component);
+                }
+                // A revert goes on even when the journal cannot be written (a full disk).
+                let _ = self.save();
+                self.event(
+                    EventType::Warning,
+                    "Reverting",
+                    format!("revision {revision}: {}", cause.reason),
+                    Some(name),
+                    Some(revision),
+                    None,
+                );
+                self.advance(name);
+            }
+            Decision::RestoreStep(i) => {
+                let step = change.steps[i].clone();
+                self.spawn(name, revision, restore_step(self.ctx.clone(), i, step));
+            }
+            Decision::FinishRevert => self.finish_revert(name),
+            Decision::Refuse(failure) => self.refuse(name, failure),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &str,
+        revision: u64,
+        work: impl std::future::Future<Output = Outcome> + Send + 'static,
+    ) {
+        let tx = self.worker_tx.clone();
+        let desired_state = name.to_string();
+        let task = tokio::spawn(async move {
+            let outcome = work.await;
+            let _ = tx.send(WorkerResult {
+                desired_state,
+                revision,
+                outcome,
+            });
+        });
+        self.workers
+            .insert(name.to_string(), Worker { revision, task });
     }
 
     /// A change refused before anything was touched: reported like a revert (nothing to undo).
-    fn refuse(
-        &mut self,
-        target: &AssignedState,
-        from_revision: u64,
-        component: &Component,
-        reason: &str,
-    ) -> Result<(), String> {
-        let previous = self.state.applied.get(&target.name).cloned();
-        let message = format!("{}: {reason}", component.name);
-        self.event(
-            EventType::Warning,
-            "Reverted",
-            format!(
-                "revision {} refused, nothing was changed: {message}",
-                target.revision
-            ),
-            Some(&target.name),
-            Some(target.revision),
-            Some(&component.name),
-        );
-        self.state
-            .failed_revisions
-            .entry(target.name.clone())
-            .or_default()
-            .insert(target.revision);
+    /// For lack of disk space it is tried again later instead of being marked failed.
+    fn refuse(&mut self, name: &str, failure: Failure) {
+        let change = self.state.changes.remove(name).expect("in flight");
+        let target = &change.target;
+        let previous = self.state.applied.get(name).cloned();
+        let component = failure.component.clone().unwrap_or_default();
+        let message = format!("{component}: {}", failure.reason);
+        if failure.no_space {
+            self.retry_after.insert(
+                name.to_string(),
+                now_ms() + NO_SPACE_RETRY.as_millis() as u64,
+            );
+        } else {
+            self.state
+                .failed_revisions
+                .entry(name.to_string())
+                .or_default()
+                .insert(target.revision);
+        }
         self.state.applied.insert(
-            target.name.clone(),
+            name.to_string(),
             Applied {
                 state: previous
                     .as_ref()
                     .map(|p| p.state.clone())
                     // Nothing was there before: the node runs none of this DesiredState's components.
                     .unwrap_or_else(|| AssignedState {
-                        revision: from_revision,
+                        revision: change.from_revision,
                         spec: manifests::DesiredStateSpec {
                             components: vec![],
                             ..target.spec.clone()
@@ -541,207 +916,41 @@ impl Agent {
                     }),
                 phase: ComponentPhase::Reverted,
                 healthy_since_ms: None,
-                message: Some(message),
+                message: Some(message.clone()),
                 probe_output: None,
                 log_tail: vec![],
-                culprit: Some(component.name.clone()),
+                culprit: failure.component.clone(),
                 reverted_revision: Some(target.revision),
             },
         );
-        self.save()
-    }
-
-    async fn apply_steps(
-        &mut self,
-        name: &str,
-        mut artifacts: HashMap<String, PathBuf>,
-    ) -> Result<(), String> {
-        let count = self.state.changes[name].steps.len();
-        for index in 0..count {
-            let step = self.state.changes[name].steps[index].clone();
-            if step.state == StepState::Done {
-                continue;
-            }
-            self.state.changes.get_mut(name).expect("in flight").steps[index].state =
-                StepState::Started;
-            self.save()?;
-            let artifact = match (&step.component.artifact, step.action) {
-                (_, Action::Remove) => None,
-                (Some(artifact), _) => match artifacts.remove(&step.component.name) {
-                    Some(path) => Some(path),
-                    // Resuming after a restart: the verified artifact is in the cache.
-                    None => match self.artifacts.fetch(&artifact.url, &artifact.sha256).await {
-                        Ok(path) => Some(path),
-                        Err(e) => {
-                            return self
-                                .start_revert(
-                                    name,
-                                    format!("{}: {e}", step.component.name),
-                                    None,
-                                    Some(step.component.name.clone()),
-                                )
-                                .await
-                        }
-                    },
-                },
-                (None, _) => None,
-            };
-            let result = match step.action {
-                Action::Remove => self.backends.remove(&step.component).await,
-                _ => {
-                    self.backends
-                        .apply(&step.component, artifact.as_deref())
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                let reason = format!(
-                    "{:?} {} failed: {}",
-                    step.action,
-                    step.component.name,
-                    describe(&e)
-                );
-                return self
-                    .start_revert(name, reason, None, Some(step.component.name.clone()))
-                    .await;
-            }
-            self.state.changes.get_mut(name).expect("in flight").steps[index].state =
-                StepState::Done;
-            self.save()?;
-        }
-        let change = self.state.changes.get_mut(name).expect("in flight");
-        change.phase = ChangePhase::Verifying;
-        change.applied_at_ms = now_ms();
-        let revision = change.target.revision;
-        self.save()?;
-        // Fresh probe records: failures before the change do not count after it.
-        self.probes.retain(|(ds, _), _| ds != name);
+        let _ = self.save();
         self.event(
-            EventType::Normal,
-            "Applied",
-            format!("revision {revision} applied; verifying"),
+            EventType::Warning,
+            if failure.no_space {
+                "DiskPressure"
+            } else {
+                "Reverted"
+            },
+            if failure.no_space {
+                format!(
+                    "revision {} waits for disk space, nothing was changed: {message}; tried again in {}s",
+                    target.revision,
+                    NO_SPACE_RETRY.as_secs()
+                )
+            } else {
+                format!(
+                    "revision {} refused, nothing was changed: {message}",
+                    target.revision
+                )
+            },
             Some(name),
-            Some(revision),
-            None,
+            Some(target.revision),
+            failure.component.as_deref(),
         );
-        Ok(())
-    }
-
-    /// Advances a change in flight by one tick.
-    async fn advance(&mut self, name: &str) -> Result<(), String> {
-        let change = self.state.changes[name].clone();
-        match change.phase {
-            ChangePhase::Applying => self.apply_steps(name, HashMap::new()).await,
-            ChangePhase::Reverting => self.revert(name).await,
-            ChangePhase::Verifying | ChangePhase::Baking => {
-                let results = self
-                    .run_due_probes(
-                        name,
-                        &change.target.spec.probes,
-                        &change.target.spec.components,
-                        true,
-                    )
-                    .await;
-                // Regression: passed at baseline (or required) and now failed `failureThreshold` times in a row.
-                for (probe_name, record) in &results {
-                    let baseline = change.baseline.get(probe_name).copied().unwrap_or(true);
-                    let required = change
-                        .target
-                        .spec
-                        .probes
-                        .iter()
-                        .any(|p| &p.name == probe_name && p.required);
-                    if (baseline || required) && record.consecutive_failures >= record.threshold {
-                        let output = record
-                            .last
-                            .as_ref()
-                            .map(|o| o.output.clone())
-                            .unwrap_or_default();
-                        let culprit = culprit_of(probe_name, &change);
-                        let reason = format!(
-                            "probe {probe_name} failed {} times in a row",
-                            record.consecutive_failures
-                        );
-                        return self.start_revert(name, reason, Some(output), culprit).await;
-                    }
-                }
-                let now = now_ms();
-                match change.phase {
-                    ChangePhase::Verifying => {
-                        let waiting: Vec<String> = results
-                            .iter()
-                            .filter(|(probe_name, record)| {
-                                let baseline =
-                                    change.baseline.get(*probe_name).copied().unwrap_or(true);
-                                let required = change
-                                    .target
-                                    .spec
-                                    .probes
-                                    .iter()
-                                    .any(|p| &p.name == *probe_name && p.required);
-                                (baseline || required)
-                                    && (record.passes_since_change == 0
-                                        || record.consecutive_failures > 0)
-                            })
-                            .map(|(n, _)| n.clone())
-                            .collect();
-                        if waiting.is_empty() {
-                            let c = self.state.changes.get_mut(name).expect("in flight");
-                            c.phase = ChangePhase::Baking;
-                            c.healthy_at_ms = Some(now);
-                            let revision = c.target.revision;
-                            self.save()?;
-                            self.event(
-                                EventType::Normal,
-                                "Healthy",
-                                format!(
-                                    "revision {revision} healthy; watching for {}s",
-                                    change.target.spec.rollout.bake_seconds
-                                ),
-                                Some(name),
-                                Some(revision),
-                                None,
-                            );
-                        } else if now.saturating_sub(change.applied_at_ms)
-                            > change.target.spec.rollout.healthy_deadline_seconds * 1000
-                        {
-                            let output = waiting
-                                .iter()
-                                .filter_map(|n| {
-                                    results
-                                        .get(n)
-                                        .and_then(|r| r.last.as_ref())
-                                        .map(|o| format!("{n}: {}", o.output))
-                                })
-                                .collect::<Vec<_>>()
-                                .join("\n");
-                            let culprit = waiting.first().and_then(|n| culprit_of(n, &change));
-                            let reason = format!(
-                                "not healthy within {}s: waiting for {}",
-                                change.target.spec.rollout.healthy_deadline_seconds,
-                                waiting.join(", ")
-                            );
-                            return self.start_revert(name, reason, Some(output), culprit).await;
-                        }
-                        Ok(())
-                    }
-                    _ => {
-                        let healthy_at = change.healthy_at_ms.unwrap_or(now);
-                        if now.saturating_sub(healthy_at)
-                            >= change.target.spec.rollout.bake_seconds * 1000
-                        {
-                            self.commit(name)
-                        } else {
-                            Ok(())
-                        }
-                    }
-                }
-            }
-        }
     }
 
     /// The bake is over: the change is the node's new normal.
-    fn commit(&mut self, name: &str) -> Result<(), String> {
+    fn commit(&mut self, name: &str) {
         let change = self.state.changes.remove(name).expect("in flight");
         for step in &change.steps {
             if step.component.state == ComponentState::Present {
@@ -765,7 +974,7 @@ impl Agent {
                 reverted_revision: None,
             },
         );
-        self.save()?;
+        let _ = self.save();
         self.event(
             EventType::Normal,
             "Baked",
@@ -777,67 +986,13 @@ impl Agent {
             Some(change.target.revision),
             None,
         );
-        Ok(())
     }
 
-    async fn start_revert(
-        &mut self,
-        name: &str,
-        reason: String,
-        probe_output: Option<String>,
-        culprit: Option<String>,
-    ) -> Result<(), String> {
-        let change = self.state.changes.get_mut(name).expect("in flight");
-        change.phase = ChangePhase::Reverting;
-        change.revert_reason = Some(reason.clone());
-        change.probe_output = probe_output;
-        change.culprit = culprit;
-        let revision = change.target.revision;
-        self.save()?;
-        self.event(
-            EventType::Warning,
-            "Reverting",
-            format!("revision {revision}: {reason}"),
-            Some(name),
-            Some(revision),
-            None,
-        );
-        self.revert(name).await
-    }
-
-    /// Puts back every started step, last first, from its snapshot.
-    async fn revert(&mut self, name: &str) -> Result<(), String> {
-        let change = self.state.changes[name].clone();
-        // The culprit's log, read before its process is replaced.
-        let log_tail = change
-            .culprit
-            .as_ref()
-            .and_then(|c| change.target.spec.components.iter().find(|x| &x.name == c))
-            .map(|c| self.backends.log_tail(c))
-            .unwrap_or_default();
-        let mut failure = None;
-        for index in (0..change.steps.len()).rev() {
-            let step = &change.steps[index];
-            if !matches!(step.state, StepState::Started | StepState::Done) {
-                continue;
-            }
-            match self.backends.restore(&step.component, &step.snapshot).await {
-                Ok(()) => {
-                    self.state.changes.get_mut(name).expect("in flight").steps[index].state =
-                        StepState::Reverted;
-                    self.save()?;
-                }
-                Err(e) => {
-                    failure = Some(format!(
-                        "restoring {} to {} failed: {e}",
-                        step.component.name,
-                        step.snapshot.version().unwrap_or("absent")
-                    ));
-                    break;
-                }
-            }
-        }
+    /// Every touched step is back (or one could not be put back): record how it ended.
+    fn finish_revert(&mut self, name: &str) {
         let change = self.state.changes.remove(name).expect("in flight");
+        let failure = change.revert_failure.clone();
+        let log_tail = change.log_tail.clone();
         let reason = change.revert_reason.clone().unwrap_or_default();
         let previous = self.state.applied.get(name).cloned();
         let phase = if failure.is_some() {
@@ -874,8 +1029,8 @@ impl Agent {
                 reverted_revision: Some(change.target.revision),
             },
         );
-        self.probes.retain(|(ds, _), _| ds != name);
-        self.save()?;
+        self.reset_probes(name);
+        let _ = self.save();
         let mut full = message;
         if let Some(output) = &change.probe_output {
             full.push_str(&format!("\nprobe output: {output}"));
@@ -895,112 +1050,151 @@ impl Agent {
             Some(change.target.revision),
             change.culprit.as_deref(),
         );
-        Ok(())
     }
 
-    /// Runs the probes of one DesiredState that are due, plus the implicit alive probes of its services.
-    async fn run_due_probes(
-        &mut self,
-        ds: &str,
-        probes: &[Probe],
-        components: &[Component],
-        reset_period: bool,
-    ) -> BTreeMap<String, ProbeRecord> {
-        let now = Instant::now();
-        let _ = reset_period;
-        for probe in probes {
-            let key = (ds.to_string(), probe.name.clone());
-            let record = self
-                .probes
-                .entry(key.clone())
-                .or_insert_with(|| ProbeRecord {
-                    next_due: now,
-                    period: Duration::from_secs(probe.period_seconds.max(1).into()),
-                    threshold: probe.failure_threshold.max(1),
-                    consecutive_failures: 0,
-                    passes_since_change: 0,
-                    last: None,
-                });
-            if record.next_due > now {
-                continue;
-            }
-            let outcome = probe::run(probe, &self.http, &self.host).await;
-            let record = self.probes.get_mut(&key).expect("inserted");
-            record.next_due = Instant::now() + record.period;
-            if outcome.passed {
-                record.consecutive_failures = 0;
-                record.passes_since_change += 1;
-            } else {
-                record.consecutive_failures += 1;
-            }
-            record.last = Some(outcome);
-        }
-        for component in components
-            .iter()
-            .filter(|c| c.kind == ComponentKind::Service && c.state == ComponentState::Present)
-        {
-            let key = (ds.to_string(), alive_name(&component.name));
-            let record = self
-                .probes
-                .entry(key.clone())
-                .or_insert_with(|| ProbeRecord {
-                    next_due: now,
-                    period: ALIVE_PERIOD,
-                    threshold: ALIVE_THRESHOLD,
-                    consecutive_failures: 0,
-                    passes_since_change: 0,
-                    last: None,
-                });
-            if record.next_due > now {
-                continue;
-            }
-            let alive = self.backends.alive(component).await;
-            let record = self.probes.get_mut(&key).expect("inserted");
-            record.next_due = Instant::now() + record.period;
-            match alive {
-                Ok(()) => {
-                    record.consecutive_failures = 0;
-                    record.passes_since_change += 1;
-                    record.last = Some(Outcome {
-                        passed: true,
-                        output: format!("{} running", component.name),
-                    });
-                }
-                Err(output) => {
-                    record.consecutive_failures += 1;
-                    record.last = Some(Outcome {
-                        passed: false,
-                        output,
-                    });
-                }
-            }
-        }
+    fn reset_probes(&mut self, ds: &str) {
+        self.probes.retain(|(d, _), _| d != ds);
+    }
+
+    fn probe_views(&self, ds: &str) -> BTreeMap<String, ProbeView> {
         self.probes
             .iter()
             .filter(|((d, _), _)| d == ds)
-            .map(|((_, p), r)| (p.clone(), r.clone()))
+            .map(|((_, p), r)| (p.clone(), r.view()))
             .collect()
     }
 
-    /// Probes of DesiredStates at rest: reported, never a reason to revert.
-    async fn steady_probes(&mut self) {
-        let at_rest: Vec<(String, Vec<Probe>, Vec<Component>)> = self
+    /// What each DesiredState is probed for right now: the revision in force at rest (and
+    /// while a change only prepares: nothing moved yet), the new revision while it verifies
+    /// and bakes, nothing while components are being changed.
+    fn probe_plan(&self) -> Vec<(String, Vec<Probe>, Vec<Component>)> {
+        let mut plan = Vec::new();
+        let names: BTreeSet<&String> = self
             .state
             .applied
-            .iter()
-            .filter(|(name, _)| !self.state.changes.contains_key(*name))
-            .map(|(name, a)| {
-                (
-                    name.clone(),
-                    a.state.spec.probes.clone(),
-                    a.state.spec.components.clone(),
-                )
-            })
+            .keys()
+            .chain(self.state.changes.keys())
             .collect();
-        for (name, probes, components) in at_rest {
-            self.run_due_probes(&name, &probes, &components, false)
-                .await;
+        for name in names {
+            let spec = match self.state.changes.get(name) {
+                Some(c) if matches!(c.phase, ChangePhase::Verifying | ChangePhase::Baking) => {
+                    Some(&c.target.spec)
+                }
+                Some(c) if c.phase == ChangePhase::Pending => {
+                    self.state.applied.get(name).map(|a| &a.state.spec)
+                }
+                Some(_) => None,
+                None => self.state.applied.get(name).map(|a| &a.state.spec),
+            };
+            if let Some(spec) = spec {
+                plan.push((name.clone(), spec.probes.clone(), spec.components.clone()));
+            }
         }
+        plan
+    }
+
+    /// Starts every probe that is due and not running, each in its own task.
+    fn schedule_probes(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let now = Instant::now();
+        let plan = self.probe_plan();
+        let mut wanted: BTreeSet<ProbeKey> = BTreeSet::new();
+        for (ds, probes, components) in plan {
+            for probe in probes {
+                let key = (ds.clone(), probe.name.clone());
+                wanted.insert(key.clone());
+                let period = Duration::from_secs(probe.period_seconds.max(1).into());
+                let threshold = probe.failure_threshold.max(1);
+                if let Some(epoch) = self.due(&key, now, period, threshold) {
+                    let ctx = self.ctx.clone();
+                    let tx = self.probe_tx.clone();
+                    // The probe's own time limit bounds it; the outer one is a backstop.
+                    let limit = Duration::from_secs(u64::from(probe.timeout_seconds.max(1)) + 5);
+                    tokio::spawn(async move {
+                        let outcome = match tokio::time::timeout(
+                            limit,
+                            probe::run(&probe, &ctx.http, &ctx.host),
+                        )
+                        .await
+                        {
+                            Ok(outcome) => outcome,
+                            Err(_) => probe::Outcome {
+                                passed: false,
+                                output: format!("no result within {}s", limit.as_secs()),
+                            },
+                        };
+                        let _ = tx.send(ProbeResult {
+                            key,
+                            epoch,
+                            outcome,
+                        });
+                    });
+                }
+            }
+            for component in components
+                .into_iter()
+                .filter(|c| c.kind == ComponentKind::Service && c.state == ComponentState::Present)
+            {
+                let key = (ds.clone(), alive_name(&component.name));
+                wanted.insert(key.clone());
+                if let Some(epoch) = self.due(&key, now, ALIVE_PERIOD, ALIVE_THRESHOLD) {
+                    let ctx = self.ctx.clone();
+                    let tx = self.probe_tx.clone();
+                    tokio::spawn(async move {
+                        let outcome = match ctx.backends.alive(&component).await {
+                            Ok(()) => probe::Outcome {
+                                passed: true,
+                                output: format!("{} running", component.name),
+                            },
+                            Err(output) => probe::Outcome {
+                                passed: false,
+                                output,
+                            },
+                        };
+                        let _ = tx.send(ProbeResult {
+                            key,
+                            epoch,
+                            outcome,
+                        });
+                    });
+                }
+            }
+        }
+        // Probes no longer planned (a spec changed, a change is applying) are forgotten.
+        self.probes.retain(|key, _| wanted.contains(key));
+    }
+
+    /// Marks `key` running and returns its epoch when it is due and idle.
+    fn due(
+        &mut self,
+        key: &ProbeKey,
+        now: Instant,
+        period: Duration,
+        threshold: u32,
+    ) -> Option<u64> {
+        let epoch = &mut self.probe_epoch;
+        let record = self.probes.entry(key.clone()).or_insert_with(|| {
+            *epoch += 1;
+            ProbeRecord {
+                epoch: *epoch,
+                next_due: now,
+                period,
+                threshold,
+                consecutive_failures: 0,
+                passes: 0,
+                running: false,
+                last: None,
+            }
+        });
+        record.period = period;
+        record.threshold = threshold;
+        if record.running || record.next_due > now {
+            return None;
+        }
+        record.running = true;
+        Some(record.epoch)
     }
 
     /// Builds the report the heartbeat sends.
@@ -1008,7 +1202,7 @@ impl Agent {
         let mut report = NodeReport {
             nodelet_version: self.nodelet_version.clone(),
             observed_generation: assignment.map_or(0, |a| a.generation),
-            host: Some(self.host.sample()),
+            host: Some(self.ctx.host.sample()),
             ..NodeReport::default()
         };
         let names: Vec<String> = self
@@ -1017,7 +1211,7 @@ impl Agent {
             .keys()
             .chain(self.state.changes.keys())
             .cloned()
-            .collect::<std::collections::BTreeSet<_>>()
+            .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         for name in names {
@@ -1035,13 +1229,16 @@ impl Agent {
                 (Some(change), _) => (
                     change.target.revision,
                     match change.phase {
-                        ChangePhase::Applying => ComponentPhase::Applying,
+                        ChangePhase::Pending | ChangePhase::Applying => ComponentPhase::Applying,
                         ChangePhase::Verifying => ComponentPhase::Verifying,
                         ChangePhase::Baking => ComponentPhase::Healthy,
                         ChangePhase::Reverting => ComponentPhase::Reverting,
                     },
                     change.target.commit.clone(),
-                    change.healthy_at_ms.map(ms_to_time),
+                    change
+                        .healthy_at_ms
+                        .filter(|_| change.phase == ChangePhase::Baking)
+                        .map(ms_to_time),
                     &change.target.spec,
                     change.revert_reason.clone(),
                     change.probe_output.clone(),
@@ -1112,17 +1309,16 @@ impl Agent {
                 .unwrap_or_default();
             for ((ds, probe_name), record) in self.probes.iter().filter(|((ds, _), _)| ds == &name)
             {
+                let Some(last) = &record.last else {
+                    continue; // not run yet: nothing to say
+                };
                 report.probes.push(ProbeStatus {
                     name: probe_name.clone(),
                     desired_state: ds.clone(),
-                    passing: record.last.as_ref().is_some_and(|o| o.passed),
+                    passing: last.passed,
                     baseline_passing: baseline.get(probe_name).copied(),
                     consecutive_failures: record.consecutive_failures,
-                    output: record
-                        .last
-                        .as_ref()
-                        .map(|o| crate::command::tail(&o.output, 500))
-                        .unwrap_or_default(),
+                    output: crate::command::tail(&last.output, 500),
                 });
             }
         }
@@ -1133,26 +1329,169 @@ impl Agent {
     }
 }
 
-/// The component a failing probe points at: the service of an alive probe; otherwise the
-/// first service of the change (the likeliest cause of an HTTP or TCP regression).
-fn culprit_of(probe: &str, change: &Change) -> Option<String> {
-    if let Some(service) = probe.strip_suffix("-alive") {
-        if change.steps.iter().any(|s| s.component.name == service) {
-            return Some(service.to_string());
+/// How long restarted services of a change get before its probes count again: the longest
+/// `startSeconds` among its services (what a step itself waits after starting one).
+fn settle_ms(change: &Change) -> u64 {
+    change
+        .target
+        .spec
+        .components
+        .iter()
+        .filter_map(|c| c.service.as_ref())
+        .map(|s| u64::from(s.start_seconds) * 1000)
+        .max()
+        .unwrap_or(0)
+}
+
+fn fetch_failure(component: &Component, error: &ArtifactError) -> Failure {
+    Failure {
+        reason: error.to_string(),
+        component: Some(component.name.clone()),
+        no_space: is_no_space(error),
+    }
+}
+
+fn is_no_space(error: &ArtifactError) -> bool {
+    match error {
+        ArtifactError::Io { source, .. } => source.raw_os_error() == Some(nix::libc::ENOSPC),
+        _ => error.to_string().contains("No space left on device"),
+    }
+}
+
+/// Pending's work: baseline probes (before anything changes), every artifact verified into the
+/// cache, a snapshot of every component. Touches nothing on the node.
+async fn prepare(ctx: Arc<Context>, change: Change) -> Outcome {
+    let mut baseline = BTreeMap::new();
+    let spec = &change.target.spec;
+    let runs = spec
+        .probes
+        .iter()
+        .map(|probe| probe::run(probe, &ctx.http, &ctx.host));
+    let results = futures::future::join_all(runs).await;
+    for (probe, outcome) in spec.probes.iter().zip(results) {
+        baseline.insert(probe.name.clone(), outcome.passed);
+    }
+    for component in spec
+        .components
+        .iter()
+        .filter(|c| c.kind == ComponentKind::Service)
+    {
+        // A service that is not installed yet has nothing to regress from: its alive probe
+        // must pass after the change, so it counts as passing at baseline.
+        let alive = ctx.backends.alive(component).await.is_ok();
+        baseline.insert(alive_name(&component.name), alive);
+    }
+    // Artifacts first: a bad download or a wrong hash stops everything before anything is touched.
+    for step in &change.steps {
+        if step.action == Action::Remove {
+            continue;
+        }
+        if let Some(artifact) = &step.component.artifact {
+            if let Err(e) = ctx.artifacts.fetch(&artifact.url, &artifact.sha256).await {
+                return Outcome::PrepareFailed(fetch_failure(&step.component, &e));
+            }
         }
     }
-    change
-        .steps
-        .iter()
-        .find(|s| s.component.kind == ComponentKind::Service)
-        .or_else(|| change.steps.first())
-        .map(|s| s.component.name.clone())
+    let mut snapshots = Vec::new();
+    for step in &change.steps {
+        match ctx.backends.snapshot(&step.component).await {
+            Ok(snapshot) => snapshots.push(snapshot),
+            Err(e) => {
+                return Outcome::PrepareFailed(Failure {
+                    reason: e.to_string(),
+                    component: Some(step.component.name.clone()),
+                    no_space: false,
+                })
+            }
+        }
+    }
+    Outcome::Prepared {
+        baseline,
+        snapshots,
+    }
+}
+
+/// Kinds whose steps change machine-wide state (dpkg's database, the module tree).
+fn serialized(kind: ComponentKind) -> bool {
+    matches!(kind, ComponentKind::Package | ComponentKind::Driver)
+}
+
+/// One step: the verified artifact (normally already cached by Pending), then the backend.
+async fn run_step(ctx: Arc<Context>, index: usize, step: Step) -> Outcome {
+    let failed = |reason: String, no_space: bool| {
+        Outcome::StepFailed(
+            index,
+            Failure {
+                reason,
+                component: Some(step.component.name.clone()),
+                no_space,
+            },
+        )
+    };
+    let artifact: Option<PathBuf> = match (&step.component.artifact, step.action) {
+        (_, Action::Remove) | (None, _) => None,
+        (Some(artifact), _) => match ctx.artifacts.fetch(&artifact.url, &artifact.sha256).await {
+            Ok(path) => Some(path),
+            Err(e) => return failed(format!("{}: {e}", step.component.name), is_no_space(&e)),
+        },
+    };
+    let _serial = if serialized(step.component.kind) {
+        Some(ctx.serial.lock().await)
+    } else {
+        None
+    };
+    let result = match step.action {
+        Action::Remove => ctx.backends.remove(&step.component).await,
+        _ => {
+            ctx.backends
+                .apply(&step.component, artifact.as_deref())
+                .await
+        }
+    };
+    match result {
+        Ok(()) => Outcome::StepDone(index),
+        Err(e) => failed(
+            format!("{:?} {} failed: {e}", step.action, step.component.name),
+            false,
+        ),
+    }
+}
+
+/// Puts one step back from its snapshot.
+async fn restore_step(ctx: Arc<Context>, index: usize, step: Step) -> Outcome {
+    let Some(snapshot) = &step.snapshot else {
+        return Outcome::RestoreFailed(index, "no snapshot was taken".into());
+    };
+    let _serial = if serialized(step.component.kind) {
+        Some(ctx.serial.lock().await)
+    } else {
+        None
+    };
+    match ctx.backends.restore(&step.component, snapshot).await {
+        Ok(()) => Outcome::Restored(index),
+        Err(e) => Outcome::RestoreFailed(index, e.to_string()),
+    }
+}
+
+/// The node token, once known: registration may still be going on in the background.
+pub type TokenWatch = watch::Receiver<Option<String>>;
+
+async fn token_of(tokens: &mut TokenWatch, stop: &mut watch::Receiver<bool>) -> Option<String> {
+    loop {
+        if let Some(token) = tokens.borrow_and_update().clone() {
+            return Some(token);
+        }
+        tokio::select! {
+            changed = tokens.changed() => if changed.is_err() { return None; },
+            _ = stop.changed() => if *stop.borrow() { return None; },
+        }
+    }
 }
 
 /// Follows the assignment: long polls, stores each new one, and hands it to the loop.
 pub async fn follow<C: ApiClient>(
     client: Arc<C>,
-    token: String,
+    mut tokens: TokenWatch,
     node: String,
     sender: watch::Sender<Option<NodeAssignment>>,
     mut stop: watch::Receiver<bool>,
@@ -1160,6 +1499,9 @@ pub async fn follow<C: ApiClient>(
     let mut since: Option<u64> = sender.borrow().as_ref().map(|a| a.generation);
     let mut backoff = Duration::from_secs(1);
     loop {
+        let Some(token) = token_of(&mut tokens, &mut stop).await else {
+            return;
+        };
         let call = client.assignment(&token, &node, since, Duration::from_secs(30));
         let result = tokio::select! {
             result = call => result,
@@ -1192,10 +1534,10 @@ pub async fn follow<C: ApiClient>(
     }
 }
 
-/// Sends the report every `interval`, with the events recorded since the last delivery.
+/// Sends the report every `interval`, with the oldest queued events (one report's worth).
 pub async fn heartbeat<C: ApiClient>(
     client: Arc<C>,
-    token: String,
+    mut tokens: TokenWatch,
     node: String,
     shared: Arc<Shared>,
     dir: StateDir,
@@ -1210,20 +1552,105 @@ pub async fn heartbeat<C: ApiClient>(
                 if *stop.borrow() { return; }
             }
         }
+        let Some(token) = token_of(&mut tokens, &mut stop).await else {
+            return;
+        };
         let mut report = shared.report.lock().expect("not poisoned").clone();
-        let events = shared.events.lock().expect("not poisoned").clone();
-        report.events = events.clone();
-        match client.report(&token, &node, &report).await {
+        let batch = shared.events.lock().expect("not poisoned").batch();
+        report.events = batch.clone();
+        let call = client.report(&token, &node, &report);
+        let result = tokio::select! {
+            result = call => result,
+            _ = stop.changed() => return,
+        };
+        match result {
             Ok(()) => {
-                // Drop exactly what was delivered; events recorded meanwhile stay queued.
                 let mut queued = shared.events.lock().expect("not poisoned");
-                let delivered = events.len().min(queued.len());
-                queued.drain(..delivered);
-                let _ = dir.save_events(&queued);
+                queued.delivered(&batch);
+                let _ = dir.save_events(&queued.snapshot());
+                // More than one report's worth waiting (back from offline): send on at once.
+                if queued.len() >= EVENTS_PER_REPORT {
+                    tick.reset_immediately();
+                }
             }
             Err(e) => {
-                tracing::warn!(error = %e, queued = events.len(), "heartbeat failed; events stay queued")
+                tracing::warn!(error = %e, queued = batch.len(), "heartbeat failed; events stay queued")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: EventType, n: usize) -> NodeEvent {
+        NodeEvent {
+            time: UNIX_EPOCH + Duration::from_secs(n as u64),
+            kind,
+            reason: format!("R{n}"),
+            message: "m".into(),
+            desired_state: None,
+            revision: None,
+            component: None,
+        }
+    }
+
+    #[test]
+    fn the_event_queue_is_bounded_drops_normal_first_and_says_so() {
+        let mut queue = EventQueue::default();
+        queue.push(event(EventType::Warning, 0));
+        for n in 1..=MAX_QUEUED_EVENTS + 10 {
+            queue.push(event(EventType::Normal, n));
+        }
+        assert_eq!(queue.len(), MAX_QUEUED_EVENTS);
+        assert_eq!(queue.dropped, 11);
+        let batch = queue.batch();
+        assert_eq!(batch.len(), EVENTS_PER_REPORT);
+        assert_eq!(batch[0].reason, "R0", "the Warning is kept");
+        assert_eq!(batch[1].reason, "R12", "the oldest Normal ones went");
+        queue.delivered(&batch);
+        assert_eq!(queue.len(), MAX_QUEUED_EVENTS - EVENTS_PER_REPORT + 1);
+        let last = queue.events.back().unwrap();
+        assert_eq!(last.reason, "EventsDropped");
+        assert!(
+            last.message.starts_with("11 older events"),
+            "{}",
+            last.message
+        );
+        assert_eq!(queue.dropped, 0);
+    }
+
+    #[test]
+    fn a_long_message_is_cut_and_only_delivered_events_are_forgotten() {
+        let mut queue = EventQueue::default();
+        let mut long = event(EventType::Warning, 1);
+        long.message = "x".repeat(100_000);
+        queue.push(long);
+        assert!(queue.events[0].message.len() <= MAX_EVENT_MESSAGE + 4);
+        let batch = queue.batch();
+        queue.push(event(EventType::Normal, 2));
+        queue.delivered(&batch);
+        assert_eq!(queue.len(), 1);
+        assert_eq!(queue.events[0].reason, "R2");
+        // A batch that is no longer at the front (dropped meanwhile) forgets nothing.
+        queue.delivered(&[event(EventType::Normal, 9)]);
+        assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn even_a_full_queue_of_long_messages_fits_a_report() {
+        let mut queue = EventQueue::default();
+        for n in 0..MAX_QUEUED_EVENTS {
+            let mut e = event(EventType::Warning, n);
+            e.message = "y".repeat(50_000);
+            queue.push(e);
+        }
+        let report = NodeReport {
+            events: queue.batch(),
+            ..NodeReport::default()
+        };
+        let bytes = serde_json::to_vec(&report).unwrap().len();
+        assert!(bytes < 2 * 1024 * 1024, "{bytes} bytes");
     }
 }

@@ -83,15 +83,19 @@ pub struct Step {
     pub component: Component,
     /// What the step does.
     pub action: Action,
-    /// What was there before, enough to restore it without the network.
-    pub snapshot: Snapshot,
+    /// What was there before, enough to restore it without the network; taken while the
+    /// change is Pending, before any step runs.
+    #[serde(default)]
+    pub snapshot: Option<Snapshot>,
     /// Progress.
     pub state: StepState,
 }
 
-/// Where a change is.
+/// Where a change is (see `lifecycle` for the transition and deadline tables).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChangePhase {
+    /// Nothing touched yet: baseline probes, downloads and snapshots are being taken.
+    Pending,
     /// Steps are running.
     Applying,
     /// Steps done; waiting for every baseline-passing probe to pass.
@@ -125,6 +129,36 @@ pub struct Change {
     pub probe_output: Option<String>,
     /// The component whose log explains the failure.
     pub culprit: Option<String>,
+    /// Unix ms when the change entered its phase (deadlines count from here).
+    #[serde(default)]
+    pub phase_since_ms: u64,
+    /// Pending: baseline, artifacts and snapshots are ready.
+    #[serde(default)]
+    pub prepared: bool,
+    /// A step (or preparing) failed: the change reverts (or, Pending, is refused).
+    #[serde(default)]
+    pub failure: Option<Failure>,
+    /// After a restart: probes do not count until then (Unix ms), while services come back.
+    #[serde(default)]
+    pub settle_until_ms: Option<u64>,
+    /// Reverting: a restore failed; the change ends Failed.
+    #[serde(default)]
+    pub revert_failure: Option<String>,
+    /// The culprit's last log lines, read when the revert began (before its process went).
+    #[serde(default)]
+    pub log_tail: Vec<String>,
+}
+
+/// Why a step, or preparing a change, failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// For people.
+    pub reason: String,
+    /// The component it is about.
+    pub component: Option<String>,
+    /// The disk was too full: retried once there is room, not recorded as a failed revision.
+    #[serde(default)]
+    pub no_space: bool,
 }
 
 /// What a DesiredState runs on this node.

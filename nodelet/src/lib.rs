@@ -8,6 +8,7 @@ pub mod client;
 pub mod command;
 pub mod host;
 pub mod journal;
+pub mod lifecycle;
 pub mod plan;
 pub mod probe;
 pub mod supervisor;

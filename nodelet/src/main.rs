@@ -71,52 +71,76 @@ fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, String> {
     Ok(labels)
 }
 
-async fn token(
+/// The node token, without holding up the agent: a token passed in or saved at an earlier
+/// registration is used at once; registering (the first time, or again because the node's
+/// labels changed, say after a kernel update) goes on in the background with backoff, so a
+/// boot with the apiserver unreachable still starts every service from the journal.
+fn connect(
     args: &Args,
-    client: &HttpClient,
+    client: Arc<HttpClient>,
     dir: &StateDir,
     name: &str,
     labels: &BTreeMap<String, String>,
-) -> Result<String, String> {
+    first_boot: bool,
+) -> Result<agent::TokenWatch, String> {
     if let Some(token) = &args.token {
-        return Ok(token.clone());
+        return Ok(tokio::sync::watch::channel(Some(token.clone())).1);
     }
     let labels_file = dir.path().join("registered-labels.json");
     let saved = dir.load_token()?;
     let registered_labels: Option<BTreeMap<String, String>> = read_json(&labels_file)?;
-    if let Some(saved) = &saved {
-        if registered_labels.as_ref() == Some(labels) || args.join_token.is_none() {
-            return Ok(saved.clone());
+    let join = match (&saved, &args.join_token) {
+        (Some(saved), None) => return Ok(tokio::sync::watch::channel(Some(saved.clone())).1),
+        (Some(saved), Some(_)) if registered_labels.as_ref() == Some(labels) => {
+            return Ok(tokio::sync::watch::channel(Some(saved.clone())).1)
         }
-        tracing::info!("labels changed since registration; registering again");
-    }
-    let join = args
-        .join_token
-        .as_ref()
-        .ok_or("this node has no token yet: pass --join-token (or --token)")?;
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match client.register(join, name, labels).await {
-            Ok(token) => {
-                dir.save_token(&token)?;
-                write_atomic(
-                    &labels_file,
-                    &serde_json::to_vec(labels).expect("labels serialize"),
-                )
-                .map_err(|e| e.to_string())?;
-                tracing::info!(node = name, "registered");
-                return Ok(token);
-            }
-            Err(nodelet::client::ClientError::Rejected { status, message }) => {
-                return Err(format!("registration refused ({status}): {message}"));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
+        (_, Some(join)) => join.clone(),
+        (None, None) => {
+            return Err("this node has no token yet: pass --join-token (or --token)".into())
         }
+    };
+    if saved.is_some() {
+        tracing::info!("labels changed since registration; registering again in the background");
     }
+    let (sender, tokens) = tokio::sync::watch::channel(saved);
+    let dir = dir.clone();
+    let name = name.to_string();
+    let labels = labels.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let wait = match client.register(&join, &name, &labels).await {
+                Ok(token) => {
+                    if let Err(e) = dir.save_token(&token) {
+                        tracing::error!(error = %e, "cannot store the node token; it is used from memory");
+                    }
+                    let labels_json = serde_json::to_vec(&labels).expect("labels serialize");
+                    if let Err(e) = write_atomic(&labels_file, &labels_json) {
+                        tracing::error!(error = %e, "cannot store the registered labels");
+                    }
+                    tracing::info!(node = %name, "registered");
+                    let _ = sender.send(Some(token));
+                    return;
+                }
+                Err(nodelet::client::ClientError::Rejected { status, message }) => {
+                    if first_boot {
+                        // Nothing to enforce yet, and the join token is wrong: say so and stop.
+                        eprintln!("nodelet: registration refused ({status}): {message}");
+                        std::process::exit(2);
+                    }
+                    tracing::error!(status, %message, "registration refused; enforcing the stored state and trying again in 5 minutes");
+                    Duration::from_secs(300)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register yet; enforcing the stored state and retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    });
+    Ok(tokens)
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -143,7 +167,9 @@ async fn run(args: Args) -> Result<(), String> {
     labels.extend(parse_labels(&args.labels)?);
 
     let client = Arc::new(HttpClient::new(&args.server)?);
-    let token = token(&args, &client, &dir, &name, &labels).await?;
+    let stored = dir.load_assignment()?;
+    let first_boot = stored.is_none() && dir.load()?.applied.is_empty();
+    let tokens = connect(&args, client.clone(), &dir, &name, &labels, first_boot)?;
 
     let runner = if root == std::path::Path::new("/") && service::systemd_is_pid1() {
         service::Runner::Systemd {
@@ -182,18 +208,17 @@ async fn run(args: Args) -> Result<(), String> {
     let agent = Agent::new(backends, artifacts, host, dir.clone(), shared.clone())?.with_vars(vars);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stored = dir.load_assignment()?;
     let (assign_tx, assign_rx) = tokio::sync::watch::channel(stored);
     tokio::spawn(agent::follow(
         client.clone(),
-        token.clone(),
+        tokens.clone(),
         name.clone(),
         assign_tx,
         stop_rx.clone(),
     ));
     tokio::spawn(agent::heartbeat(
         client.clone(),
-        token,
+        tokens,
         name.clone(),
         shared,
         dir,
@@ -234,7 +259,10 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(args)) {
+    let result = runtime.block_on(run(args));
+    // A blocking read still going (a file artifact) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("nodelet: {message}");
