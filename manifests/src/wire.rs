@@ -417,6 +417,10 @@ pub struct NodeReport {
     /// Things that happened since the last report, oldest first (kept while offline).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<NodeEvent>,
+    /// Set while the node is short of disk space (what is short, for people): the
+    /// `DiskPressure` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_pressure: Option<String>,
 }
 
 /// Something that happened on a node, as the node recorded it.

@@ -1506,6 +1506,7 @@ pub fn conditions(node: &NodeObject, assignment: &NodeAssignment, ready: bool) -
         out.push(unknown("Ready"));
         out.push(unknown("Converged"));
         out.push(unknown("Healthy"));
+        out.push(unknown("DiskPressure"));
     } else {
         out.push(if ready {
             condition("Ready", true, "Heartbeat", String::new())
@@ -1569,6 +1570,10 @@ pub fn conditions(node: &NodeObject, assignment: &NodeAssignment, ready: bool) -
             condition("Healthy", true, "ProbesPassing", String::new())
         } else {
             condition("Healthy", false, "Unhealthy", broken.join("; "))
+        });
+        out.push(match &report.disk_pressure {
+            Some(message) => condition("DiskPressure", true, "LowDiskSpace", message.clone()),
+            None => condition("DiskPressure", false, "EnoughDiskSpace", String::new()),
         });
     }
     out.push(if assignment.conflicts.is_empty() {
@@ -1932,7 +1937,10 @@ mod tests {
         // Never reported: everything but Conflict is unknown.
         let fresh = conditions(&node(false), &empty, false);
         let kinds: Vec<&str> = fresh.iter().map(|c| c.kind.as_str()).collect();
-        assert_eq!(kinds, vec!["Ready", "Converged", "Healthy", "Conflict"]);
+        assert_eq!(
+            kinds,
+            vec!["Ready", "Converged", "Healthy", "DiskPressure", "Conflict"]
+        );
         assert_eq!(status_of(&fresh, "Ready").0, Unknown);
         assert_eq!(status_of(&fresh, "Converged").0, Unknown);
         assert_eq!(status_of(&fresh, "Healthy").0, Unknown);
@@ -1956,6 +1964,17 @@ mod tests {
             (True, "AtDesiredState".into())
         );
         assert_eq!(status_of(&all, "Healthy"), (True, "ProbesPassing".into()));
+        assert_eq!(status_of(&all, "DiskPressure").0, False);
+        let mut full = good.clone();
+        full.status.report.disk_pressure = Some("12 MiB free under /var/lib/shoal".into());
+        let pressed = conditions(&full, &assignment, true);
+        assert_eq!(
+            status_of(&pressed, "DiskPressure"),
+            (True, "LowDiskSpace".into())
+        );
+        assert!(pressed
+            .iter()
+            .any(|c| c.message == "12 MiB free under /var/lib/shoal"));
         assert_eq!(status_of(&all, "Conflict").0, False);
 
         // Not ready.
