@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use manifests::Component;
 
-use super::{io, Backend, BackendError, Snapshot};
+use super::{io, prunable, remove_kept, Backend, BackendError, Kept, Snapshot};
 use crate::command;
 
 const MODPROBE_LIMIT: Duration = Duration::from_secs(120);
@@ -58,6 +58,56 @@ impl DriverBackend {
 
     fn kept_path(&self, module: &str, version: &str) -> PathBuf {
         self.kept.join(module).join(format!("{version}.ko"))
+    }
+
+    /// The `.ko` files kept for `module`.
+    fn kept_modules(&self, module: &str) -> Vec<Kept> {
+        let Ok(entries) = std::fs::read_dir(self.kept.join(module)) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let version = name.strip_suffix(".ko")?;
+                Some(Kept {
+                    version: version.to_string(),
+                    modified: e.metadata().ok()?.modified().ok()?,
+                    path: e.path(),
+                })
+            })
+            .collect()
+    }
+
+    /// Removes kept `.ko` files of `module` as [`Backend::prune_kept`] says, `loaded` being the
+    /// version the kernel runs. A loaded version no kept file is named after (a module
+    /// without MODULE_VERSION) is told by its bytes: the kept file that is the same as the one
+    /// modprobe loads stays.
+    fn prune_module(
+        &self,
+        module: &str,
+        loaded: Option<&str>,
+        protect: &[&str],
+        keep: usize,
+    ) -> Vec<PathBuf> {
+        let kept = self.kept_modules(module);
+        let mut protect: Vec<&str> = protect.to_vec();
+        let installed = std::fs::read(self.installed_path(module)).ok();
+        if !kept.iter().any(|k| Some(k.version.as_str()) == loaded) {
+            if let Some(installed) = &installed {
+                protect.extend(
+                    kept.iter()
+                        .filter(|k| {
+                            std::fs::metadata(&k.path)
+                                .is_ok_and(|m| m.len() == installed.len() as u64)
+                                && std::fs::read(&k.path).is_ok_and(|b| &b == installed)
+                        })
+                        .map(|k| k.version.as_str()),
+                );
+            }
+        }
+        let doomed = prunable(kept.clone(), loaded, &protect, keep);
+        remove_kept(doomed, ".ko")
     }
 
     fn loaded_version(module: &str) -> Option<String> {
@@ -253,11 +303,59 @@ impl Backend for DriverBackend {
             })
             .unwrap_or_default()
     }
+
+    async fn prune_kept(
+        &self,
+        component: &Component,
+        protect: &[&str],
+        keep: usize,
+    ) -> Vec<PathBuf> {
+        let module = Self::module(component);
+        let loaded = Self::loaded_version(&module);
+        self.prune_module(&module, loaded.as_deref(), protect, keep)
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::canonical_version;
+    use super::*;
+
+    #[test]
+    fn kept_modules_are_pruned_but_not_the_loaded_or_protected_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = DriverBackend::new(
+            &tmp.path().join("root"),
+            &tmp.path().join("state"),
+            "6.1.0".into(),
+        );
+        let dir = tmp.path().join("state/drivers/mcp251x");
+        std::fs::create_dir_all(&dir).unwrap();
+        for version in ["5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0"] {
+            std::fs::write(
+                dir.join(format!("{version}.ko")),
+                format!("module {version}"),
+            )
+            .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::write(dir.join("loaded.json"), "{}").unwrap();
+        let mut removed = backend.prune_module("mcp251x", Some("5.2.0"), &["5.0.0"], 1);
+        removed.sort();
+        assert_eq!(removed, vec![dir.join("5.1.0.ko"), dir.join("5.3.0.ko")]);
+        assert!(
+            dir.join("loaded.json").exists(),
+            "only .ko files are versions"
+        );
+
+        // Loaded without a version the kept files are named after: the one modprobe loads stays.
+        let installed = backend.installed_path("mcp251x");
+        std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
+        std::fs::write(&installed, "module 5.0.0").unwrap();
+        let removed = backend.prune_module("mcp251x", Some("unknown"), &[], 0);
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(dir.join("5.0.0.ko").exists());
+        assert!(!dir.join("5.4.0.ko").exists());
+    }
 
     #[test]
     fn module_versions_read_as_manifests_write_them() {

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use manifests::Component;
 
-use super::{io, Backend, BackendError, Snapshot};
+use super::{io, prunable, remove_kept, Backend, BackendError, Kept, Snapshot};
 use crate::command;
 
 const DPKG_LIMIT: Duration = Duration::from_secs(600);
@@ -343,6 +343,27 @@ impl PackageBackend {
         // ':' of an epoch is not welcome in file names; dpkg's own cache writes it as %3a.
         self.debs
             .join(format!("{package}_{}.deb", version.replace(':', "%3a")))
+    }
+
+    /// The `.deb` files kept for `package`. Debian package names and versions have no `_`,
+    /// so `<package>_` names that package's files and no other's.
+    fn kept_debs(&self, package: &str) -> Vec<Kept> {
+        let Ok(entries) = std::fs::read_dir(&self.debs) else {
+            return Vec::new();
+        };
+        let prefix = format!("{package}_");
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let version = name.strip_prefix(&prefix)?.strip_suffix(".deb")?;
+                Some(Kept {
+                    version: version.replace("%3a", ":"),
+                    modified: e.metadata().ok()?.modified().ok()?,
+                    path: e.path(),
+                })
+            })
+            .collect()
     }
 
     /// Finds a `.deb` of the installed version: ours, or apt's cache.
@@ -700,6 +721,27 @@ impl Backend for PackageBackend {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
         lines[lines.len().saturating_sub(10)..].to_vec()
+    }
+
+    async fn prune_kept(
+        &self,
+        component: &Component,
+        protect: &[&str],
+        keep: usize,
+    ) -> Vec<PathBuf> {
+        let package = self.package_name(component);
+        let installed = match self.dpkg_state(package).await {
+            Ok(DpkgState::Installed(version)) => Some(version),
+            Ok(DpkgState::Absent) => None,
+            // Half-way through a change, the .deb to finish (or undo) it with may be any of them.
+            Ok(DpkgState::Unfinished(_)) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(package, error = %e, "not pruning kept .deb files: cannot tell what is installed");
+                return Vec::new();
+            }
+        };
+        let doomed = prunable(self.kept_debs(package), installed.as_deref(), protect, keep);
+        remove_kept(doomed, ".deb")
     }
 }
 
@@ -1090,5 +1132,51 @@ Architecture: i386
             agree("half-configured").await,
             DpkgState::Unfinished("iF".into())
         );
+    }
+
+    #[tokio::test]
+    async fn kept_debs_are_pruned_but_not_the_installed_or_protected_ones() {
+        let (_tmp, backend) = sandbox();
+        write_status(
+            &backend,
+            "Package: p\nStatus: hold ok installed\nVersion: 1:1.2\nArchitecture: all\n",
+        );
+        std::fs::create_dir_all(&backend.debs).unwrap();
+        let versions = ["1.0", "1.1", "1:1.2", "1:1.3", "1:1.4"];
+        for (age, version) in versions.iter().rev().enumerate() {
+            let path = backend.kept_deb("p", version);
+            std::fs::write(&path, version).unwrap();
+            let when = SystemTime::now() - Duration::from_secs(100 * (age as u64 + 1));
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+        }
+        // Another package's file, whose name starts the same way.
+        std::fs::write(backend.debs.join("p2_0.1.deb"), "").unwrap();
+        let component: Component = serde_json::from_value(serde_json::json!({
+            "name": "p", "kind": "package", "version": "1:1.4",
+        }))
+        .unwrap();
+        let mut removed = backend.prune_kept(&component, &["1.0"], 1).await;
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![backend.kept_deb("p", "1:1.3"), backend.kept_deb("p", "1.1")],
+            "kept: 1:1.2 installed, 1.0 protected, 1:1.4 the newest other"
+        );
+        assert!(backend.kept_deb("p", "1:1.2").exists());
+        assert!(backend.kept_deb("p", "1.0").exists());
+        assert!(backend.kept_deb("p", "1:1.4").exists());
+        assert!(backend.debs.join("p2_0.1.deb").exists());
+
+        // Half-way through a change, nothing goes.
+        write_status(
+            &backend,
+            "Package: p\nStatus: install ok half-configured\nVersion: 1:1.4\nArchitecture: all\n",
+        );
+        assert!(backend.prune_kept(&component, &[], 0).await.is_empty());
     }
 }
