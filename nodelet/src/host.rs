@@ -23,6 +23,19 @@ pub fn refresh_due(last: Option<Instant>, now: Instant, every: Duration) -> bool
     last.is_none_or(|last| now.saturating_duration_since(last) >= every)
 }
 
+/// Bytes available to an unprivileged user on the file system holding `path` (statvfs's
+/// available blocks times the fragment size); `None` if it cannot be read.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let stats = nix::sys::statvfs::statvfs(path).ok()?;
+    // The field types differ between platforms (32-bit ARM has narrower ones).
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, fragment) = (
+        stats.blocks_available() as u64,
+        stats.fragment_size() as u64,
+    );
+    blocks.checked_mul(fragment)
+}
+
 /// The CPU model, from /proc/cpuinfo: `model name` on x86, and on ARM the
 /// `CPU part` decoded for the cores shoal's users run (Cortex-A55 and friends).
 pub fn cpu_model(cpuinfo: &str) -> Option<String> {
@@ -297,5 +310,15 @@ mod tests {
             second.disk_total_bytes > 0,
             "the disk figures come from the kept list"
         );
+    }
+
+    #[test]
+    fn free_bytes_of_a_file_system() {
+        let tmp = tempfile::tempdir().unwrap();
+        let free = free_bytes(tmp.path()).unwrap();
+        assert!(free > 0);
+        let metrics = HostSampler::new(Path::new("/")).sample();
+        assert!(free_bytes(Path::new("/")).unwrap() <= metrics.disk_total_bytes);
+        assert_eq!(free_bytes(&tmp.path().join("missing")), None);
     }
 }
