@@ -3,9 +3,38 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use manifests::wire::HostMetrics;
-use sysinfo::{Components, Disks, System};
+use sysinfo::{Components, DiskRefreshKind, Disks, System};
+
+/// How often the lists of disks (mounts) and sensors are read again: they change when
+/// something is mounted or a driver loads, not between two heartbeats.
+pub const LIST_REFRESH: Duration = Duration::from_secs(60);
+
+/// The shortest interval CPU use is measured over: sysinfo's minimum, and at least 1 s, so
+/// the figure is a load and not the noise of a few milliseconds.
+pub fn cpu_interval() -> Duration {
+    sysinfo::MINIMUM_CPU_UPDATE_INTERVAL.max(Duration::from_secs(1))
+}
+
+/// Whether something last refreshed at `last` (never: `None`) is due again at `now`.
+pub fn refresh_due(last: Option<Instant>, now: Instant, every: Duration) -> bool {
+    last.is_none_or(|last| now.saturating_duration_since(last) >= every)
+}
+
+/// Bytes available to an unprivileged user on the file system holding `path` (statvfs's
+/// available blocks times the fragment size); `None` if it cannot be read.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let stats = nix::sys::statvfs::statvfs(path).ok()?;
+    // The field types differ between platforms (32-bit ARM has narrower ones).
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, fragment) = (
+        stats.blocks_available() as u64,
+        stats.fragment_size() as u64,
+    );
+    blocks.checked_mul(fragment)
+}
 
 /// The CPU model, from /proc/cpuinfo: `model name` on x86, and on ARM the
 /// `CPU part` decoded for the cores shoal's users run (Cortex-A55 and friends).
@@ -86,10 +115,23 @@ pub fn self_labels() -> BTreeMap<String, String> {
     labels
 }
 
-/// Reads host metrics; keeps sysinfo's state so CPU use is measured between two reads.
+/// Reads host metrics; keeps sysinfo's state so CPU use is measured between two reads, and
+/// the lists of disks and sensors so a sample reads only the figures, not the lists.
 pub struct HostSampler {
-    system: Mutex<System>,
+    state: Mutex<Sampled>,
     root: PathBuf,
+}
+
+struct Sampled {
+    system: System,
+    /// CPU use over the last [`cpu_interval`] or more, and when it was measured.
+    cpu: f64,
+    cpu_at: Instant,
+    disks: Disks,
+    components: Components,
+    lists_at: Option<Instant>,
+    /// The disk holding the root, in `disks`, as of the last list.
+    root_disk: Option<usize>,
 }
 
 impl HostSampler {
@@ -98,37 +140,66 @@ impl HostSampler {
         let mut system = System::new();
         system.refresh_cpu_usage();
         HostSampler {
-            system: Mutex::new(system),
+            state: Mutex::new(Sampled {
+                system,
+                // Until a first interval has passed there is no measurement: 0.
+                cpu: 0.0,
+                cpu_at: Instant::now(),
+                disks: Disks::new(),
+                components: Components::new(),
+                lists_at: None,
+                root_disk: None,
+            }),
             root: root.to_path_buf(),
         }
     }
 
-    /// Current metrics.
+    /// Current metrics. Cheap enough to call several times a second: CPU use is measured
+    /// again once per [`cpu_interval`] (the figure in between is the last one), and the disk
+    /// and sensor lists are read again once per [`LIST_REFRESH`].
     pub fn sample(&self) -> HostMetrics {
-        let (cpu, used, total) = {
-            let mut system = self.system.lock().expect("not poisoned");
-            system.refresh_cpu_usage();
-            system.refresh_memory();
-            (
-                system.global_cpu_usage() as f64,
-                system.used_memory(),
-                system.total_memory(),
-            )
-        };
-        let disks = Disks::new_with_refreshed_list();
-        let root = std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
-        let disk = disks
-            .list()
-            .iter()
-            .filter(|d| root.starts_with(d.mount_point()))
-            .max_by_key(|d| d.mount_point().as_os_str().len());
+        let now = Instant::now();
+        let mut state = self.state.lock().expect("not poisoned");
+        let state = &mut *state;
+        if refresh_due(Some(state.cpu_at), now, cpu_interval()) {
+            state.system.refresh_cpu_usage();
+            state.cpu = f64::from(state.system.global_cpu_usage());
+            state.cpu_at = now;
+        }
+        state.system.refresh_memory();
+        if refresh_due(state.lists_at, now, LIST_REFRESH) {
+            state.disks.refresh(true);
+            state.components.refresh(true);
+            let root = std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
+            state.root_disk = state
+                .disks
+                .list()
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| root.starts_with(d.mount_point()))
+                .max_by_key(|(_, d)| d.mount_point().as_os_str().len())
+                .map(|(i, _)| i);
+            state.lists_at = Some(now);
+        } else {
+            if let Some(disk) = state
+                .root_disk
+                .and_then(|i| state.disks.list_mut().get_mut(i))
+            {
+                disk.refresh_specifics(DiskRefreshKind::nothing().with_storage());
+            }
+            for component in state.components.list_mut() {
+                component.refresh();
+            }
+        }
+        let disk = state.root_disk.and_then(|i| state.disks.list().get(i));
         let (disk_total, disk_used) = disk.map_or((0, 0), |d| {
             (
                 d.total_space(),
                 d.total_space().saturating_sub(d.available_space()),
             )
         });
-        let temperature = Components::new_with_refreshed_list()
+        let temperature = state
+            .components
             .list()
             .iter()
             .filter_map(|c| c.temperature())
@@ -138,9 +209,9 @@ impl HostSampler {
             })
             .map(f64::from);
         HostMetrics {
-            cpu_percent: cpu,
-            memory_used_bytes: used,
-            memory_total_bytes: total,
+            cpu_percent: state.cpu,
+            memory_used_bytes: state.system.used_memory(),
+            memory_total_bytes: state.system.total_memory(),
             disk_used_bytes: disk_used,
             disk_total_bytes: disk_total,
             temperature_celsius: temperature,
@@ -192,5 +263,62 @@ mod tests {
         assert!(metrics.memory_total_bytes > 0);
         assert!(metrics.process_count > 0);
         assert!(metrics.disk_total_bytes > 0);
+    }
+
+    #[test]
+    fn refreshes_are_due_once_the_interval_passed() {
+        let now = Instant::now();
+        let second = Duration::from_secs(1);
+        assert!(refresh_due(None, now, second), "never refreshed");
+        assert!(!refresh_due(Some(now), now, second));
+        assert!(!refresh_due(
+            Some(now - Duration::from_millis(999)),
+            now,
+            second
+        ));
+        assert!(refresh_due(Some(now - second), now, second));
+        assert!(
+            !refresh_due(Some(now + second), now, second),
+            "a last refresh after now"
+        );
+        assert!(cpu_interval() >= second);
+    }
+
+    #[test]
+    fn cpu_use_is_measured_over_a_second_not_between_close_samples() {
+        let sampler = HostSampler::new(Path::new("/"));
+        // As if the last measurement were long ago: this sample measures.
+        sampler.state.lock().unwrap().cpu_at = Instant::now() - Duration::from_secs(5);
+        let first = sampler.sample();
+        let measured_at = sampler.state.lock().unwrap().cpu_at;
+        assert!(measured_at.elapsed() < Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(10));
+        let second = sampler.sample();
+        assert_eq!(first.cpu_percent.to_bits(), second.cpu_percent.to_bits());
+        assert_eq!(
+            sampler.state.lock().unwrap().cpu_at,
+            measured_at,
+            "not measured again"
+        );
+        assert!((0.0..=100.0).contains(&first.cpu_percent));
+        // The lists were read once, by the first sample.
+        let listed = sampler.state.lock().unwrap().lists_at;
+        assert!(listed.is_some());
+        sampler.sample();
+        assert_eq!(sampler.state.lock().unwrap().lists_at, listed);
+        assert!(
+            second.disk_total_bytes > 0,
+            "the disk figures come from the kept list"
+        );
+    }
+
+    #[test]
+    fn free_bytes_of_a_file_system() {
+        let tmp = tempfile::tempdir().unwrap();
+        let free = free_bytes(tmp.path()).unwrap();
+        assert!(free > 0);
+        let metrics = HostSampler::new(Path::new("/")).sample();
+        assert!(free_bytes(Path::new("/")).unwrap() <= metrics.disk_total_bytes);
+        assert_eq!(free_bytes(&tmp.path().join("missing")), None);
     }
 }

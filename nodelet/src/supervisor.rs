@@ -1,21 +1,34 @@
 //! A small process supervisor for hosts without systemd: starts a service,
 //! restarts it with backoff when it crashes, keeps the last lines of its
-//! output, and stops its whole process group.
+//! output (and all of it, rotated by size, in `<state>/logs/<name>.log`), and stops its
+//! whole process group.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::oneshot;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
 
 /// Lines of output kept in memory per service.
 pub const LOG_LINES: usize = 200;
+
+/// Size at which a service's log file is rotated, unless [`Supervisor::with_log_limit`] says otherwise.
+pub const DEFAULT_LOG_LIMIT: u64 = 10 * 1024 * 1024;
+
+/// Rotated log files kept per service (`<name>.log.1` …), unless [`Supervisor::with_log_limit`] says otherwise.
+pub const DEFAULT_LOG_KEEP: usize = 1;
+
+/// Lines queued for a service's log file. A disk slower than the service is noisy drops
+/// lines from the file (they stay in memory) instead of blocking the pipe the service writes
+/// to: a blocked pipe would stall the service itself.
+const LOG_QUEUE: usize = 4096;
 
 /// How to run one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +77,10 @@ pub struct Supervisor {
     log_dir: PathBuf,
     /// Logs of services that stopped, so a revert report can still show them.
     last_logs: Mutex<HashMap<String, Vec<String>>>,
+    log_limit: u64,
+    log_keep: usize,
+    /// Lines that did not reach a log file (see [`Supervisor::log_write_errors`]).
+    log_write_errors: Arc<AtomicU64>,
 }
 
 impl Supervisor {
@@ -74,7 +91,26 @@ impl Supervisor {
             pid_dir: state_dir.join("pids"),
             log_dir: state_dir.join("logs"),
             last_logs: Mutex::new(HashMap::new()),
+            log_limit: DEFAULT_LOG_LIMIT,
+            log_keep: DEFAULT_LOG_KEEP,
+            log_write_errors: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Rotates a service's log file once it would grow past `bytes`, keeping `keep` rotated
+    /// files (`<name>.log.1` is the newest); `keep = 0` keeps none. Applies to services
+    /// started after the call.
+    pub fn with_log_limit(mut self, bytes: u64, keep: usize) -> Self {
+        self.log_limit = bytes.max(1);
+        self.log_keep = keep;
+        self
+    }
+
+    /// Lines of output that did not reach a log file since the supervisor started: the disk
+    /// failed the write (full, read-only) or could not keep up. Those lines are still in the
+    /// in-memory tail; the service never waits for its log file.
+    pub fn log_write_errors(&self) -> u64 {
+        self.log_write_errors.load(Ordering::Relaxed)
     }
 
     /// Kills services left running by a nodelet that died (kill -9 leaves its children
@@ -119,7 +155,12 @@ impl Supervisor {
             stopped,
             spawned,
             self.pid_dir.clone(),
-            self.log_dir.clone(),
+            LogFile::new(
+                self.log_dir.join(format!("{}.log", spec.name)),
+                self.log_limit,
+                self.log_keep,
+            ),
+            self.log_write_errors.clone(),
         ));
         self.services.lock().await.insert(
             spec.name.clone(),
@@ -157,12 +198,11 @@ impl Supervisor {
         }
     }
 
-    /// Stops everything (nodelet shutdown).
+    /// Stops everything (nodelet shutdown), all at once: services that ignore SIGTERM cost
+    /// one 5 s grace period together, not one each.
     pub async fn stop_all(&self) {
         let names: Vec<String> = self.services.lock().await.keys().cloned().collect();
-        for name in names {
-            self.stop(&name).await;
-        }
+        futures::future::join_all(names.iter().map(|name| self.stop(name))).await;
     }
 
     /// The spec a service runs with, if supervised.
@@ -222,12 +262,14 @@ async fn supervise(
     mut stopped: oneshot::Receiver<()>,
     spawned: oneshot::Sender<()>,
     pid_dir: PathBuf,
-    log_dir: PathBuf,
+    log_file: LogFile,
+    log_write_errors: Arc<AtomicU64>,
 ) {
     let pid_file = pid_dir.join(format!("{}.pid", spec.name));
     let _ = tokio::fs::create_dir_all(&pid_dir).await;
-    let _ = tokio::fs::create_dir_all(&log_dir).await;
-    let log_path = log_dir.join(format!("{}.log", spec.name));
+    // One writer for stdout and stderr, and for every restart: rotation sees every line.
+    let (log_lines, queued) = mpsc::channel(LOG_QUEUE);
+    tokio::spawn(write_logs(queued, log_file, log_write_errors.clone()));
     let mut backoff = Duration::from_secs(1);
     let mut spawned = Some(spawned);
     loop {
@@ -275,18 +317,13 @@ async fn supervise(
                 .flatten()
                 {
                     let status = status.clone();
-                    let log_path = log_path.clone();
+                    let log_lines = log_lines.clone();
+                    let log_write_errors = log_write_errors.clone();
                     tokio::spawn(async move {
                         let mut lines = BufReader::new(stream).lines();
-                        let mut file = tokio::fs::OpenOptions::new()
-                            .create(true)
-                            .append(true)
-                            .open(&log_path)
-                            .await
-                            .ok();
                         while let Ok(Some(line)) = lines.next_line().await {
-                            if let Some(file) = file.as_mut() {
-                                let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+                            if log_lines.try_send(line.clone()).is_err() {
+                                log_write_errors.fetch_add(1, Ordering::Relaxed);
                             }
                             status.log(line);
                         }
@@ -319,6 +356,141 @@ async fn supervise(
             }
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Writes queued lines to the log file in batches, on the blocking pool: a slow or full disk
+/// holds up this task, never the async workers or the service.
+async fn write_logs(mut queued: mpsc::Receiver<String>, mut file: LogFile, errors: Arc<AtomicU64>) {
+    while let Some(first) = queued.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match queued.try_recv() {
+                Ok(line) => batch.push(line),
+                Err(_) => break,
+            }
+        }
+        let written = tokio::task::spawn_blocking(move || {
+            let failed = file.write_lines(&batch);
+            (file, failed)
+        })
+        .await;
+        match written {
+            Ok((back, failed)) => {
+                file = back;
+                errors.fetch_add(failed, Ordering::Relaxed);
+            }
+            // The runtime is shutting down.
+            Err(_) => return,
+        }
+    }
+}
+
+/// A service's log file, rotated by size: `<name>.log` is the newest, `<name>.log.1` the one
+/// before, up to `<name>.log.<keep>`.
+struct LogFile {
+    path: PathBuf,
+    limit: u64,
+    keep: usize,
+    /// Open while writes succeed; dropped on an error and opened again for the next line, so
+    /// logging resumes by itself once the disk has room.
+    file: Option<std::fs::File>,
+    len: u64,
+}
+
+impl LogFile {
+    fn new(path: PathBuf, limit: u64, keep: usize) -> Self {
+        LogFile {
+            path,
+            limit,
+            keep,
+            file: None,
+            len: 0,
+        }
+    }
+
+    /// Appends `lines`, rotating first whenever a line would take the file past the limit;
+    /// returns how many lines could not be written.
+    fn write_lines(&mut self, lines: &[String]) -> u64 {
+        // Learn the size of a file an earlier run left, before deciding to rotate. A failure
+        // shows again, and is counted, when the lines are written.
+        let _ = self.open();
+        let mut failed = 0;
+        let mut pending: Vec<u8> = Vec::new();
+        let mut pending_lines = 0u64;
+        for line in lines {
+            let size = line.len() as u64 + 1;
+            if self.len + pending.len() as u64 + size > self.limit
+                && self.len + pending.len() as u64 > 0
+            {
+                failed += self.flush(&mut pending, &mut pending_lines);
+                self.rotate();
+            }
+            pending.extend_from_slice(line.as_bytes());
+            pending.push(b'\n');
+            pending_lines += 1;
+        }
+        failed + self.flush(&mut pending, &mut pending_lines)
+    }
+
+    /// Writes `pending` (holding `lines` lines); returns the lines lost to an error.
+    fn flush(&mut self, pending: &mut Vec<u8>, lines: &mut u64) -> u64 {
+        if pending.is_empty() {
+            return 0;
+        }
+        let result = self.open().and_then(|file| file.write_all(pending));
+        let size = pending.len() as u64;
+        let lost = std::mem::take(lines);
+        pending.clear();
+        match result {
+            Ok(()) => {
+                self.len += size;
+                0
+            }
+            Err(_) => {
+                // Part of the batch may have reached the file: `open` learns its size afresh.
+                self.file = None;
+                lost
+            }
+        }
+    }
+
+    fn open(&mut self) -> std::io::Result<&mut std::fs::File> {
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.len = file.metadata()?.len();
+            self.file = Some(file);
+        }
+        Ok(self.file.as_mut().expect("just opened"))
+    }
+
+    fn rotated(&self, n: usize) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    /// `.log.<keep-1>` → `.log.<keep>` … `.log` → `.log.1`. Errors are ignored: at worst the
+    /// file is not rotated and is appended to again, the same as a write error would do.
+    fn rotate(&mut self) {
+        self.file = None;
+        self.len = 0;
+        // A smaller `keep` than the last run's leaves no stale oldest file behind.
+        let _ = std::fs::remove_file(self.rotated(self.keep + 1));
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&self.path);
+            return;
+        }
+        for n in (1..self.keep).rev() {
+            let _ = std::fs::rename(self.rotated(n), self.rotated(n + 1));
+        }
+        let _ = std::fs::rename(&self.path, self.rotated(1));
     }
 }
 
@@ -377,5 +549,128 @@ mod tests {
             "{logs:?}"
         );
         supervisor.stop_all().await;
+    }
+
+    /// Waits until `check` holds, for at most 10 s.
+    async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if check() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        check()
+    }
+
+    #[tokio::test]
+    async fn a_noisy_service_log_is_rotated_by_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let limit = 64 * 1024;
+        let supervisor = Supervisor::new(tmp.path()).with_log_limit(limit, 1);
+        // About 250 KB, on stdout and stderr alike.
+        let script = "i=0; while [ $i -lt 5000 ]; do echo \"line $i: the quick brown fox jumps\"; \
+                      [ $((i % 7)) = 0 ] && echo \"err $i\" >&2; i=$((i+1)); done; exec sleep 30";
+        supervisor.start(spec("noisy", script, tmp.path())).await;
+        let log = tmp.path().join("logs/noisy.log");
+        let rotated = tmp.path().join("logs/noisy.log.1");
+        // stdout and stderr are read apart, so either of the last two lines may come last.
+        let last_lines = || {
+            let text = std::fs::read_to_string(&rotated).unwrap_or_default()
+                + &std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("line 4999:") && text.contains("err 4998")
+        };
+        assert!(
+            eventually(last_lines).await,
+            "the last lines never reached the file: {:?}, {} lines not written",
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .last(),
+            supervisor.log_write_errors()
+        );
+        let longest_line = "line 4999: the quick brown fox jumps\n".len() as u64;
+        for file in [&log, &rotated] {
+            let size = std::fs::metadata(file).unwrap().len();
+            assert!(
+                size <= limit + longest_line,
+                "{}: {size} bytes",
+                file.display()
+            );
+            assert!(size > 0, "{}", file.display());
+        }
+        assert!(!tmp.path().join("logs/noisy.log.2").exists(), "keep = 1");
+        assert!(supervisor.running("noisy").await);
+        supervisor.stop_all().await;
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_files_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("logs/svc.log");
+        let mut file = LogFile::new(path.clone(), 20, 2);
+        // Nine bytes a line (with its newline): two lines fit in 20 bytes, a third does not.
+        let lines: Vec<String> = (0..9).map(|i| format!("line-{i:03}")).collect();
+        assert_eq!(file.write_lines(&lines[..5]), 0);
+        assert_eq!(file.write_lines(&lines[5..]), 0);
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(&path), "line-008\n");
+        assert_eq!(read(&file.rotated(1)), "line-006\nline-007\n");
+        assert_eq!(read(&file.rotated(2)), "line-004\nline-005\n");
+        assert!(!file.rotated(3).exists());
+
+        // A new writer (a restart) goes on with the size the file has.
+        let mut again = LogFile::new(path.clone(), 20, 2);
+        assert_eq!(again.write_lines(&lines[..1]), 0);
+        assert_eq!(read(&path), "line-008\nline-000\n");
+        assert_eq!(read(&again.rotated(1)), "line-006\nline-007\n");
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_loses_file_lines_not_the_service() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("logs")).unwrap();
+        // Every write to /dev/full fails with ENOSPC, as on a full disk.
+        std::os::unix::fs::symlink("/dev/full", tmp.path().join("logs/full.log")).unwrap();
+        let supervisor = Supervisor::new(tmp.path());
+        supervisor
+            .start(spec(
+                "full",
+                "echo one; echo two; exec sleep 30",
+                tmp.path(),
+            ))
+            .await;
+        assert!(eventually(|| supervisor.log_write_errors() >= 2).await);
+        assert_eq!(supervisor.log_tail("full", 5), vec!["one", "two"]);
+        assert!(supervisor.running("full").await);
+        supervisor.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn stop_all_stops_stubborn_services_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let supervisor = Supervisor::new(tmp.path());
+        for name in ["a", "b", "c"] {
+            // An ignored SIGTERM is inherited by the sleeps too: only SIGKILL ends these.
+            let script = "trap '' TERM; echo up; while :; do sleep 0.1; done";
+            supervisor.start(spec(name, script, tmp.path())).await;
+        }
+        for name in ["a", "b", "c"] {
+            assert!(eventually(|| supervisor.log_tail(name, 1) == ["up"]).await);
+        }
+        let started = Instant::now();
+        supervisor.stop_all().await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(5),
+            "SIGTERM was ignored: {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(8),
+            "one grace period, not three: {took:?}"
+        );
+        for name in ["a", "b", "c"] {
+            assert!(!supervisor.running(name).await);
+        }
     }
 }

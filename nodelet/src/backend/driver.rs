@@ -1,13 +1,18 @@
 //! Drivers: a `.ko` under `/lib/modules/<kernel>/updates/shoal/`, depmod, and
 //! `modprobe -r` / `modprobe`; the loaded version read from
 //! `/sys/module/<name>/version`; every `.ko` kept so a revert needs no network.
+//!
+//! A module whose MODULE_VERSION is not a semantic version (`5.1-k`, or none at all) is
+//! recorded when shoal loads it (`<state>/drivers/<module>/loaded.json`), so that it reads as
+//! the version it was installed as, instead of drifting forever.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use manifests::Component;
+use serde::{Deserialize, Serialize};
 
-use super::{io, Backend, BackendError, Snapshot};
+use super::{io, prunable, remove_kept, Backend, BackendError, Kept, Snapshot};
 use crate::command;
 
 const MODPROBE_LIMIT: Duration = Duration::from_secs(120);
@@ -60,17 +65,87 @@ impl DriverBackend {
         self.kept.join(module).join(format!("{version}.ko"))
     }
 
-    fn loaded_version(module: &str) -> Option<String> {
-        // A loaded module without MODULE_VERSION has no version file: report it as loaded, version unknown.
+    /// The `.ko` files kept for `module`.
+    fn kept_modules(&self, module: &str) -> Vec<Kept> {
+        let Ok(entries) = std::fs::read_dir(self.kept.join(module)) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let version = name.strip_suffix(".ko")?;
+                Some(Kept {
+                    version: version.to_string(),
+                    modified: e.metadata().ok()?.modified().ok()?,
+                    path: e.path(),
+                })
+            })
+            .collect()
+    }
+
+    /// Removes kept `.ko` files of `module` as [`Backend::prune_kept`] says, `loaded` being the
+    /// version the kernel runs. A loaded version no kept file is named after (a module
+    /// without MODULE_VERSION) is told by its bytes: the kept file that is the same as the one
+    /// modprobe loads stays.
+    fn prune_module(
+        &self,
+        module: &str,
+        loaded: Option<&str>,
+        protect: &[&str],
+        keep: usize,
+    ) -> Vec<PathBuf> {
+        let kept = self.kept_modules(module);
+        let mut protect: Vec<&str> = protect.to_vec();
+        let installed = std::fs::read(self.installed_path(module)).ok();
+        if !kept.iter().any(|k| Some(k.version.as_str()) == loaded) {
+            if let Some(installed) = &installed {
+                protect.extend(
+                    kept.iter()
+                        .filter(|k| {
+                            std::fs::metadata(&k.path)
+                                .is_ok_and(|m| m.len() == installed.len() as u64)
+                                && std::fs::read(&k.path).is_ok_and(|b| &b == installed)
+                        })
+                        .map(|k| k.version.as_str()),
+                );
+            }
+        }
+        let doomed = prunable(kept.clone(), loaded, &protect, keep);
+        remove_kept(doomed, ".ko")
+    }
+
+    /// Where the last load of `module` from a kept `.ko` is recorded.
+    fn record_path(&self, module: &str) -> PathBuf {
+        self.kept.join(module).join("loaded.json")
+    }
+
+    /// What the kernel shows for `module`: its version (canonical, or `unknown` for a module
+    /// without MODULE_VERSION) and its srcversion; `None` when it is not loaded.
+    fn reported(module: &str) -> Option<(String, Option<String>)> {
         let dir = PathBuf::from("/sys/module").join(module);
         if !dir.exists() {
             return None;
         }
-        Some(
-            std::fs::read_to_string(dir.join("version"))
-                .map(|v| canonical_version(v.trim()))
-                .unwrap_or_else(|_| "unknown".into()),
-        )
+        let version = std::fs::read_to_string(dir.join("version"))
+            .map(|v| canonical_version(v.trim()))
+            .unwrap_or_else(|_| UNKNOWN.into());
+        let srcversion = std::fs::read_to_string(dir.join("srcversion"))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        Some((version, srcversion))
+    }
+
+    /// The version of `module` the kernel runs, as manifests name it; `None` when not loaded.
+    fn loaded_version(&self, module: &str) -> Option<String> {
+        let (reported, srcversion) = Self::reported(module)?;
+        let record = read_record(&self.record_path(module));
+        Some(resolve_version(
+            &reported,
+            srcversion.as_deref(),
+            record.as_ref(),
+        ))
     }
 
     async fn depmod(&self) -> Result<(), BackendError> {
@@ -85,7 +160,7 @@ impl DriverBackend {
     }
 
     async fn load(&self, module: &str, params: &[String]) -> Result<(), BackendError> {
-        if Self::loaded_version(module).is_some() {
+        if Self::reported(module).is_some() {
             command::run("modprobe", &["-r", module], &[], MODPROBE_LIMIT).await?;
         }
         let mut args = vec![module.to_string()];
@@ -109,13 +184,86 @@ impl DriverBackend {
         std::fs::rename(&tmp, &target).map_err(io(&target))?;
         self.depmod().await?;
         self.load(module, params).await?;
-        match Self::loaded_version(module) {
-            Some(loaded) if loaded == version || loaded == "unknown" => Ok(()),
-            Some(loaded) => Err(BackendError::Invalid(format!(
-                "module {module} loaded, but /sys/module/{module}/version says {loaded}, not {version}; does the .ko carry MODULE_VERSION(\"{version}\")?"
+        let record_path = self.record_path(module);
+        match Self::reported(module) {
+            Some((reported, _)) if reported == version => {
+                // The module says who it is: an older record would only confuse a later read.
+                let _ = std::fs::remove_file(&record_path);
+                Ok(())
+            }
+            Some((reported, srcversion)) if semver::Version::parse(&reported).is_err() => {
+                // Not a version shoal can compare (`5.1-k`, or none): remember that this is
+                // what `version` reports, or it would read as drift and be loaded again and
+                // again. Not fatal when the disk refuses: the module runs, and the next
+                // reconcile loads it again and retries the record.
+                let record = LoadedRecord {
+                    reported,
+                    version: version.to_string(),
+                    srcversion,
+                };
+                if let Err(e) = write_record(&record_path, &record) {
+                    tracing::warn!(module, path = %record_path.display(), error = %e, "cannot record the version the loaded module reports; it will read as drift until it can");
+                }
+                Ok(())
+            }
+            Some((reported, _)) => Err(BackendError::Invalid(format!(
+                "module {module} loaded, but /sys/module/{module}/version says {reported}, not {version}; does the .ko carry MODULE_VERSION(\"{version}\")?"
             ))),
             None => Err(BackendError::Invalid(format!("module {module} is not loaded after modprobe"))),
         }
+    }
+}
+
+/// What `/sys/module/<m>` shows for a module without a `version` file.
+const UNKNOWN: &str = "unknown";
+
+/// The last load of a module from a kept `.ko` whose reported version is not a semantic
+/// version: what the kernel reported, and the version shoal loaded it as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadedRecord {
+    /// `/sys/module/<m>/version` (canonical), or `unknown`.
+    pub reported: String,
+    /// The version it was loaded as (the kept `.ko`'s).
+    pub version: String,
+    /// `/sys/module/<m>/srcversion` then: a checksum of the module's source, which tells two
+    /// builds that report the same version apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srcversion: Option<String>,
+}
+
+fn read_record(path: &Path) -> Option<LoadedRecord> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_record(path: &Path, record: &LoadedRecord) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(record).expect("a record serializes");
+    crate::journal::write_atomic(path, &json)
+}
+
+/// The version a loaded module is, as manifests name it: what it reports, unless that is not
+/// a semantic version and `record` says shoal loaded exactly this (same report, and same
+/// srcversion where both are known) as another version. A valid semantic version is always
+/// believed: a different one is a different module.
+pub fn resolve_version(
+    reported: &str,
+    srcversion: Option<&str>,
+    record: Option<&LoadedRecord>,
+) -> String {
+    if semver::Version::parse(reported).is_ok() {
+        return reported.to_string();
+    }
+    match record {
+        Some(record)
+            if record.reported == reported
+                && match (srcversion, record.srcversion.as_deref()) {
+                    (Some(now), Some(then)) => now == then,
+                    _ => true,
+                } =>
+        {
+            record.version.clone()
+        }
+        _ => reported.to_string(),
     }
 }
 
@@ -138,12 +286,12 @@ pub fn canonical_version(loaded: &str) -> String {
 
 impl Backend for DriverBackend {
     async fn current(&self, component: &Component) -> Result<Option<String>, BackendError> {
-        Ok(Self::loaded_version(&Self::module(component)))
+        Ok(self.loaded_version(&Self::module(component)))
     }
 
     async fn snapshot(&self, component: &Component) -> Result<Snapshot, BackendError> {
         let module = Self::module(component);
-        let Some(version) = Self::loaded_version(&module) else {
+        let Some(version) = self.loaded_version(&module) else {
             return Ok(Snapshot::Absent);
         };
         let kept = self.kept_path(&module, &version);
@@ -196,9 +344,11 @@ impl Backend for DriverBackend {
 
     async fn remove(&self, component: &Component) -> Result<(), BackendError> {
         let module = Self::module(component);
-        if Self::loaded_version(&module).is_some() {
+        if Self::reported(&module).is_some() {
             command::run("modprobe", &["-r", module.as_str()], &[], MODPROBE_LIMIT).await?;
         }
+        // It describes a load that is over.
+        let _ = std::fs::remove_file(self.record_path(&module));
         let installed = self.installed_path(&module);
         if installed.exists() {
             std::fs::remove_file(&installed).map_err(io(&installed))?;
@@ -234,7 +384,7 @@ impl Backend for DriverBackend {
             return Ok(());
         }
         let module = Self::module(component);
-        match Self::loaded_version(&module) {
+        match self.loaded_version(&module) {
             Some(_) => Ok(()),
             None => Err(format!("module {module} is not loaded")),
         }
@@ -253,11 +403,124 @@ impl Backend for DriverBackend {
             })
             .unwrap_or_default()
     }
+
+    async fn prune_kept(
+        &self,
+        component: &Component,
+        protect: &[&str],
+        keep: usize,
+    ) -> Vec<PathBuf> {
+        let module = Self::module(component);
+        let loaded = self.loaded_version(&module);
+        self.prune_module(&module, loaded.as_deref(), protect, keep)
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::canonical_version;
+    use super::*;
+
+    #[test]
+    fn kept_modules_are_pruned_but_not_the_loaded_or_protected_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = DriverBackend::new(
+            &tmp.path().join("root"),
+            &tmp.path().join("state"),
+            "6.1.0".into(),
+        );
+        let dir = tmp.path().join("state/drivers/mcp251x");
+        std::fs::create_dir_all(&dir).unwrap();
+        for version in ["5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0"] {
+            std::fs::write(
+                dir.join(format!("{version}.ko")),
+                format!("module {version}"),
+            )
+            .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::write(dir.join("loaded.json"), "{}").unwrap();
+        let mut removed = backend.prune_module("mcp251x", Some("5.2.0"), &["5.0.0"], 1);
+        removed.sort();
+        assert_eq!(removed, vec![dir.join("5.1.0.ko"), dir.join("5.3.0.ko")]);
+        assert!(
+            dir.join("loaded.json").exists(),
+            "only .ko files are versions"
+        );
+
+        // Loaded without a version the kept files are named after: the one modprobe loads stays.
+        let installed = backend.installed_path("mcp251x");
+        std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
+        std::fs::write(&installed, "module 5.0.0").unwrap();
+        let removed = backend.prune_module("mcp251x", Some("unknown"), &[], 0);
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(dir.join("5.0.0.ko").exists());
+        assert!(!dir.join("5.4.0.ko").exists());
+    }
+
+    fn record(reported: &str, srcversion: Option<&str>) -> LoadedRecord {
+        LoadedRecord {
+            reported: reported.into(),
+            version: "5.1.0".into(),
+            srcversion: srcversion.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn versions_that_are_not_semver_read_as_the_version_shoal_loaded() {
+        // No MODULE_VERSION at all.
+        let unknown = record("unknown", None);
+        assert_eq!(resolve_version("unknown", None, Some(&unknown)), "5.1.0");
+        assert_eq!(resolve_version("unknown", None, None), "unknown");
+        // A vendor suffix.
+        let vendor = record("5.1-k", Some("ABC123"));
+        assert_eq!(
+            resolve_version("5.1-k", Some("ABC123"), Some(&vendor)),
+            "5.1.0"
+        );
+        assert_eq!(resolve_version("5.1-k", None, Some(&vendor)), "5.1.0");
+        assert_eq!(
+            resolve_version("5.1-k", Some("ABC123"), Some(&record("5.1-k", None))),
+            "5.1.0"
+        );
+        // Another build reporting the same string: not what shoal loaded.
+        assert_eq!(
+            resolve_version("5.1-k", Some("DEF456"), Some(&vendor)),
+            "5.1-k"
+        );
+        // Another string: not what shoal loaded either.
+        assert_eq!(
+            resolve_version("5.2-k", Some("ABC123"), Some(&vendor)),
+            "5.2-k"
+        );
+        assert_eq!(resolve_version("unknown", None, Some(&vendor)), "unknown");
+        // A valid semantic version is the module's own word, record or not.
+        assert_eq!(
+            resolve_version("5.2.0", None, Some(&record("5.2.0", None))),
+            "5.2.0"
+        );
+        assert_eq!(resolve_version("5.1.0", None, None), "5.1.0");
+    }
+
+    #[test]
+    fn the_load_record_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = DriverBackend::new(tmp.path(), &tmp.path().join("state"), "6.1.0".into());
+        let path = backend.record_path("mcp251x");
+        assert_eq!(read_record(&path), None);
+        let written = record("5.1-k", Some("ABC123"));
+        write_record(&path, &written).unwrap();
+        assert_eq!(path, tmp.path().join("state/drivers/mcp251x/loaded.json"));
+        assert_eq!(read_record(&path), Some(written));
+        let bare = record("unknown", None);
+        write_record(&path, &bare).unwrap();
+        assert!(!std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("srcversion"));
+        assert_eq!(read_record(&path), Some(bare));
+        // A torn or foreign file is no record.
+        std::fs::write(&path, "{\"reported\": ").unwrap();
+        assert_eq!(read_record(&path), None);
+    }
 
     #[test]
     fn module_versions_read_as_manifests_write_them() {

@@ -5,6 +5,7 @@ pub mod package;
 pub mod service;
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use manifests::{Component, ComponentKind, ServiceSettings};
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,68 @@ pub trait Backend {
     async fn alive(&self, component: &Component) -> Result<(), String>;
     /// The last lines of the component's log.
     fn log_tail(&self, component: &Component) -> Vec<String>;
+    /// Removes kept versions of the component (unpacked services, `.deb`, `.ko` files) except
+    /// the installed one, every `protect`ed one (versions a revert may go back to) and the
+    /// `keep` newest others; returns what it removed. Best effort: a file that cannot be
+    /// removed is logged and left, and nothing is removed while the installed version cannot
+    /// be told.
+    async fn prune_kept(
+        &self,
+        component: &Component,
+        protect: &[&str],
+        keep: usize,
+    ) -> Vec<PathBuf>;
+}
+
+/// One kept version of a component on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    /// The version it holds.
+    pub version: String,
+    /// When it was last written.
+    pub modified: SystemTime,
+    /// The file or folder.
+    pub path: PathBuf,
+}
+
+/// Which kept versions go: all but `installed`, the `protect`ed ones and the `keep` newest
+/// of the rest (by mtime; the version breaks ties, so the choice is the same every time).
+pub fn prunable(
+    mut kept: Vec<Kept>,
+    installed: Option<&str>,
+    protect: &[&str],
+    keep: usize,
+) -> Vec<Kept> {
+    kept.retain(|k| {
+        Some(k.version.as_str()) != installed && !protect.contains(&k.version.as_str())
+    });
+    kept.sort_by(|a, b| {
+        b.modified
+            .cmp(&a.modified)
+            .then_with(|| b.version.cmp(&a.version))
+    });
+    kept.split_off(keep.min(kept.len()))
+}
+
+/// Removes `doomed` files or folders, logging (not failing on) what cannot be removed.
+fn remove_kept(doomed: Vec<Kept>, what: &str) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for kept in doomed {
+        let result = if kept.path.is_dir() {
+            std::fs::remove_dir_all(&kept.path)
+        } else {
+            std::fs::remove_file(&kept.path)
+        };
+        match result {
+            Ok(()) => removed.push(kept.path),
+            Err(e) => tracing::warn!(
+                path = %kept.path.display(),
+                error = %e,
+                "cannot remove a kept {what}; it stays until the next prune"
+            ),
+        }
+    }
+    removed
 }
 
 /// The three backends of a node.
@@ -155,6 +218,10 @@ impl Backends {
     pub async fn alive(&self, c: &Component) -> Result<(), String> {
         dispatch!(self, c, alive(c))
     }
+    /// See [`Backend::prune_kept`].
+    pub async fn prune_kept(&self, c: &Component, protect: &[&str], keep: usize) -> Vec<PathBuf> {
+        dispatch!(self, c, prune_kept(c, protect, keep))
+    }
     /// See [`Backend::log_tail`].
     pub fn log_tail(&self, c: &Component) -> Vec<String> {
         match c.kind {
@@ -162,5 +229,44 @@ impl Backends {
             ComponentKind::Driver => self.driver.log_tail(c),
             ComponentKind::Package => self.package.log_tail(c),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn kept(version: &str, age_seconds: u64) -> Kept {
+        Kept {
+            version: version.into(),
+            modified: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_seconds),
+            path: PathBuf::from(version),
+        }
+    }
+
+    fn versions(kept: &[Kept]) -> Vec<&str> {
+        kept.iter().map(|k| k.version.as_str()).collect()
+    }
+
+    #[test]
+    fn pruning_keeps_installed_protected_and_newest() {
+        let all = vec![
+            kept("1.0", 50),
+            kept("1.1", 40),
+            kept("1.2", 30),
+            kept("1.3", 20),
+            kept("1.4", 10),
+        ];
+        // 1.4 installed, 1.0 (the oldest) is a revert target, one more kept: 1.3.
+        let doomed = prunable(all.clone(), Some("1.4"), &["1.0"], 1);
+        assert_eq!(versions(&doomed), vec!["1.2", "1.1"]);
+        // Nothing installed, nothing protected, keep none: all go.
+        assert_eq!(prunable(all.clone(), None, &[], 0).len(), 5);
+        // Keeping more than there are removes nothing.
+        assert!(prunable(all.clone(), Some("1.0"), &[], 10).is_empty());
+        // Same mtime: the version decides, the same way every time.
+        let tied = vec![kept("2.0", 5), kept("2.1", 5), kept("2.2", 5)];
+        assert_eq!(versions(&prunable(tied, None, &[], 1)), vec!["2.1", "2.0"]);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use manifests::{Component, ServiceSettings};
 
-use super::{io, Backend, BackendError, Snapshot};
+use super::{io, prunable, remove_kept, Backend, BackendError, Kept, Snapshot};
 use crate::artifact::unpack_tar_gz;
 use crate::command;
 use crate::supervisor::{RunSpec, Supervisor};
@@ -242,29 +242,50 @@ impl ServiceBackend {
         }
     }
 
-    /// Removes unpacked versions beyond the newest `keep`, never the current one.
-    /// `previous` is the version a revert of this change would go back to: it is never pruned,
-    /// however old it is (it is typically the oldest folder of all).
-    fn prune(&self, name: &str, previous: Option<&str>) {
-        let current = self.current_version(name);
+    /// The unpacked version folders of service `name`.
+    fn kept_versions(&self, name: &str) -> Vec<Kept> {
         let Ok(entries) = std::fs::read_dir(self.service_dir(name)) else {
-            return;
+            return Vec::new();
         };
-        let mut versions: Vec<(std::time::SystemTime, PathBuf)> = entries
+        entries
             .flatten()
+            // Not `current` (a symlink), nor staging and settings files (dot names).
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .filter(|e| Some(e.file_name().to_string_lossy().into_owned()) != current)
-            .filter(|e| Some(e.file_name().to_string_lossy().as_ref()) != previous)
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        versions.sort();
-        let excess = versions.len().saturating_sub(self.keep - 1);
-        for (_, path) in versions.into_iter().take(excess) {
-            if let Some(version) = path.file_name() {
-                let _ = std::fs::remove_file(self.settings_path(name, &version.to_string_lossy()));
+            .filter_map(|e| {
+                Some(Kept {
+                    version: e.file_name().to_string_lossy().into_owned(),
+                    modified: e.metadata().ok()?.modified().ok()?,
+                    path: e.path(),
+                })
+            })
+            .collect()
+    }
+
+    /// Removes version `version` of service `name` (its folder and recorded settings) unless it
+    /// is the current one; true if it was removed. After a revert, the failed release's
+    /// folder goes: nothing will go back to it, and it would only crowd out good versions.
+    pub fn discard_version(&self, name: &str, version: &str) -> Result<bool, BackendError> {
+        if version.is_empty() || version.starts_with('.') || version.contains('/') {
+            return Err(BackendError::Invalid(format!(
+                "service {name}: `{version}` is not a version folder name"
+            )));
+        }
+        if self.current_version(name).as_deref() == Some(version) {
+            return Ok(false);
+        }
+        let dir = self.version_dir(name, version);
+        let settings = self.settings_path(name, version);
+        match std::fs::remove_file(&settings) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(&settings)(e));
             }
-            let _ = std::fs::remove_dir_all(path);
+            _ => {}
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io(&dir)(e)),
         }
     }
 
@@ -390,7 +411,10 @@ impl Backend for ServiceBackend {
         self.switch(&component.name, version)?;
         self.start(&component.name, version, settings).await?;
         self.check_started(component, settings).await?;
-        self.prune(&component.name, previous.as_deref());
+        // `previous` is what a revert of this change goes back to: kept however old it is
+        // (it is typically the oldest folder of all).
+        let protect: Vec<&str> = previous.as_deref().into_iter().collect();
+        self.prune_kept(component, &protect, self.keep - 1).await;
         Ok(())
     }
 
@@ -469,6 +493,21 @@ impl Backend for ServiceBackend {
             }
         }
     }
+
+    async fn prune_kept(
+        &self,
+        component: &Component,
+        protect: &[&str],
+        keep: usize,
+    ) -> Vec<PathBuf> {
+        let name = &component.name;
+        let current = self.current_version(name);
+        let doomed = prunable(self.kept_versions(name), current.as_deref(), protect, keep);
+        for kept in &doomed {
+            let _ = std::fs::remove_file(self.settings_path(name, &kept.version));
+        }
+        remove_kept(doomed, "service version")
+    }
 }
 
 #[cfg(test)]
@@ -535,8 +574,19 @@ mod tests {
         second.stop("svc").await;
     }
 
-    #[test]
-    fn pruning_keeps_the_current_and_the_revert_target() {
+    fn folders(backend: &ServiceBackend) -> Vec<String> {
+        let mut left: Vec<String> = std::fs::read_dir(backend.service_dir("svc"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        left
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_current_and_the_revert_target() {
         let tmp = tempfile::tempdir().unwrap();
         let supervisor = Arc::new(Supervisor::new(tmp.path()));
         let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor), 3);
@@ -545,20 +595,57 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         backend.switch("svc", "1.2.2").unwrap();
+        backend
+            .record_settings("svc", "1.0.0", &settings())
+            .unwrap();
         // A change from 1.1.0 (the revert target, older than the others) to 1.2.2.
-        backend.prune("svc", Some("1.1.0"));
-        let mut left: Vec<String> = std::fs::read_dir(backend.service_dir("svc"))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_type().unwrap().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        // keep = 3: the current one and the two newest others, plus the revert target however old.
+        let removed = backend
+            .prune_kept(&component("1.2.2", "x"), &["1.1.0"], 2)
+            .await;
+        assert_eq!(removed, vec![backend.version_dir("svc", "1.0.0")]);
+        // The current one and the two newest others, plus the revert target however old.
         assert_eq!(
-            left,
+            folders(&backend),
             vec!["1.1.0", "1.2.0", "1.2.1", "1.2.2"],
             "1.0.0 goes; the revert target stays"
         );
+        assert!(!backend.settings_path("svc", "1.0.0").exists());
+        // Nothing protected and nothing else kept: only the current one stays.
+        backend.prune_kept(&component("1.2.2", "x"), &[], 0).await;
+        assert_eq!(folders(&backend), vec!["1.2.2"]);
+    }
+
+    fn settings() -> ServiceSettings {
+        component("1.0.0", "one").service.unwrap()
+    }
+
+    #[test]
+    fn a_failed_release_is_discarded_but_never_the_current_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let supervisor = Arc::new(Supervisor::new(tmp.path()));
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor), 3);
+        for version in ["1.0.0", "1.1.0"] {
+            std::fs::create_dir_all(backend.version_dir("svc", version).join("bin")).unwrap();
+            backend
+                .record_settings("svc", version, &settings())
+                .unwrap();
+        }
+        // Reverted from 1.1.0 to 1.0.0.
+        backend.switch("svc", "1.0.0").unwrap();
+        assert!(backend.discard_version("svc", "1.1.0").unwrap());
+        assert!(!backend.version_dir("svc", "1.1.0").exists());
+        assert!(!backend.settings_path("svc", "1.1.0").exists());
+        assert!(
+            !backend.discard_version("svc", "1.1.0").unwrap(),
+            "already gone"
+        );
+        assert!(
+            !backend.discard_version("svc", "1.0.0").unwrap(),
+            "the current one"
+        );
+        assert!(backend.version_dir("svc", "1.0.0").is_dir());
+        assert!(backend.settings_path("svc", "1.0.0").exists());
+        assert!(backend.discard_version("svc", "../svc").is_err());
+        assert!(backend.discard_version("svc", ".").is_err());
     }
 }
