@@ -460,7 +460,7 @@ impl Agent {
         for (component, action) in &steps {
             if *action != Action::Remove {
                 if let Some(artifact) = &component.artifact {
-                    match self.artifacts.fetch(&artifact.url, &artifact.sha256).await {
+                    match self.artifacts.fetch(artifact).await {
                         Ok(path) => {
                             artifacts.insert(component.name.clone(), path);
                         }
@@ -570,7 +570,7 @@ impl Agent {
                 (Some(artifact), _) => match artifacts.remove(&step.component.name) {
                     Some(path) => Some(path),
                     // Resuming after a restart: the verified artifact is in the cache.
-                    None => match self.artifacts.fetch(&artifact.url, &artifact.sha256).await {
+                    None => match self.artifacts.fetch(artifact).await {
                         Ok(path) => Some(path),
                         Err(e) => {
                             return self
