@@ -209,7 +209,7 @@ impl Sink<'_> {
             return Err(ArtifactError::Download {
                 url: self.url.to_string(),
                 reason: format!(
-                    "exceeds {}: stopped after {after} bytes; fix the manifest's size or the URL",
+                    "exceeds {} (stopped as soon as it did); fix the manifest's size or the URL",
                     self.limit
                 ),
             });
@@ -905,13 +905,12 @@ fn walk(
     let (mut tar, budget) = open_tar(archive)?;
     tune(&mut tar);
     let mut model = Model::default();
-    let mut entries = tar.entries().map_err(|e| {
+    let entries = tar.entries().map_err(|e| {
         fail(format!(
             "not a tar.gz ({e}); check that the artifact is a gzip-compressed tar"
         ))
     })?;
-    loop {
-        let Some(entry) = entries.next() else { break };
+    for entry in entries {
         let mut entry = entry.map_err(|e| {
             fail(format!(
                 "unreadable entry ({e}); the archive is damaged or truncated"
@@ -1135,5 +1134,710 @@ mod tests {
         // Cached by hash: the source can go away.
         std::fs::remove_file(&source).unwrap();
         assert!(cache.fetch(&artifact_at(&url, &good, None)).await.is_ok());
+    }
+
+    // ---- downloads ----
+
+    use std::time::Instant as StdInstant;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A test server on 127.0.0.1: every connection is handed to `handle`.
+    async fn server<F, Fut>(handle: F) -> String
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(handle(stream));
+            }
+        });
+        format!("http://{addr}/artifact.tar.gz")
+    }
+
+    /// Reads the request head, so the client is waiting for the answer.
+    async fn read_request(stream: &mut TcpStream) {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 1024];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buffer[..n]),
+            }
+        }
+    }
+
+    fn test_cache(dir: &Path, tune: impl FnOnce(&mut DownloadLimits)) -> ArtifactCache {
+        let mut limits = DownloadLimits {
+            min_free_bytes: 0,
+            ..DownloadLimits::default()
+        };
+        tune(&mut limits);
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        ArtifactCache::new(dir.join("cache"), http).with_limits(limits)
+    }
+
+    fn partials(cache: &ArtifactCache) -> Vec<String> {
+        std::fs::read_dir(&cache.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.ends_with(".partial"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The fetch's error, which must come well within `within`.
+    async fn fetch_err(
+        cache: &ArtifactCache,
+        artifact: &manifests::Artifact,
+        within: Duration,
+    ) -> ArtifactError {
+        tokio::time::timeout(within, cache.fetch(artifact))
+            .await
+            .expect("the fetch must fail in time, not hang")
+            .expect_err("the fetch must fail")
+    }
+
+    const ANY_SHA: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_at_the_read_idle_timeout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = server(|mut stream| async move {
+            read_request(&mut stream).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(stream);
+        })
+        .await;
+        let cache = test_cache(tmp.path(), |l| {
+            l.read_idle_timeout = Duration::from_millis(300)
+        });
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, ANY_SHA, None),
+            Duration::from_secs(10),
+        )
+        .await
+        .to_string();
+        assert!(
+            err.contains(&url) && err.contains("read-idle") && err.contains("300ms"),
+            "{err}"
+        );
+        assert!(partials(&cache).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dripping_body_fails_at_the_read_idle_timeout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = server(|mut stream| async move {
+            read_request(&mut stream).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                .await;
+            loop {
+                if stream.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+        .await;
+        let cache = test_cache(tmp.path(), |l| {
+            l.read_idle_timeout = Duration::from_millis(300)
+        });
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, ANY_SHA, None),
+            Duration::from_secs(10),
+        )
+        .await
+        .to_string();
+        assert!(
+            err.contains(&url) && err.contains("stalled") && err.contains("read-idle"),
+            "{err}"
+        );
+        assert!(partials(&cache).is_empty());
+
+        // The same drip with a generous idle timeout runs into the total one.
+        let cache = test_cache(tmp.path(), |l| {
+            l.read_idle_timeout = Duration::from_secs(20);
+            l.total_timeout = Duration::from_millis(500);
+        });
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, ANY_SHA, None),
+            Duration::from_secs(10),
+        )
+        .await
+        .to_string();
+        assert!(err.contains(&url) && err.contains("total timeout"), "{err}");
+        assert!(partials(&cache).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_stops_at_max_bytes_and_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = server(|mut stream| async move {
+            read_request(&mut stream).await;
+            let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+            if stream.write_all(head).await.is_err() {
+                return;
+            }
+            let mut chunk = b"10000\r\n".to_vec();
+            chunk.extend(std::iter::repeat_n(b'z', 0x10000));
+            chunk.extend_from_slice(b"\r\n");
+            while stream.write_all(&chunk).await.is_ok() {}
+        })
+        .await;
+        let cache = test_cache(tmp.path(), |l| l.max_bytes = MIB);
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, ANY_SHA, None),
+            Duration::from_secs(20),
+        )
+        .await
+        .to_string();
+        assert!(
+            err.contains("--max-artifact-bytes (1048576 bytes)"),
+            "{err}"
+        );
+        assert!(partials(&cache).is_empty());
+        assert!(!cache.path_of(ANY_SHA).exists());
+    }
+
+    #[tokio::test]
+    async fn a_content_length_over_the_limit_is_refused_before_the_body() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Announces 10 GB and never sends a byte of it: reading the body would stall.
+        let url = server(|mut stream| async move {
+            read_request(&mut stream).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000000\r\n\r\n")
+                .await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        })
+        .await;
+        let cache = test_cache(tmp.path(), |l| {
+            l.read_idle_timeout = Duration::from_secs(60)
+        });
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, ANY_SHA, None),
+            Duration::from_secs(10),
+        )
+        .await
+        .to_string();
+        assert!(
+            err.contains("Content-Length") && err.contains("--max-artifact-bytes"),
+            "{err}"
+        );
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, ANY_SHA, Some(1000)),
+            Duration::from_secs(10),
+        )
+        .await
+        .to_string();
+        assert!(err.contains("artifact.size of 1000 bytes"), "{err}");
+        assert!(partials(&cache).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_file_of_another_size_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("payload");
+        std::fs::write(&source, b"payload").unwrap();
+        let sha = sha256_file(&source).unwrap();
+        let url = format!("file://{}", source.display());
+        let cache = test_cache(tmp.path(), |_| {});
+        // Larger than pinned: stopped at the pinned size.
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, &sha, Some(5)),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            err.to_string().contains("artifact.size of 5 bytes"),
+            "{err}"
+        );
+        // Smaller than pinned.
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, &sha, Some(9)),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            matches!(
+                err,
+                ArtifactError::SizeMismatch {
+                    expected: 9,
+                    actual: 7,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("size mismatch"), "{err}");
+        assert!(!cache.path_of(&sha).exists());
+        assert!(partials(&cache).is_empty());
+
+        // Over HTTP without a Content-Length: the size is known only at the end.
+        let url = server(|mut stream| async move {
+            read_request(&mut stream).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\npayload\r\n0\r\n\r\n")
+                .await;
+        })
+        .await;
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, &sha, Some(9)),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            matches!(err, ArtifactError::SizeMismatch { actual: 7, .. }),
+            "{err}"
+        );
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, &sha, Some(6)),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            err.to_string().contains("artifact.size of 6 bytes"),
+            "{err}"
+        );
+        assert!(partials(&cache).is_empty());
+        // The right size is accepted.
+        let path = cache
+            .fetch(&artifact_at(&url, &sha, Some(7)))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), b"payload");
+    }
+
+    #[tokio::test]
+    async fn dev_zero_is_refused_at_the_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(tmp.path(), |l| l.max_bytes = MIB);
+        let err = fetch_err(
+            &cache,
+            &artifact_at("file:///dev/zero", ANY_SHA, None),
+            Duration::from_secs(10),
+        )
+        .await
+        .to_string();
+        assert!(
+            err.contains("--max-artifact-bytes (1048576 bytes)"),
+            "{err}"
+        );
+        let err = fetch_err(
+            &cache,
+            &artifact_at("file:///dev/zero", ANY_SHA, Some(4096)),
+            Duration::from_secs(10),
+        )
+        .await
+        .to_string();
+        assert!(err.contains("artifact.size of 4096 bytes"), "{err}");
+        assert!(partials(&cache).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_fetch_leaves_no_partial_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = server(|mut stream| async move {
+            read_request(&mut stream).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n")
+                .await;
+            let _ = stream.write_all(&[7u8; 65536]).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        })
+        .await;
+        let cache = test_cache(tmp.path(), |l| {
+            l.read_idle_timeout = Duration::from_secs(60)
+        });
+        let partial = cache.partial_of(ANY_SHA);
+        let task = tokio::spawn({
+            let cache = cache.clone();
+            let artifact = artifact_at(&url, ANY_SHA, None);
+            async move { cache.fetch(&artifact).await }
+        });
+        let deadline = StdInstant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0 {
+            assert!(StdInstant::now() < deadline, "the download never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert!(!partial.exists(), "the guard removes the .partial file");
+    }
+
+    #[tokio::test]
+    async fn stale_partials_and_wrong_sized_cache_entries_are_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("payload");
+        std::fs::write(&source, b"payload").unwrap();
+        let sha = sha256_file(&source).unwrap();
+        let url = format!("file://{}", source.display());
+        let cache = test_cache(tmp.path(), |_| {});
+        std::fs::create_dir_all(&cache.dir).unwrap();
+        std::fs::write(cache.partial_of(&sha), b"left by a crash").unwrap();
+        std::fs::write(cache.path_of(&sha), b"truncated").unwrap();
+        let path = cache
+            .fetch(&artifact_at(&url, &sha, Some(7)))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"payload");
+        assert!(partials(&cache).is_empty());
+    }
+
+    #[tokio::test]
+    async fn too_little_free_space_is_its_own_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("payload");
+        std::fs::write(&source, b"payload").unwrap();
+        let sha = sha256_file(&source).unwrap();
+        let url = format!("file://{}", source.display());
+        let cache = test_cache(tmp.path(), |l| l.min_free_bytes = u64::MAX / 2);
+        let err = fetch_err(
+            &cache,
+            &artifact_at(&url, &sha, None),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(matches!(err, ArtifactError::NoSpace { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&cache.dir.display().to_string()),
+            "{err}"
+        );
+        assert!(partials(&cache).is_empty());
+    }
+
+    #[test]
+    fn prune_keeps_what_is_asked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(tmp.path(), |_| {});
+        std::fs::create_dir_all(&cache.dir).unwrap();
+        let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        std::fs::write(cache.path_of(&a), b"aaaa").unwrap();
+        std::fs::write(cache.path_of(&b), b"bbbbbb").unwrap();
+        std::fs::write(cache.path_of(&c), b"cc").unwrap();
+        std::fs::write(cache.partial_of(&a), b"xyz").unwrap();
+        let keep = BTreeSet::from([a.to_ascii_uppercase(), c.clone()]);
+        assert_eq!(cache.prune(&keep), 6 + 3);
+        assert!(cache.path_of(&a).exists() && cache.path_of(&c).exists());
+        assert!(!cache.path_of(&b).exists());
+        assert!(partials(&cache).is_empty());
+        assert_eq!(cache.prune(&keep), 0);
+    }
+
+    // ---- unpacking ----
+
+    fn symlink(
+        b: &mut tar::Builder<flate2::write::GzEncoder<std::fs::File>>,
+        path: &str,
+        target: &str,
+    ) {
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        b.append_link(&mut link, path, target).unwrap();
+    }
+
+    fn dir(b: &mut tar::Builder<flate2::write::GzEncoder<std::fs::File>>, path: &str, mode: u32) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(mode);
+        h.set_size(0);
+        b.append_data(&mut h, path, std::io::empty()).unwrap();
+    }
+
+    fn refused(path: &Path, dest: &Path, limits: &UnpackLimits, needle: &str) {
+        let started = StdInstant::now();
+        let err = unpack_tar_gz(path, dest, limits).unwrap_err();
+        assert!(matches!(err, ArtifactError::Archive { .. }), "{err}");
+        let err = err.to_string();
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+        assert!(
+            !dest.exists(),
+            "nothing may be left for a refused archive: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "refusing took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_huge_entry_is_refused_at_its_header() {
+        let tmp = tempfile::tempdir().unwrap();
+        // An 8 GiB entry whose body is not even there: refused without reading it.
+        let path = tmp.path().join("fake.tar.gz");
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut h = file_header(8 * GIB);
+        h.set_path("big").unwrap();
+        h.set_cksum();
+        std::io::Write::write_all(&mut gz, h.as_bytes()).unwrap();
+        std::io::Write::write_all(&mut gz, &[0u8; 4096]).unwrap();
+        gz.finish().unwrap();
+        refused(
+            &path,
+            &tmp.path().join("fake"),
+            &UnpackLimits::default(),
+            "over 4294967296 bytes (the unpack cap on bytes)",
+        );
+
+        // A real bomb: 32 MiB of zeros squeezed into a few KiB, under an 8 MiB cap.
+        let path = archive(tmp.path(), |b| {
+            let mut ok = file_header(2);
+            b.append_data(&mut ok, "fine", &b"ok"[..]).unwrap();
+            let mut h = file_header(32 * MIB);
+            b.append_data(&mut h, "zeros", std::io::repeat(0).take(32 * MIB))
+                .unwrap();
+        });
+        assert!(std::fs::metadata(&path).unwrap().len() < MIB);
+        let limits = UnpackLimits {
+            max_bytes: 8 * MIB,
+            ..UnpackLimits::default()
+        };
+        refused(
+            &path,
+            &tmp.path().join("bomb"),
+            &limits,
+            "entry `zeros` (33554432 bytes)",
+        );
+    }
+
+    #[test]
+    fn too_many_entries_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = archive(tmp.path(), |b| {
+            for i in 0..20 {
+                let mut h = file_header(1);
+                b.append_data(&mut h, format!("f{i}"), &b"x"[..]).unwrap();
+            }
+        });
+        let limits = UnpackLimits {
+            max_entries: 10,
+            ..UnpackLimits::default()
+        };
+        refused(
+            &path,
+            &tmp.path().join("many"),
+            &limits,
+            "more than 10 entries",
+        );
+        unpack_tar_gz_default(&path, &tmp.path().join("fine")).unwrap();
+    }
+
+    #[test]
+    fn too_little_free_space_refuses_before_unpacking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = archive(tmp.path(), |b| {
+            let mut h = file_header(2);
+            b.append_data(&mut h, "fine", &b"ok"[..]).unwrap();
+        });
+        let dest = tmp.path().join("full");
+        let limits = UnpackLimits {
+            min_free_bytes: u64::MAX / 2,
+            ..UnpackLimits::default()
+        };
+        let err = unpack_tar_gz(&path, &dest, &limits).unwrap_err();
+        assert!(matches!(err, ArtifactError::NoSpace { .. }), "{err}");
+        assert!(!dest.exists());
+    }
+
+    #[test]
+    fn special_mode_bits_are_stripped() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = archive(tmp.path(), |b| {
+            for (name, mode) in [
+                ("setuid", 0o4755),
+                ("setgid", 0o2755),
+                ("open", 0o777),
+                ("plain", 0o755),
+            ] {
+                let mut h = file_header(1);
+                h.set_mode(mode);
+                b.append_data(&mut h, name, &b"x"[..]).unwrap();
+            }
+            dir(b, "shared", 0o1777);
+        });
+        let dest = tmp.path().join("out");
+        unpack_tar_gz_default(&path, &dest).unwrap();
+        let mode = |name: &str| {
+            std::fs::metadata(dest.join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("setuid"), 0o755);
+        assert_eq!(mode("setgid"), 0o755);
+        assert_eq!(mode("open"), 0o775);
+        assert_eq!(mode("plain"), 0o755);
+        assert_eq!(mode("shared"), 0o775);
+    }
+
+    #[test]
+    fn symlink_chains_cannot_leave_the_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, target) in [
+            ("short", "a/a/../../../etc"),
+            ("lexically-fine", "a/a/a/../../../etc"),
+        ] {
+            let path = archive(tmp.path(), |b| {
+                symlink(b, "a", ".");
+                symlink(b, "esc", target);
+            });
+            refused(
+                &path,
+                &tmp.path().join(name),
+                &UnpackLimits::default(),
+                "points outside",
+            );
+        }
+        // Through a directory symlink: `sub/up` is the folder itself, so
+        // `sub/up/sub/up/..` climbs out although it looks four levels deep.
+        let path = archive(tmp.path(), |b| {
+            dir(b, "sub", 0o755);
+            symlink(b, "sub/up", "..");
+            symlink(b, "x", "sub/up/sub/up/..");
+        });
+        refused(
+            &path,
+            &tmp.path().join("via-dir"),
+            &UnpackLimits::default(),
+            "link `x`",
+        );
+        // A link that looked fine until a later entry redirected its folder.
+        let path = archive(tmp.path(), |b| {
+            dir(b, "d", 0o755);
+            symlink(b, "l", "d/x/../..");
+            symlink(b, "d/x", "..");
+        });
+        refused(
+            &path,
+            &tmp.path().join("later"),
+            &UnpackLimits::default(),
+            "link `l`",
+        );
+        // An entry written through a symlink.
+        let path = archive(tmp.path(), |b| {
+            dir(b, "sub", 0o755);
+            symlink(b, "d", "sub");
+            let mut h = file_header(1);
+            b.append_data(&mut h, "d/file", &b"x"[..]).unwrap();
+        });
+        refused(
+            &path,
+            &tmp.path().join("through"),
+            &UnpackLimits::default(),
+            "passes through the symlink `d`",
+        );
+        // Hard links only to regular files already in the archive.
+        for (name, target) in [
+            ("hard-missing", "nowhere"),
+            ("hard-to-link", "s"),
+            ("hard-up", "../etc/passwd"),
+        ] {
+            let path = archive(tmp.path(), |b| {
+                symlink(b, "s", "file");
+                let mut h = file_header(1);
+                b.append_data(&mut h, "file", &b"x"[..]).unwrap();
+                let mut link = tar::Header::new_gnu();
+                link.set_entry_type(tar::EntryType::Link);
+                link.set_size(0);
+                b.append_link(&mut link, "hard", target).unwrap();
+            });
+            refused(
+                &path,
+                &tmp.path().join(name),
+                &UnpackLimits::default(),
+                "hard link `hard`",
+            );
+        }
+    }
+
+    #[test]
+    fn links_that_stay_inside_still_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = archive(tmp.path(), |b| {
+            // Links before what they point at, as archives often have them.
+            symlink(b, "lib/libfoo.so", "libfoo.so.1");
+            symlink(b, "lib/libfoo.so.1", "libfoo.so.1.2");
+            let mut h = file_header(3);
+            b.append_data(&mut h, "lib/libfoo.so.1.2", &b"elf"[..])
+                .unwrap();
+            symlink(b, "current", "lib");
+            symlink(b, "bin/lib", "../current");
+            symlink(b, "bin/foo", "lib/libfoo.so");
+            let mut link = tar::Header::new_gnu();
+            link.set_entry_type(tar::EntryType::Link);
+            link.set_size(0);
+            b.append_link(&mut link, "bin/hard", "lib/libfoo.so.1.2")
+                .unwrap();
+        });
+        let dest = tmp.path().join("out");
+        unpack_tar_gz_default(&path, &dest).unwrap();
+        assert_eq!(std::fs::read(dest.join("bin/foo")).unwrap(), b"elf");
+        assert_eq!(std::fs::read(dest.join("bin/hard")).unwrap(), b"elf");
+        assert_eq!(
+            std::fs::read(dest.join("current/libfoo.so")).unwrap(),
+            b"elf"
+        );
+    }
+
+    #[test]
+    fn a_huge_long_name_is_not_read_into_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("longname.tar.gz");
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(8 * MIB);
+        raw_name(&mut h, "././@LongLink");
+        std::io::Write::write_all(&mut gz, h.as_bytes()).unwrap();
+        std::io::copy(&mut std::io::repeat(b'a').take(8 * MIB), &mut gz).unwrap();
+        gz.finish().unwrap();
+        refused(
+            &path,
+            &tmp.path().join("out"),
+            &UnpackLimits::default(),
+            "larger than 1 MiB",
+        );
+    }
+
+    #[test]
+    fn archives_made_from_dot_unpack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = archive(tmp.path(), |b| {
+            dir(b, "./", 0o755);
+            dir(b, "./bin/", 0o755);
+            let mut h = file_header(3);
+            b.append_data(&mut h, "./bin/tool", &b"hi\n"[..]).unwrap();
+            symlink(b, "./tool", "bin/./tool");
+        });
+        let dest = tmp.path().join("out");
+        unpack_tar_gz_default(&path, &dest).unwrap();
+        assert_eq!(std::fs::read(dest.join("tool")).unwrap(), b"hi\n");
     }
 }
