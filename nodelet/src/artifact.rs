@@ -323,6 +323,9 @@ impl ArtifactCache {
                 });
             }
             ensure_free(&self.dir, size.saturating_add(self.limits.min_free_bytes))?;
+        } else {
+            // The size is not known yet (maybe later from a Content-Length): the reserve at least.
+            ensure_free(&self.dir, self.limits.min_free_bytes)?;
         }
         let deadline = Instant::now() + self.limits.total_timeout;
         // Created synchronously, with its guard armed at once, so a cancelled
