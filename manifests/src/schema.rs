@@ -222,7 +222,7 @@ mod tests {
             .key("components")
             .index(3)
             .key("artifact");
-        assert_eq!(fields_at(&root, &artifact), vec!["sha256", "url"]);
+        assert_eq!(fields_at(&root, &artifact), vec!["sha256", "size", "url"]);
         let labels = FieldPath::root().key("metadata").key("labels");
         assert!(fields_at(&root, &labels).is_empty());
     }

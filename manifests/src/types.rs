@@ -197,6 +197,9 @@ pub struct Artifact {
     pub url: String,
     /// SHA-256 of the file, 64 hexadecimal characters.
     pub sha256: String,
+    #[doc = "Size in bytes; optional. A download stops as soon as it exceeds it, and a file of another size is refused like a wrong sha256."]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// How a service runs.

@@ -491,6 +491,15 @@ fn check_artifact(errors: &mut Vec<FieldError>, path: &FieldPath, artifact: &Art
             .hint("compute it with `sha256sum FILE`"),
         );
     }
+    if artifact.size == Some(0) {
+        errors.push(
+            FieldError::new(
+                path.key("size"),
+                "an artifact of 0 bytes cannot be a valid file",
+            )
+            .hint("give the file's size in bytes (`stat -c %s FILE`), or leave `size` out"),
+        );
+    }
 }
 
 /// Replaces node variables (`${NAME}`, filled in by each nodelet from its `--var`) with a

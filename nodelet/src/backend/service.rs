@@ -403,7 +403,11 @@ impl Backend for ServiceBackend {
             // Unpack beside the target and rename: a crash never leaves a half-unpacked version behind the real name.
             let staging = dir.join(format!(".{version}.unpacking"));
             let _ = std::fs::remove_dir_all(&staging);
-            unpack_tar_gz(artifact, &staging)?;
+            unpack_tar_gz(
+                artifact,
+                &staging,
+                &crate::artifact::UnpackLimits::default(),
+            )?;
             std::fs::rename(&staging, &target).map_err(io(&target))?;
         }
         self.run_spec(&component.name, version, settings)?;
