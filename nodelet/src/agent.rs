@@ -39,6 +39,10 @@ const ALIVE_THRESHOLD: u32 = 3;
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// A change refused for lack of disk space is tried again after this long.
 const NO_SPACE_RETRY: Duration = Duration::from_secs(30);
+/// How often free space is looked at.
+const DISK_CHECK: Duration = Duration::from_secs(5);
+/// A write that failed for lack of space keeps the DiskPressure condition up this long.
+const NO_SPACE_MEMORY: Duration = Duration::from_secs(60);
 /// Events kept in memory (and on disk) while the apiserver is unreachable.
 pub const MAX_QUEUED_EVENTS: usize = 500;
 /// Events sent in one report, and the longest message: a report stays far below the
@@ -214,6 +218,37 @@ struct Worker {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Node-wide settings of the loop.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// The managed root (its disk is watched besides the state dir's).
+    pub root: PathBuf,
+    /// Below this many free bytes on either disk, the node reports DiskPressure.
+    pub min_free_bytes: u64,
+    /// Previous versions kept per component (unpacked services, `.deb`, `.ko`) for reverts.
+    pub keep_versions: usize,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            root: PathBuf::from("/"),
+            min_free_bytes: 64 * 1024 * 1024,
+            keep_versions: 3,
+        }
+    }
+}
+
+/// What the loop knows about free space.
+#[derive(Debug, Default)]
+struct DiskWatch {
+    /// The condition's message while it holds.
+    pressure: Option<String>,
+    last_check: Option<Instant>,
+    /// Unix ms of the last write that failed for lack of space.
+    no_space_at_ms: std::sync::atomic::AtomicU64,
+}
+
 /// The agent.
 pub struct Agent {
     ctx: Arc<Context>,
@@ -237,6 +272,8 @@ pub struct Agent {
     nodelet_version: String,
     vars: BTreeMap<String, String>,
     stopping: bool,
+    settings: AgentSettings,
+    disk: DiskWatch,
 }
 
 impl Agent {
@@ -280,12 +317,20 @@ impl Agent {
             nodelet_version: env!("CARGO_PKG_VERSION").to_string(),
             vars: BTreeMap::new(),
             stopping: false,
+            settings: AgentSettings::default(),
+            disk: DiskWatch::default(),
         })
     }
 
     /// Node variables filled into every assigned spec (see `plan::interpolate`).
     pub fn with_vars(mut self, vars: BTreeMap<String, String>) -> Self {
         self.vars = vars;
+        self
+    }
+
+    /// Node-wide settings (root, free-space floor, versions kept).
+    pub fn with_settings(mut self, settings: AgentSettings) -> Self {
+        self.settings = settings;
         self
     }
 
@@ -299,7 +344,73 @@ impl Agent {
     fn save(&self) -> Result<(), String> {
         self.dir.save(&self.state).inspect_err(|e| {
             tracing::error!(error = %e, "cannot write the journal");
+            if e.contains("No space left") {
+                self.no_space();
+            }
         })
+    }
+
+    /// Remembers that a write failed for lack of space (DiskPressure for a while).
+    fn no_space(&self) {
+        self.disk
+            .no_space_at_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Looks at free space every few seconds; raises and clears DiskPressure with an event.
+    fn check_disk(&mut self) {
+        let now = Instant::now();
+        if self
+            .disk
+            .last_check
+            .is_some_and(|t| now.duration_since(t) < DISK_CHECK)
+        {
+            return;
+        }
+        self.disk.last_check = Some(now);
+        let mut short = Vec::new();
+        for path in [self.dir.path().to_path_buf(), self.settings.root.clone()] {
+            if let Some(free) = crate::host::free_bytes(&path) {
+                if free < self.settings.min_free_bytes {
+                    short.push(format!(
+                        "{} MiB free under {} (the floor is {} MiB)",
+                        free / (1024 * 1024),
+                        path.display(),
+                        self.settings.min_free_bytes / (1024 * 1024)
+                    ));
+                }
+            }
+        }
+        let failed_at = self
+            .disk
+            .no_space_at_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if failed_at != 0 && now_ms().saturating_sub(failed_at) < NO_SPACE_MEMORY.as_millis() as u64
+        {
+            short.push("a write failed: no space left on device".into());
+        }
+        short.dedup();
+        let pressure = (!short.is_empty()).then(|| short.join("; "));
+        match (&self.disk.pressure, &pressure) {
+            (None, Some(message)) => self.event(
+                EventType::Warning,
+                "DiskPressure",
+                format!("{message}; running services are left alone, new downloads wait"),
+                None,
+                None,
+                None,
+            ),
+            (Some(_), None) => self.event(
+                EventType::Normal,
+                "DiskPressureCleared",
+                "enough free space again".into(),
+                None,
+                None,
+                None,
+            ),
+            _ => {}
+        }
+        self.disk.pressure = pressure;
     }
 
     fn event(
@@ -466,7 +577,14 @@ impl Agent {
             if change.target.revision != result.revision {
                 continue;
             }
+            let short_of_space = matches!(
+                &result.outcome,
+                Outcome::PrepareFailed(f) | Outcome::StepFailed(_, f) if f.no_space
+            );
             lifecycle::record(change, result.outcome);
+            if short_of_space {
+                self.no_space();
+            }
             let _ = self.save();
         }
     }
@@ -536,6 +654,7 @@ impl Agent {
                 );
             }
         }
+        self.check_disk();
         self.schedule_probes();
         self.publish(assignment.as_ref());
     }
@@ -888,6 +1007,7 @@ impl Agent {
         let component = failure.component.clone().unwrap_or_default();
         let message = format!("{component}: {}", failure.reason);
         if failure.no_space {
+            self.no_space();
             self.retry_after.insert(
                 name.to_string(),
                 now_ms() + NO_SPACE_RETRY.as_millis() as u64,
@@ -975,6 +1095,10 @@ impl Agent {
             },
         );
         let _ = self.save();
+        self.prune(
+            change.steps.iter().map(|s| s.component.clone()).collect(),
+            vec![],
+        );
         self.event(
             EventType::Normal,
             "Baked",
@@ -1031,6 +1155,26 @@ impl Agent {
         );
         self.reset_probes(name);
         let _ = self.save();
+        // The failed release's unpacked folders are not kept (it is never retried by itself;
+        // its artifact stays cached if it comes back under a new revision).
+        let discard: Vec<(String, String)> = change
+            .steps
+            .iter()
+            .filter(|s| s.component.kind == ComponentKind::Service && s.action != Action::Remove)
+            .filter_map(|s| {
+                let failed = s.component.version.clone()?;
+                let back = s
+                    .snapshot
+                    .as_ref()
+                    .and_then(|x| x.version())
+                    .map(str::to_string);
+                (back.as_deref() != Some(failed.as_str()))
+                    .then(|| (s.component.name.clone(), failed))
+            })
+            .collect();
+        if failure.is_none() {
+            self.prune(vec![], discard);
+        }
         let mut full = message;
         if let Some(output) = &change.probe_output {
             full.push_str(&format!("\nprobe output: {output}"));
@@ -1050,6 +1194,45 @@ impl Agent {
             Some(change.target.revision),
             change.culprit.as_deref(),
         );
+    }
+
+    /// Removes what is no longer needed, beside the loop: kept versions of `components` beyond
+    /// the installed one and the newest `keep_versions`, the `discard` service folders, and
+    /// cached artifacts nothing assigned, applied or in flight refers to.
+    fn prune(&self, components: Vec<Component>, discard: Vec<(String, String)>) {
+        let ctx = self.ctx.clone();
+        let keep = self.settings.keep_versions;
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        let specs = self
+            .assignment
+            .iter()
+            .flat_map(|a| a.states.iter().map(|s| &s.spec))
+            .chain(self.state.applied.values().map(|a| &a.state.spec))
+            .chain(self.state.changes.values().map(|c| &c.target.spec));
+        for spec in specs {
+            for component in &spec.components {
+                if let Some(artifact) = &component.artifact {
+                    wanted.insert(artifact.sha256.to_ascii_lowercase());
+                }
+            }
+        }
+        tokio::spawn(async move {
+            for (name, version) in discard {
+                if let Err(e) = ctx.backends.service.discard_version(&name, &version) {
+                    tracing::warn!(service = %name, version = %version, error = %e, "cannot remove a failed release's folder");
+                }
+            }
+            for component in components
+                .iter()
+                .filter(|c| c.state == ComponentState::Present)
+            {
+                ctx.backends.prune_kept(component, &[], keep).await;
+            }
+            let freed = ctx.artifacts.prune(&wanted);
+            if freed > 0 {
+                tracing::info!(bytes = freed, "pruned the artifact cache");
+            }
+        });
     }
 
     fn reset_probes(&mut self, ds: &str) {
@@ -1203,6 +1386,7 @@ impl Agent {
             nodelet_version: self.nodelet_version.clone(),
             observed_generation: assignment.map_or(0, |a| a.generation),
             host: Some(self.ctx.host.sample()),
+            disk_pressure: self.disk.pressure.clone(),
             ..NodeReport::default()
         };
         let names: Vec<String> = self
@@ -1353,6 +1537,7 @@ fn fetch_failure(component: &Component, error: &ArtifactError) -> Failure {
 
 fn is_no_space(error: &ArtifactError) -> bool {
     match error {
+        ArtifactError::NoSpace { .. } => true,
         ArtifactError::Io { source, .. } => source.raw_os_error() == Some(nix::libc::ENOSPC),
         _ => error.to_string().contains("No space left on device"),
     }
@@ -1387,7 +1572,7 @@ async fn prepare(ctx: Arc<Context>, change: Change) -> Outcome {
             continue;
         }
         if let Some(artifact) = &step.component.artifact {
-            if let Err(e) = ctx.artifacts.fetch(&artifact.url, &artifact.sha256).await {
+            if let Err(e) = ctx.artifacts.fetch(artifact).await {
                 return Outcome::PrepareFailed(fetch_failure(&step.component, &e));
             }
         }
@@ -1430,7 +1615,7 @@ async fn run_step(ctx: Arc<Context>, index: usize, step: Step) -> Outcome {
     };
     let artifact: Option<PathBuf> = match (&step.component.artifact, step.action) {
         (_, Action::Remove) | (None, _) => None,
-        (Some(artifact), _) => match ctx.artifacts.fetch(&artifact.url, &artifact.sha256).await {
+        (Some(artifact), _) => match ctx.artifacts.fetch(artifact).await {
             Ok(path) => Some(path),
             Err(e) => return failed(format!("{}: {e}", step.component.name), is_no_space(&e)),
         },
@@ -1450,10 +1635,19 @@ async fn run_step(ctx: Arc<Context>, index: usize, step: Step) -> Outcome {
     };
     match result {
         Ok(()) => Outcome::StepDone(index),
-        Err(e) => failed(
-            format!("{:?} {} failed: {e}", step.action, step.component.name),
-            false,
-        ),
+        Err(e) => {
+            let no_space = match &e {
+                crate::backend::BackendError::Artifact(a) => is_no_space(a),
+                crate::backend::BackendError::Io { source, .. } => {
+                    source.raw_os_error() == Some(nix::libc::ENOSPC)
+                }
+                other => other.to_string().contains("No space left on device"),
+            };
+            failed(
+                format!("{:?} {} failed: {e}", step.action, step.component.name),
+                no_space,
+            )
+        }
     }
 }
 

@@ -235,8 +235,10 @@ pub struct ArtifactCache {
     dir: PathBuf,
     http: reqwest::Client,
     limits: DownloadLimits,
-    /// One fetch at a time: they share `.partial` names, and prune must not take a live one.
-    busy: Arc<tokio::sync::Mutex<()>>,
+    /// One fetch at a time per hash (they share its `.partial` name; prune must not take a
+    /// live one). Fetches of different artifacts run at once: a download that stalls in one
+    /// DesiredState never holds up another's.
+    busy: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 fn is_sha256(text: &str) -> bool {
@@ -288,7 +290,14 @@ impl ArtifactCache {
                 reason: "failed: the manifest's sha256 is not 64 hexadecimal characters".into(),
             });
         }
-        let _busy = self.busy.lock().await;
+        let lock = self
+            .busy
+            .lock()
+            .expect("not poisoned")
+            .entry(expected.clone())
+            .or_default()
+            .clone();
+        let _busy = lock.lock().await;
         let target = self.path_of(&expected);
         match std::fs::symlink_metadata(&target) {
             Ok(meta) if meta.is_file() && artifact.size.is_none_or(|size| size == meta.len()) => {
@@ -514,7 +523,12 @@ impl ArtifactCache {
     /// download in progress keeps its `.partial` file.
     pub fn prune(&self, keep: &BTreeSet<String>) -> u64 {
         let keep: BTreeSet<String> = keep.iter().map(|s| s.to_ascii_lowercase()).collect();
-        let idle = self.busy.try_lock().ok();
+        // Hashes being fetched right now: their `.partial` is alive.
+        let live: BTreeSet<String> = {
+            let mut busy = self.busy.lock().expect("not poisoned");
+            busy.retain(|_, lock| Arc::strong_count(lock) > 1 || lock.try_lock().is_err());
+            busy.keys().cloned().collect()
+        };
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
@@ -531,7 +545,7 @@ impl ArtifactCache {
             } else {
                 let leftover =
                     name.starts_with('.') && (name.ends_with(".partial") || name.ends_with(".tmp"));
-                leftover && idle.is_some()
+                leftover && !live.iter().any(|hash| name.contains(hash.as_str()))
             };
             if unwanted && std::fs::remove_file(entry.path()).is_ok() {
                 freed += meta.len();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use nodelet::agent::{self, Agent, Shared};
-use nodelet::artifact::ArtifactCache;
+use nodelet::artifact::{ArtifactCache, DownloadLimits};
 use nodelet::backend::{driver, package, service, Backends};
 use nodelet::client::{ApiClient, HttpClient};
 use nodelet::host::{self, HostSampler};
@@ -52,9 +52,20 @@ struct Args {
     /// probes is replaced by VALUE on this node. `${NODE_NAME}` is always set.
     #[arg(long = "var")]
     vars: Vec<String>,
-    /// Unpacked service versions kept for revert.
+    /// Versions kept per component (unpacked services, `.deb`, `.ko`) for reverts; the
+    /// version a change in flight goes back to is always kept.
     #[arg(long, default_value_t = 3)]
     keep_versions: usize,
+    /// Largest artifact downloaded, in bytes (a manifest's `artifact.size` can only lower it).
+    #[arg(long, default_value_t = 2 * 1024 * 1024 * 1024)]
+    max_artifact_bytes: u64,
+    /// Free bytes to leave on the state and root disks: downloads and unpacking stop short of
+    /// it, and below it the node reports DiskPressure.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    min_free_bytes: u64,
+    /// A supervised service's log file is rotated at this size (one old file is kept).
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    service_log_bytes: u64,
 }
 
 fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, String> {
@@ -176,7 +187,9 @@ async fn run(args: Args) -> Result<(), String> {
             unit_dir: PathBuf::from("/etc/systemd/system"),
         }
     } else {
-        service::Runner::Supervisor(Arc::new(Supervisor::new(&state_dir)))
+        service::Runner::Supervisor(Arc::new(
+            Supervisor::new(&state_dir).with_log_limit(args.service_log_bytes, 1),
+        ))
     };
     let supervisor = match &runner {
         service::Runner::Supervisor(s) => Some(s.clone()),
@@ -189,13 +202,16 @@ async fn run(args: Args) -> Result<(), String> {
         driver: driver::DriverBackend::new(&root, &state_dir, driver::kernel_release()),
         package,
     };
+    let limits = DownloadLimits {
+        max_bytes: args.max_artifact_bytes,
+        min_free_bytes: args.min_free_bytes,
+        ..DownloadLimits::default()
+    };
     let artifacts = ArtifactCache::new(
         state_dir.join("artifacts"),
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| e.to_string())?,
-    );
+        limits.client_builder().build().map_err(|e| e.to_string())?,
+    )
+    .with_limits(limits);
     let shared = Arc::new(Shared::default());
     let host = Arc::new(HostSampler::new(&root));
     let mut vars = BTreeMap::from([("NODE_NAME".to_string(), name.clone())]);
@@ -205,7 +221,13 @@ async fn run(args: Args) -> Result<(), String> {
             .ok_or_else(|| format!("--var: `{item}` is not NAME=VALUE"))?;
         vars.insert(key.to_string(), value.to_string());
     }
-    let agent = Agent::new(backends, artifacts, host, dir.clone(), shared.clone())?.with_vars(vars);
+    let agent = Agent::new(backends, artifacts, host, dir.clone(), shared.clone())?
+        .with_vars(vars)
+        .with_settings(agent::AgentSettings {
+            root: root.clone(),
+            min_free_bytes: args.min_free_bytes,
+            keep_versions: args.keep_versions,
+        });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (assign_tx, assign_rx) = tokio::sync::watch::channel(stored);
