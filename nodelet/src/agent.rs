@@ -863,9 +863,23 @@ impl Agent {
             log_tail: vec![],
         };
         self.state.changes.insert(name.clone(), change);
-        if self.save().is_err() {
-            // Without its journal entry the change does not exist: try again next tick.
+        if let Err(e) = self.save() {
+            // Without its journal entry the change does not exist: nothing is touched, and it
+            // is tried again later (typically the disk is full).
             self.state.changes.remove(&name);
+            self.retry_after
+                .insert(name.clone(), now_ms() + NO_SPACE_RETRY.as_millis() as u64);
+            self.event(
+                EventType::Warning,
+                "DiskPressure",
+                format!(
+                    "revision {revision} waits, nothing was changed: {e}; tried again in {}s",
+                    NO_SPACE_RETRY.as_secs()
+                ),
+                Some(&name),
+                Some(revision),
+                None,
+            );
             return;
         }
         self.event(

@@ -398,3 +398,340 @@ fn a_boot_with_the_apiserver_down_and_changed_labels_runs_services_at_once() {
         (node["metadata"]["labels"]["kernel-flavour"] == "new").then_some(())
     });
 }
+
+/// A nodelet with extra flags (limits).
+fn nodelet_with(
+    server: &str,
+    name: &str,
+    labels: &str,
+    root: &std::path::Path,
+    extra: &[&str],
+) -> Nodelet {
+    std::fs::create_dir_all(root).unwrap();
+    let mut node = Nodelet {
+        proc: None,
+        name: name.into(),
+        root: root.to_path_buf(),
+        server: server.into(),
+        labels: labels.into(),
+        heartbeat_seconds: 1,
+        extra_args: extra.iter().map(|s| s.to_string()).collect(),
+    };
+    node.restart();
+    node
+}
+
+/// Answers every request with an endless body of zeros (no length announced).
+fn endless_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/endless.tar.gz", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buffer = [0u8; 2048];
+                let _ = stream.read(&mut buffer);
+                let _ =
+                    stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: application/gzip\r\n\r\n");
+                let zeros = vec![0u8; 64 * 1024];
+                while stream.write_all(&zeros).is_ok() {}
+            });
+        }
+    });
+    url
+}
+
+/// A tar.gz of a few hundred bytes whose one entry claims 8 GiB: a bomb unpacked blindly.
+fn gzip_bomb(dir: &std::path::Path) -> (String, String) {
+    let mut header = tar::Header::new_gnu();
+    header.set_path("bin/demo-service").unwrap();
+    header.set_size(8 << 30);
+    header.set_mode(0o755);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    let file = "bomb.tar.gz";
+    let out = std::fs::File::create(dir.join(file)).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::best());
+    gz.write_all(header.as_bytes()).unwrap();
+    gz.write_all(&vec![0u8; 1 << 20]).unwrap();
+    gz.finish().unwrap();
+    let sha = sha256(&dir.join(file));
+    (file.to_string(), sha)
+}
+
+fn service_manifest(name: &str, role: &str, version: &str, url: &str, sha: &str) -> String {
+    format!(
+        r#"apiVersion: shoal/v1
+kind: DesiredState
+metadata: {{name: {name}}}
+spec:
+  selector: {{matchLabels: {{role: {role}}}}}
+  components:
+    - name: {name}
+      kind: service
+      version: {version}
+      artifact: {{url: "{url}", sha256: "{sha}"}}
+      service: {{exec: ["bin/demo-service", "--listen", "127.0.0.1:1"]}}
+"#
+    )
+}
+
+/// Bytes under a folder.
+fn du(path: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            let meta = entry.metadata().unwrap();
+            total += if meta.is_dir() {
+                du(&entry.path())
+            } else {
+                meta.len()
+            };
+        }
+    }
+    total
+}
+
+fn no_partials(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |entries| {
+        entries
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().ends_with(".partial"))
+    })
+}
+
+#[test]
+fn an_endless_download_and_a_gzip_bomb_are_refused_with_the_limit_named_and_nothing_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let node = nodelet_with(
+        &server.url,
+        "limits",
+        "role=limits",
+        &tmp.path().join("node"),
+        &["--max-artifact-bytes", "8388608"],
+    );
+    let cache = node.state_dir().join("artifacts");
+    let zero = "0".repeat(64);
+    server.apply(&service_manifest(
+        "endless",
+        "limits",
+        "1.0.0",
+        &endless_server(),
+        &zero,
+    ));
+    server.apply(&service_manifest(
+        "zeros",
+        "limits",
+        "1.0.0",
+        "file:///dev/zero",
+        &zero,
+    ));
+    let (bomb, bomb_sha) = gzip_bomb(&artifacts.dir);
+    server.apply(&service_manifest(
+        "bomb",
+        "limits",
+        "1.0.0",
+        &artifacts.url_of(&bomb),
+        &bomb_sha,
+    ));
+    for url_part in ["endless.tar.gz", "file:///dev/zero"] {
+        let refused = wait_for(LONG, &format!("{url_part} refused"), || {
+            server.node_events("limits").into_iter().find(|e| {
+                e["reason"] == "Reverted"
+                    && e["message"].as_str().is_some_and(|m| {
+                        m.contains(url_part)
+                            && m.contains("exceeds --max-artifact-bytes (8388608 bytes)")
+                    })
+            })
+        });
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap()
+                .contains("nothing was changed"),
+            "{refused}"
+        );
+    }
+    let bombed = wait_for(LONG, "the bomb refused", || {
+        server.node_events("limits").into_iter().find(|e| {
+            e["reason"] == "Reverted"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("unpack cap on bytes"))
+        })
+    });
+    assert!(
+        bombed["message"]
+            .as_str()
+            .unwrap()
+            .contains("bin/demo-service"),
+        "{bombed}"
+    );
+    assert!(
+        no_partials(&cache),
+        "a .partial was left in {}",
+        cache.display()
+    );
+    // Disk use stayed bounded: the cache holds the small bomb, nothing of the endless ones.
+    assert!(du(&cache) < 4 << 20, "{} bytes in the cache", du(&cache));
+    let services = node.root.join("var/lib/shoal/services/bomb");
+    let left: Vec<String> = std::fs::read_dir(&services)
+        .map(|e| {
+            e.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.iter()
+            .all(|n| n.starts_with(".") && n.ends_with(".json")),
+        "a half-made version folder is left: {left:?}"
+    );
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn condition(server: &Apiserver, node: &str, kind: &str) -> Option<(String, String)> {
+    let node = server.get(&format!("/api/v1/nodes/{node}"))?;
+    node["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or("").to_string(),
+                c["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+#[test]
+fn a_full_disk_gives_disk_pressure_keeps_services_running_and_the_nodelet_up() {
+    if !is_root() {
+        println!("SKIPPED: a_full_disk_gives_disk_pressure_keeps_services_running_and_the_nodelet_up needs root to mount a tmpfs");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let root = tmp.path().join("node");
+    std::fs::create_dir_all(&root).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=200m",
+            "tmpfs",
+            root.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    if !mounted.success() {
+        println!("SKIPPED: a_full_disk_gives_disk_pressure_keeps_services_running_and_the_nodelet_up: mount -t tmpfs failed here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", self.0.to_str().unwrap()])
+                .status();
+        }
+    }
+    let _unmount = Unmount(root.clone());
+    let port = free_port();
+    let mut node = nodelet_with(
+        &server.url,
+        "full",
+        "role=full",
+        &root,
+        &["--min-free-bytes", "33554432"],
+    );
+    let (v1, sha1) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    server.apply(&demo_manifest(
+        "full",
+        "full",
+        "1.0.0",
+        &artifacts.url_of(&v1),
+        &sha1,
+        port,
+        1,
+        1,
+    ));
+    wait_for(LONG, "1.0.0 baked", || event(&server, "full", "Baked", 1));
+    assert_eq!(
+        condition(&server, "full", "DiskPressure")
+            .map(|c| c.0)
+            .as_deref(),
+        Some("False")
+    );
+
+    // Something else on the node fills its disk to the last byte.
+    let _ = std::process::Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={}", root.join("filler").display()),
+            "bs=1M",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let (_, message) = wait_for(LONG, "DiskPressure", || {
+        condition(&server, "full", "DiskPressure").filter(|c| c.0 == "True")
+    });
+    assert!(message.contains("MiB free"), "{message}");
+    // A new release cannot be downloaded: it waits, and changes nothing.
+    let (v2, sha2) = demo_tarball(&artifacts.dir, "1.1.0", None);
+    // A deadline longer than the outage: the rollout waits for this node instead of failing it.
+    server.apply(
+        &demo_manifest(
+            "full",
+            "full",
+            "1.1.0",
+            &artifacts.url_of(&v2),
+            &sha2,
+            port,
+            1,
+            1,
+        )
+        .replace("healthyDeadlineSeconds: 30", "healthyDeadlineSeconds: 600"),
+    );
+    wait_for(LONG, "the release to wait for space", || {
+        server
+            .node_events("full")
+            .into_iter()
+            .find(|e| e["reason"] == "DiskPressure" && e["revision"] == 2)
+    });
+    assert_eq!(
+        http_get(&format!("http://127.0.0.1:{port}/version")).map(|v| v.trim().to_string()),
+        Some("1.0.0".to_string()),
+        "the running service was touched"
+    );
+    assert!(
+        node.proc
+            .as_mut()
+            .unwrap()
+            .child
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "the nodelet exited on a full disk\n{}",
+        node.log()
+    );
+    // Space comes back: the condition clears and the release goes through.
+    std::fs::remove_file(root.join("filler")).unwrap();
+    wait_for(LONG, "DiskPressure to clear", || {
+        condition(&server, "full", "DiskPressure").filter(|c| c.0 == "False")
+    });
+    wait_for(LONG, "1.1.0 baked once there is room", || {
+        event(&server, "full", "Baked", 2)
+    });
+    node.proc.as_mut().unwrap().terminate();
+}
