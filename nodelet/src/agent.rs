@@ -36,7 +36,7 @@ const ALIVE_PERIOD: Duration = Duration::from_secs(1);
 const ALIVE_THRESHOLD: u32 = 3;
 /// On SIGTERM, how long a running step may take to finish before it is abandoned (the journal
 /// says Started, so the next start runs it again).
-const STOP_GRACE: Duration = Duration::from_secs(3);
+const STOP_GRACE: Duration = Duration::from_secs(2);
 /// A change refused for lack of disk space is tried again after this long.
 const NO_SPACE_RETRY: Duration = Duration::from_secs(30);
 /// How often free space is looked at.
@@ -96,11 +96,11 @@ impl EventQueue {
         self.events.push_back(event);
     }
 
-    /// The oldest events, at most one report's worth.
-    pub fn batch(&self) -> Vec<NodeEvent> {
+    /// The oldest `n` events (at most one report's worth).
+    pub fn batch(&self, n: usize) -> Vec<NodeEvent> {
         self.events
             .iter()
-            .take(EVENTS_PER_REPORT)
+            .take(n.min(EVENTS_PER_REPORT))
             .cloned()
             .collect()
     }
@@ -215,7 +215,35 @@ struct WorkerResult {
 
 struct Worker {
     revision: u64,
+    /// What it does: what to report if it dies without a result (a panic in a backend).
+    work: Work,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Prepare,
+    Step(usize),
+    Restore(usize),
+}
+
+impl Work {
+    /// The result of a worker that ended without one.
+    fn died(self, name: &str) -> Outcome {
+        let reason = format!(
+            "the nodelet's worker for {name} ended without a result (a bug: see the nodelet's log)"
+        );
+        let failure = Failure {
+            reason: reason.clone(),
+            component: None,
+            no_space: false,
+        };
+        match self {
+            Work::Prepare => Outcome::PrepareFailed(failure),
+            Work::Step(i) => Outcome::StepFailed(i, failure),
+            Work::Restore(i) => Outcome::RestoreFailed(i, reason),
+        }
+    }
 }
 
 /// Node-wide settings of the loop.
@@ -560,8 +588,29 @@ impl Agent {
     /// Folds worker results into their changes.
     fn absorb(&mut self, results: Vec<WorkerResult>) {
         let mut results = results;
+        // Workers that ended, noted before the channel is drained: a result is sent before its
+        // task ends, so one still unaccounted for after the drain never sent it (it panicked).
+        let ended: Vec<(String, u64, Work)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.task.is_finished())
+            .map(|(name, w)| (name.clone(), w.revision, w.work))
+            .collect();
         while let Ok(result) = self.worker_rx.try_recv() {
             results.push(result);
+        }
+        for (name, revision, work) in ended {
+            let reported = results
+                .iter()
+                .any(|r| r.desired_state == name && r.revision == revision);
+            if !reported {
+                tracing::error!(desired_state = %name, ?work, "a worker ended without a result");
+                results.push(WorkerResult {
+                    outcome: work.died(&name),
+                    desired_state: name,
+                    revision,
+                });
+            }
         }
         for result in results {
             if self
@@ -921,7 +970,12 @@ impl Agent {
             Decision::Wait => {}
             Decision::Prepare => {
                 let change = change.clone();
-                self.spawn(name, revision, prepare(self.ctx.clone(), change));
+                self.spawn(
+                    name,
+                    revision,
+                    Work::Prepare,
+                    prepare(self.ctx.clone(), change),
+                );
             }
             Decision::RunStep(i) => {
                 change.steps[i].state = crate::journal::StepState::Started;
@@ -929,7 +983,12 @@ impl Agent {
                 if self.save().is_err() {
                     return; // no step without its journal entry; next tick tries again
                 }
-                self.spawn(name, revision, run_step(self.ctx.clone(), i, step));
+                self.spawn(
+                    name,
+                    revision,
+                    Work::Step(i),
+                    run_step(self.ctx.clone(), i, step),
+                );
             }
             Decision::Verify => {
                 change.applied_at_ms = now;
@@ -985,7 +1044,12 @@ impl Agent {
             }
             Decision::RestoreStep(i) => {
                 let step = change.steps[i].clone();
-                self.spawn(name, revision, restore_step(self.ctx.clone(), i, step));
+                self.spawn(
+                    name,
+                    revision,
+                    Work::Restore(i),
+                    restore_step(self.ctx.clone(), i, step),
+                );
             }
             Decision::FinishRevert => self.finish_revert(name),
             Decision::Refuse(failure) => self.refuse(name, failure),
@@ -996,6 +1060,7 @@ impl Agent {
         &mut self,
         name: &str,
         revision: u64,
+        what: Work,
         work: impl std::future::Future<Output = Outcome> + Send + 'static,
     ) {
         let tx = self.worker_tx.clone();
@@ -1008,8 +1073,14 @@ impl Agent {
                 outcome,
             });
         });
-        self.workers
-            .insert(name.to_string(), Worker { revision, task });
+        self.workers.insert(
+            name.to_string(),
+            Worker {
+                revision,
+                work: what,
+                task,
+            },
+        );
     }
 
     /// A change refused before anything was touched: reported like a revert (nothing to undo).
@@ -1753,6 +1824,9 @@ pub async fn heartbeat<C: ApiClient>(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(interval);
+    // Events per report: halved while the apiserver answers 413 (a lower --max-body-bytes
+    // than ours), down to none, so a heartbeat always gets through and the node stays Ready.
+    let mut batch_size = EVENTS_PER_REPORT;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1764,7 +1838,11 @@ pub async fn heartbeat<C: ApiClient>(
             return;
         };
         let mut report = shared.report.lock().expect("not poisoned").clone();
-        let batch = shared.events.lock().expect("not poisoned").batch();
+        let batch = shared
+            .events
+            .lock()
+            .expect("not poisoned")
+            .batch(batch_size);
         report.events = batch.clone();
         let call = client.report(&token, &node, &report);
         let result = tokio::select! {
@@ -1777,9 +1855,18 @@ pub async fn heartbeat<C: ApiClient>(
                 queued.delivered(&batch);
                 let _ = dir.save_events(&queued.snapshot());
                 // More than one report's worth waiting (back from offline): send on at once.
-                if queued.len() >= EVENTS_PER_REPORT {
+                if batch_size > 0 && queued.len() >= batch_size {
                     tick.reset_immediately();
                 }
+                batch_size = (batch_size * 2).clamp(1, EVENTS_PER_REPORT);
+            }
+            Err(ClientError::Rejected { status: 413, .. }) => {
+                batch_size /= 2;
+                tracing::warn!(
+                    batch_size,
+                    "the apiserver finds the report too large; sending fewer events per report"
+                );
+                tick.reset_immediately();
             }
             Err(e) => {
                 tracing::warn!(error = %e, queued = batch.len(), "heartbeat failed; events stay queued")
@@ -1813,7 +1900,7 @@ mod tests {
         }
         assert_eq!(queue.len(), MAX_QUEUED_EVENTS);
         assert_eq!(queue.dropped, 11);
-        let batch = queue.batch();
+        let batch = queue.batch(EVENTS_PER_REPORT);
         assert_eq!(batch.len(), EVENTS_PER_REPORT);
         assert_eq!(batch[0].reason, "R0", "the Warning is kept");
         assert_eq!(batch[1].reason, "R12", "the oldest Normal ones went");
@@ -1836,7 +1923,7 @@ mod tests {
         long.message = "x".repeat(100_000);
         queue.push(long);
         assert!(queue.events[0].message.len() <= MAX_EVENT_MESSAGE + 4);
-        let batch = queue.batch();
+        let batch = queue.batch(EVENTS_PER_REPORT);
         queue.push(event(EventType::Normal, 2));
         queue.delivered(&batch);
         assert_eq!(queue.len(), 1);
@@ -1844,6 +1931,22 @@ mod tests {
         // A batch that is no longer at the front (dropped meanwhile) forgets nothing.
         queue.delivered(&[event(EventType::Normal, 9)]);
         assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn a_worker_that_dies_without_a_result_fails_its_work() {
+        assert!(matches!(
+            Work::Prepare.died("ds"),
+            Outcome::PrepareFailed(_)
+        ));
+        assert!(matches!(
+            Work::Step(2).died("ds"),
+            Outcome::StepFailed(2, _)
+        ));
+        let Outcome::RestoreFailed(1, reason) = Work::Restore(1).died("ds") else {
+            panic!()
+        };
+        assert!(reason.contains("ds"), "{reason}");
     }
 
     #[test]
@@ -1855,7 +1958,7 @@ mod tests {
             queue.push(e);
         }
         let report = NodeReport {
-            events: queue.batch(),
+            events: queue.batch(EVENTS_PER_REPORT),
             ..NodeReport::default()
         };
         let bytes = serde_json::to_vec(&report).unwrap().len();
