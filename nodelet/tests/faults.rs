@@ -13,6 +13,32 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(90);
 
+/// `wait_for`, printing the node's journal, events and log when it times out.
+fn wait_or_dump<T>(
+    node: &Nodelet,
+    server: &Apiserver,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            let log = node.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "timed out waiting for {what}\njournal: {}\nevents: {:?}\nlog:\n{}",
+                node.journal(),
+                server.node_events(&node.name),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn event(server: &Apiserver, node: &str, reason: &str, revision: u64) -> Option<serde_json::Value> {
     server
         .node_events(node)
@@ -734,4 +760,135 @@ fn a_full_disk_gives_disk_pressure_keeps_services_running_and_the_nodelet_up() {
         event(&server, "full", "Baked", 2)
     });
     node.proc.as_mut().unwrap().terminate();
+}
+
+/// A `.deb` whose postinst takes `seconds`: its install (and a revert to it) is slow.
+fn slow_deb(dir: &std::path::Path, version: &str, seconds: u64) -> (String, String) {
+    let staging = dir.join(format!("slowpkg-{version}"));
+    std::fs::create_dir_all(staging.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(staging.join("usr/share/slowpkg")).unwrap();
+    std::fs::write(staging.join("usr/share/slowpkg/VERSION"), version).unwrap();
+    std::fs::write(
+        staging.join("DEBIAN/control"),
+        format!("Package: slowpkg\nVersion: {version}\nArchitecture: all\nMaintainer: shoal tests <t@example.invalid>\nDescription: a package that configures slowly\n"),
+    )
+    .unwrap();
+    let postinst = staging.join("DEBIAN/postinst");
+    std::fs::write(&postinst, format!("#!/bin/sh\nsleep {seconds}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&postinst, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = format!("slowpkg_{version}_all.deb");
+    let status = std::process::Command::new("dpkg-deb")
+        .args(["--root-owner-group", "--build"])
+        .arg(&staging)
+        .arg(dir.join(&file))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let sha = sha256(&dir.join(&file));
+    (file, sha)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn slow_pair(pkg: (&str, &str, &str), demo: (&str, &str, &str), port: u16) -> String {
+    format!(
+        r#"apiVersion: shoal/v1
+kind: DesiredState
+metadata: {{name: slow}}
+spec:
+  selector: {{matchLabels: {{role: slow}}}}
+  components:
+    - name: slowpkg
+      kind: package
+      version: {pv}
+      artifact: {{url: "{pu}", sha256: "{ps}"}}
+    - name: demo
+      kind: service
+      version: {dv}
+      artifact: {{url: "{du}", sha256: "{ds}"}}
+      service: {{exec: ["bin/demo-service", "--listen", "127.0.0.1:{port}"], startSeconds: 1}}
+  probes:
+    - {{name: demo-http, http: {{url: "http://127.0.0.1:{port}/healthz"}}, periodSeconds: 1, failureThreshold: 2, timeoutSeconds: 1}}
+  rollout:
+    waves: ["100%"]
+    bakeSeconds: 10
+    healthyDeadlineSeconds: 60
+"#,
+        pv = pkg.0,
+        pu = pkg.1,
+        ps = pkg.2,
+        dv = demo.0,
+        du = demo.1,
+        ds = demo.2,
+    )
+}
+
+#[test]
+fn kill_9_while_reverting_a_bad_release_still_reverts_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let port = free_port();
+    let mut node = Nodelet::start(&server.url, "undo", "role=slow", &tmp.path().join("node"));
+    let (p1, p1sha) = slow_deb(&artifacts.dir, "1.0-1", 4);
+    let (p2, p2sha) = slow_deb(&artifacts.dir, "2.0-1", 4);
+    let (d1, d1sha) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    let (d2, d2sha) = demo_tarball(&artifacts.dir, "1.1.0", Some(3));
+    let (p1u, p2u, d1u, d2u) = (
+        artifacts.url_of(&p1),
+        artifacts.url_of(&p2),
+        artifacts.url_of(&d1),
+        artifacts.url_of(&d2),
+    );
+    server.apply(&slow_pair(
+        ("1.0-1", &p1u, &p1sha),
+        ("1.0.0", &d1u, &d1sha),
+        port,
+    ));
+    wait_for(LONG, "revision 1 baked", || {
+        event(&server, "undo", "Baked", 1)
+    });
+
+    // A bad release: healthz fails 3 s after start. The revert puts the service back, then
+    // reinstalls the old package, whose postinst takes 4 s: the nodelet dies right there,
+    // leaving its dpkg running as an orphan.
+    server.apply(&slow_pair(
+        ("2.0-1", &p2u, &p2sha),
+        ("1.1.0", &d2u, &d2sha),
+        port,
+    ));
+    wait_or_dump(&node, &server, "the package being put back", || {
+        let change = node.journal()["changes"]["slow"].clone();
+        (change["phase"] == "Reverting"
+            && change["steps"][1]["state"] == "Reverted"
+            && change["steps"][0]["state"] != "Reverted")
+            .then_some(())
+    });
+    node.kill9();
+    node.restart();
+    wait_for(LONG, "the revert to finish after the restart", || {
+        server.node_events("undo").into_iter().find(|e| {
+            (e["reason"] == "Reverted" || e["reason"] == "RevertFailed") && e["revision"] == 2
+        })
+    });
+    assert!(
+        event(&server, "undo", "RevertFailed", 2).is_none(),
+        "the revert failed after the restart: {:?}\n{}",
+        server.node_events("undo"),
+        node.log()
+    );
+    assert_eq!(
+        dpkg_version(&node.root, "slowpkg").as_deref(),
+        Some("1.0-1")
+    );
+    assert_eq!(
+        http_get(&format!("http://127.0.0.1:{port}/version")).map(|v| v.trim().to_string()),
+        Some("1.0.0".to_string())
+    );
+    let journal = node.journal();
+    assert!(
+        journal["changes"].as_object().is_some_and(|c| c.is_empty()),
+        "nothing left in flight: {journal}"
+    );
 }

@@ -557,11 +557,32 @@ fn waves_start_only_after_the_previous_wave_baked_and_a_bad_version_stops_at_the
         &sha1,
         bake,
     ));
-    let rollout = wait_for(Duration::from_secs(120), "revision 1 on every node", || {
-        server
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let rollout = loop {
+        if let Some(r) = server
             .rollout("fleet")
             .filter(|r| r["status"]["phase"] == "Complete" && r["spec"]["revision"] == 1)
-    });
+        {
+            break r;
+        }
+        if std::time::Instant::now() > deadline {
+            for node in &nodes {
+                let log = node.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!(
+                    "== {}: journal {}\n{}",
+                    node.name,
+                    node.journal(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            panic!(
+                "timed out waiting for revision 1 on every node: {:?}",
+                server.rollout("fleet")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let plan: Vec<Vec<String>> = rollout["spec"]["plan"]
         .as_array()
         .unwrap()

@@ -124,6 +124,7 @@ impl PackageBackend {
     /// Sets dpkg's selection for `package` (`hold` pins it; `install` releases it), and checks
     /// that dpkg took it: `--set-selections` only warns about a package it does not know.
     async fn select(&self, package: &str, selection: &str) -> Result<(), BackendError> {
+        wait_for_dpkg().await;
         let mut args = self.dpkg_options();
         args.push("--set-selections".into());
         command::run_with_input(
@@ -237,6 +238,7 @@ impl PackageBackend {
     }
 
     async fn dpkg(&self, args: &[&str]) -> Result<command::Output, BackendError> {
+        wait_for_dpkg().await;
         let mut all = self.dpkg_options();
         all.extend(args.iter().map(|a| a.to_string()));
         Ok(command::run("dpkg", &all, &[], DPKG_LIMIT).await?)
@@ -601,6 +603,24 @@ fn journal_pending(updates: &Path) -> bool {
             !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
         })
     })
+}
+
+/// How long a dpkg step waits for another dpkg to finish.
+const DPKG_WAIT: Duration = Duration::from_secs(300);
+
+/// Waits (bounded) until no dpkg runs: an operator's apt-get (or a dpkg that outlived a killed
+/// nodelet) would otherwise make ours fail on dpkg's lock — and a revert that fails that way
+/// leaves the node Failed. After the wait, dpkg itself says what holds its lock.
+async fn wait_for_dpkg() {
+    let deadline = tokio::time::Instant::now() + DPKG_WAIT;
+    let mut said = false;
+    while dpkg_running() && tokio::time::Instant::now() < deadline {
+        if !said {
+            tracing::info!("another dpkg is running; waiting for it to finish");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Whether a dpkg process runs on this machine (anyone's: an operator's, apt's, ours).
