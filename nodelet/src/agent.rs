@@ -978,8 +978,11 @@ impl Agent {
                 );
             }
             Decision::RunStep(i) => {
-                change.steps[i].state = crate::journal::StepState::Started;
-                let step = change.steps[i].clone();
+                let Some(step) = change.steps.get_mut(i) else {
+                    return; // decide names existing steps only
+                };
+                step.state = crate::journal::StepState::Started;
+                let step = step.clone();
                 if self.save().is_err() {
                     return; // no step without its journal entry; next tick tries again
                 }
@@ -1043,7 +1046,9 @@ impl Agent {
                 self.advance(name);
             }
             Decision::RestoreStep(i) => {
-                let step = change.steps[i].clone();
+                let Some(step) = change.steps.get(i).cloned() else {
+                    return; // decide names existing steps only
+                };
                 self.spawn(
                     name,
                     revision,

@@ -114,7 +114,7 @@ pub fn transition(phase: ChangePhase, decision: &Decision) -> Option<ChangePhase
     use ChangePhase::*;
     match (phase, decision) {
         (Pending, Decision::RunStep(_)) => Some(Applying),
-        (Applying, Decision::Verify) => Some(Verifying),
+        (Pending | Applying, Decision::Verify) => Some(Verifying),
         (Verifying, Decision::Bake) => Some(Baking),
         (Applying | Verifying | Baking, Decision::Revert(_)) => Some(Reverting),
         _ => None,
@@ -241,8 +241,9 @@ pub fn decide(change: &Change, obs: &Observations) -> Decision {
             }
             match first_unfinished(change) {
                 Some(i) => Decision::RunStep(i),
-                // Nothing to run (cannot happen: a change has steps); verify what is there.
-                None => Decision::RunStep(0),
+                // Nothing to run (a change is begun with steps; a hand-edited journal may not
+                // have any): verify what is there.
+                None => Decision::Verify,
             }
         }
         ChangePhase::Applying => {
@@ -560,6 +561,19 @@ mod tests {
         assert_eq!(
             transition(ChangePhase::Pending, &Decision::Refuse(failure("svc"))),
             None
+        );
+    }
+
+    #[test]
+    fn a_change_without_steps_verifies_instead_of_running_one() {
+        let mut c = change(ChangePhase::Pending);
+        c.steps.clear();
+        c.prepared = true;
+        let d = decide(&c, &obs(0));
+        assert_eq!(d, Decision::Verify);
+        assert_eq!(
+            transition(ChangePhase::Pending, &d),
+            Some(ChangePhase::Verifying)
         );
     }
 
