@@ -39,6 +39,20 @@ const ALIVE_THRESHOLD: u32 = 3;
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// A change refused for lack of disk space is tried again after this long.
 const NO_SPACE_RETRY: Duration = Duration::from_secs(30);
+/// The longest text a report carries per field (messages, probe output), and per log line:
+/// a service that prints megabyte lines cannot push a report past the body limit.
+const REPORT_TEXT: usize = 4 * 1024;
+const REPORT_LINE: usize = 500;
+const REPORT_LINES: usize = 20;
+
+/// A log tail as a report carries it: the last lines, each cut to a bounded length.
+fn report_lines(lines: &[String]) -> Vec<String> {
+    lines[lines.len().saturating_sub(REPORT_LINES)..]
+        .iter()
+        .map(|l| crate::command::tail(l, REPORT_LINE))
+        .collect()
+}
+
 /// How often free space is looked at.
 const DISK_CHECK: Duration = Duration::from_secs(5);
 /// A write that failed for lack of space keeps the DiskPressure condition up this long.
@@ -983,8 +997,18 @@ impl Agent {
                 };
                 step.state = crate::journal::StepState::Started;
                 let step = step.clone();
-                if self.save().is_err() {
-                    return; // no step without its journal entry; next tick tries again
+                if let Err(e) = self.save() {
+                    // No step without its journal entry. Waiting would leave the steps done
+                    // so far running unprobed for as long as the disk stays full: go back.
+                    let change = self.state.changes.get_mut(name).expect("in flight");
+                    change.steps[i].state = crate::journal::StepState::Pending;
+                    change.failure = Some(Failure {
+                        reason: format!("cannot journal the step: {e}"),
+                        component: Some(step.component.name.clone()),
+                        no_space: e.contains("No space left"),
+                    });
+                    self.advance(name);
+                    return;
                 }
                 self.spawn(
                     name,
@@ -1031,7 +1055,7 @@ impl Agent {
                     .and_then(|c| change.target.spec.components.iter().find(|x| &x.name == c))
                     .cloned();
                 if let Some(component) = culprit {
-                    change.log_tail = self.ctx.backends.log_tail(&component);
+                    change.log_tail = report_lines(&self.ctx.backends.log_tail(&component));
                 }
                 // A revert goes on even when the journal cannot be written (a full disk).
                 let _ = self.save();
@@ -1218,11 +1242,19 @@ impl Agent {
             Some(f) => format!("{reason}; {f}; needs an operator"),
             None => format!("{reason}; reverted to revision {}", change.from_revision),
         };
-        self.state
-            .failed_revisions
-            .entry(name.to_string())
-            .or_default()
-            .insert(change.target.revision);
+        if change.failure.as_ref().is_some_and(|f| f.no_space) && failure.is_none() {
+            // Reverted for lack of space, not because the release is bad: tried again later.
+            self.retry_after.insert(
+                name.to_string(),
+                now_ms() + NO_SPACE_RETRY.as_millis() as u64,
+            );
+        } else {
+            self.state
+                .failed_revisions
+                .entry(name.to_string())
+                .or_default()
+                .insert(change.target.revision);
+        }
         self.state.applied.insert(
             name.to_string(),
             Applied {
@@ -1316,7 +1348,10 @@ impl Agent {
                 .iter()
                 .filter(|c| c.state == ComponentState::Present)
             {
-                ctx.backends.prune_kept(component, &[], keep).await;
+                // `keep` counts the installed version too.
+                ctx.backends
+                    .prune_kept(component, &[], keep.saturating_sub(1).max(1))
+                    .await;
             }
             let freed = ctx.artifacts.prune(&wanted);
             if freed > 0 {
@@ -1350,6 +1385,8 @@ impl Agent {
             .collect();
         for name in names {
             let spec = match self.state.changes.get(name) {
+                // Restarted services get their start time before anything is counted.
+                Some(c) if c.settle_until_ms.is_some_and(|until| now_ms() < until) => None,
                 Some(c) if matches!(c.phase, ChangePhase::Verifying | ChangePhase::Baking) => {
                     Some(&c.target.spec)
                 }
@@ -1563,16 +1600,24 @@ impl Agent {
                             | ComponentPhase::Failed
                             | ComponentPhase::Reverting
                     ) {
-                        message.clone()
+                        message
+                            .as_deref()
+                            .map(|m| crate::command::tail(m, REPORT_TEXT))
                     } else {
                         None
                     },
                     probe_output: if is_culprit || culprit.is_none() {
-                        probe_output.clone()
+                        probe_output
+                            .as_deref()
+                            .map(|o| crate::command::tail(o, REPORT_TEXT))
                     } else {
                         None
                     },
-                    log_tail: if is_culprit { log_tail.clone() } else { vec![] },
+                    log_tail: if is_culprit {
+                        report_lines(&log_tail)
+                    } else {
+                        vec![]
+                    },
                 });
             }
             let baseline = self
@@ -1866,12 +1911,14 @@ pub async fn heartbeat<C: ApiClient>(
                 batch_size = (batch_size * 2).clamp(1, EVENTS_PER_REPORT);
             }
             Err(ClientError::Rejected { status: 413, .. }) => {
-                batch_size /= 2;
                 tracing::warn!(
                     batch_size,
                     "the apiserver finds the report too large; sending fewer events per report"
                 );
-                tick.reset_immediately();
+                if batch_size > 0 {
+                    batch_size /= 2;
+                    tick.reset_immediately();
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, queued = batch.len(), "heartbeat failed; events stay queued")

@@ -10,6 +10,7 @@ use std::path::{Component as PathPart, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::probe::error_chain;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -553,18 +554,6 @@ impl ArtifactCache {
         }
         freed
     }
-}
-
-/// An error with its causes, which reqwest keeps apart ("error sending request: … connection refused").
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Caps on unpacking one archive, checked before anything is written.

@@ -198,7 +198,7 @@ async fn run(args: Args) -> Result<(), String> {
     let package = package::PackageBackend::new(&root, &state_dir);
     package.prepare_sandbox().map_err(|e| e.to_string())?;
     let backends = Backends {
-        service: service::ServiceBackend::new(&root, runner, args.keep_versions),
+        service: service::ServiceBackend::new(&root, runner),
         driver: driver::DriverBackend::new(&root, &state_dir, driver::kernel_release()),
         package,
     };

@@ -139,7 +139,8 @@ pub async fn run(probe: &Probe, http: &reqwest::Client, host: &HostSampler) -> O
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error with its causes, which reqwest keeps apart ("error sending request: … connection refused").
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(inner) = source {

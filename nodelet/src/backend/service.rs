@@ -28,8 +28,6 @@ pub struct ServiceBackend {
     /// `<root>/var/lib/shoal/services`.
     dir: PathBuf,
     runner: Runner,
-    /// Unpacked versions kept per service (for revert without network).
-    keep: usize,
 }
 
 /// True when systemd is the init system (sd_booted(3): `/run/systemd/system` exists).
@@ -44,12 +42,12 @@ fn unit_name(name: &str) -> String {
 const SYSTEMCTL_LIMIT: Duration = Duration::from_secs(60);
 
 impl ServiceBackend {
-    /// A backend for services under `root`.
-    pub fn new(root: &Path, runner: Runner, keep: usize) -> Self {
+    /// A backend for services under `root`. Old versions are pruned by the agent after a
+    /// commit (`prune_kept`), never by a step.
+    pub fn new(root: &Path, runner: Runner) -> Self {
         ServiceBackend {
             dir: root.join("var/lib/shoal/services"),
             runner,
-            keep: keep.max(2),
         }
     }
 
@@ -402,23 +400,24 @@ impl Backend for ServiceBackend {
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
             // Unpack beside the target and rename: a crash never leaves a half-unpacked version behind the real name.
             let staging = dir.join(format!(".{version}.unpacking"));
-            let _ = std::fs::remove_dir_all(&staging);
-            unpack_tar_gz(
-                artifact,
-                &staging,
-                &crate::artifact::UnpackLimits::default(),
-            )?;
+            // Decompressing (twice: check, then unpack) takes seconds to minutes on a small
+            // board: off the async workers, so the loop and the probes keep running.
+            let (archive, into) = (artifact.to_path_buf(), staging.clone());
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&into);
+                unpack_tar_gz(&archive, &into, &crate::artifact::UnpackLimits::default())
+            })
+            .await
+            .map_err(|e| BackendError::Invalid(format!("unpacking was interrupted: {e}")))??;
             std::fs::rename(&staging, &target).map_err(io(&target))?;
         }
         self.run_spec(&component.name, version, settings)?;
-        let previous = self.current_version(&component.name);
         self.switch(&component.name, version)?;
         self.start(&component.name, version, settings).await?;
         self.check_started(component, settings).await?;
-        // `previous` is what a revert of this change goes back to: kept however old it is
-        // (it is typically the oldest folder of all).
-        let protect: Vec<&str> = previous.as_deref().into_iter().collect();
-        self.prune_kept(component, &protect, self.keep - 1).await;
+        // No pruning here: a step that runs again after a restart would take its own new
+        // version for "previous" and could prune the one its revert needs. The agent prunes
+        // once the change is committed.
         Ok(())
     }
 
@@ -543,7 +542,7 @@ mod tests {
     async fn a_revert_after_a_restart_starts_the_old_version_as_it_ran() {
         let tmp = tempfile::tempdir().unwrap();
         let first = Arc::new(Supervisor::new(&tmp.path().join("s1")));
-        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(first.clone()), 3);
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(first.clone()));
         unpack(&backend, "1.0.0");
         unpack(&backend, "1.1.0");
         backend
@@ -553,7 +552,7 @@ mod tests {
         first.stop("svc").await;
 
         let second = Arc::new(Supervisor::new(&tmp.path().join("s2")));
-        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(second.clone()), 3);
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(second.clone()));
         let new = component("1.1.0", "two");
         let snapshot = backend.snapshot(&new).await.unwrap();
         let Snapshot::Service { version, settings } = &snapshot else {
@@ -593,7 +592,7 @@ mod tests {
     async fn pruning_keeps_the_current_and_the_revert_target() {
         let tmp = tempfile::tempdir().unwrap();
         let supervisor = Arc::new(Supervisor::new(tmp.path()));
-        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor), 3);
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor));
         for version in ["1.0.0", "1.1.0", "1.2.0", "1.2.1", "1.2.2"] {
             std::fs::create_dir_all(backend.version_dir("svc", version)).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -627,7 +626,7 @@ mod tests {
     fn a_failed_release_is_discarded_but_never_the_current_one() {
         let tmp = tempfile::tempdir().unwrap();
         let supervisor = Arc::new(Supervisor::new(tmp.path()));
-        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor), 3);
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor));
         for version in ["1.0.0", "1.1.0"] {
             std::fs::create_dir_all(backend.version_dir("svc", version).join("bin")).unwrap();
             backend
