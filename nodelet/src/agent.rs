@@ -930,8 +930,7 @@ impl Agent {
             // Without its journal entry the change does not exist: nothing is touched, and it
             // is tried again later (typically the disk is full).
             self.state.changes.remove(&name);
-            self.retry_after
-                .insert(name.clone(), now_ms() + NO_SPACE_RETRY.as_millis() as u64);
+            self.did_not_stick(&name, revision, true);
             self.event(
                 EventType::Warning,
                 "DiskPressure",
@@ -1117,37 +1116,16 @@ impl Agent {
     fn refuse(&mut self, name: &str, failure: Failure) {
         let change = self.state.changes.remove(name).expect("in flight");
         let target = &change.target;
-        let previous = self.state.applied.get(name).cloned();
         let component = failure.component.clone().unwrap_or_default();
         let message = format!("{component}: {}", failure.reason);
         if failure.no_space {
             self.no_space();
-            self.retry_after.insert(
-                name.to_string(),
-                now_ms() + NO_SPACE_RETRY.as_millis() as u64,
-            );
-        } else {
-            self.state
-                .failed_revisions
-                .entry(name.to_string())
-                .or_default()
-                .insert(target.revision);
         }
+        self.did_not_stick(name, target.revision, failure.no_space);
         self.state.applied.insert(
             name.to_string(),
             Applied {
-                state: previous
-                    .as_ref()
-                    .map(|p| p.state.clone())
-                    // Nothing was there before: the node runs none of this DesiredState's components.
-                    .unwrap_or_else(|| AssignedState {
-                        revision: change.from_revision,
-                        spec: manifests::DesiredStateSpec {
-                            components: vec![],
-                            ..target.spec.clone()
-                        },
-                        ..target.clone()
-                    }),
+                state: self.state_before(name, &change),
                 phase: ComponentPhase::Reverted,
                 healthy_since_ms: None,
                 message: Some(message.clone()),
@@ -1181,6 +1159,39 @@ impl Agent {
             Some(target.revision),
             failure.component.as_deref(),
         );
+    }
+
+    /// What the node runs after a change that did not stick: the revision in force before it,
+    /// or, when nothing was there before, none of this DesiredState's components.
+    fn state_before(&self, name: &str, change: &Change) -> AssignedState {
+        match self.state.applied.get(name) {
+            Some(previous) => previous.state.clone(),
+            None => AssignedState {
+                revision: change.from_revision,
+                spec: manifests::DesiredStateSpec {
+                    components: vec![],
+                    ..change.target.spec.clone()
+                },
+                ..change.target.clone()
+            },
+        }
+    }
+
+    /// A revision that did not stick is never retried automatically, unless it failed for
+    /// lack of space, which says nothing about the release: then it is tried again later.
+    fn did_not_stick(&mut self, name: &str, revision: u64, no_space: bool) {
+        if no_space {
+            self.retry_after.insert(
+                name.to_string(),
+                now_ms() + NO_SPACE_RETRY.as_millis() as u64,
+            );
+        } else {
+            self.state
+                .failed_revisions
+                .entry(name.to_string())
+                .or_default()
+                .insert(revision);
+        }
     }
 
     /// The bake is over: the change is the node's new normal.
@@ -1232,7 +1243,6 @@ impl Agent {
         let failure = change.revert_failure.clone();
         let log_tail = change.log_tail.clone();
         let reason = change.revert_reason.clone().unwrap_or_default();
-        let previous = self.state.applied.get(name).cloned();
         let phase = if failure.is_some() {
             ComponentPhase::Failed
         } else {
@@ -1242,30 +1252,13 @@ impl Agent {
             Some(f) => format!("{reason}; {f}; needs an operator"),
             None => format!("{reason}; reverted to revision {}", change.from_revision),
         };
-        if change.failure.as_ref().is_some_and(|f| f.no_space) && failure.is_none() {
-            // Reverted for lack of space, not because the release is bad: tried again later.
-            self.retry_after.insert(
-                name.to_string(),
-                now_ms() + NO_SPACE_RETRY.as_millis() as u64,
-            );
-        } else {
-            self.state
-                .failed_revisions
-                .entry(name.to_string())
-                .or_default()
-                .insert(change.target.revision);
-        }
+        // Reverted for lack of space (and back for sure): the release is not to blame.
+        let no_space = change.failure.as_ref().is_some_and(|f| f.no_space) && failure.is_none();
+        self.did_not_stick(name, change.target.revision, no_space);
         self.state.applied.insert(
             name.to_string(),
             Applied {
-                state: previous.map(|p| p.state).unwrap_or_else(|| AssignedState {
-                    revision: change.from_revision,
-                    spec: manifests::DesiredStateSpec {
-                        components: vec![],
-                        ..change.target.spec.clone()
-                    },
-                    ..change.target.clone()
-                }),
+                state: self.state_before(name, &change),
                 phase,
                 healthy_since_ms: None,
                 message: Some(message.clone()),
@@ -1419,27 +1412,18 @@ impl Agent {
                 let threshold = probe.failure_threshold.max(1);
                 if let Some(epoch) = self.due(&key, now, period, threshold) {
                     let ctx = self.ctx.clone();
-                    let tx = self.probe_tx.clone();
                     // The probe's own time limit bounds it; the outer one is a backstop.
                     let limit = Duration::from_secs(u64::from(probe.timeout_seconds.max(1)) + 5);
-                    tokio::spawn(async move {
-                        let outcome = match tokio::time::timeout(
-                            limit,
-                            probe::run(&probe, &ctx.http, &ctx.host),
-                        )
-                        .await
+                    self.spawn_probe(key, epoch, async move {
+                        match tokio::time::timeout(limit, probe::run(&probe, &ctx.http, &ctx.host))
+                            .await
                         {
                             Ok(outcome) => outcome,
                             Err(_) => probe::Outcome {
                                 passed: false,
                                 output: format!("no result within {}s", limit.as_secs()),
                             },
-                        };
-                        let _ = tx.send(ProbeResult {
-                            key,
-                            epoch,
-                            outcome,
-                        });
+                        }
                     });
                 }
             }
@@ -1451,9 +1435,8 @@ impl Agent {
                 wanted.insert(key.clone());
                 if let Some(epoch) = self.due(&key, now, ALIVE_PERIOD, ALIVE_THRESHOLD) {
                     let ctx = self.ctx.clone();
-                    let tx = self.probe_tx.clone();
-                    tokio::spawn(async move {
-                        let outcome = match ctx.backends.alive(&component).await {
+                    self.spawn_probe(key, epoch, async move {
+                        match ctx.backends.alive(&component).await {
                             Ok(()) => probe::Outcome {
                                 passed: true,
                                 output: format!("{} running", component.name),
@@ -1462,18 +1445,31 @@ impl Agent {
                                 passed: false,
                                 output,
                             },
-                        };
-                        let _ = tx.send(ProbeResult {
-                            key,
-                            epoch,
-                            outcome,
-                        });
+                        }
                     });
                 }
             }
         }
         // Probes no longer planned (a spec changed, a change is applying) are forgotten.
         self.probes.retain(|key, _| wanted.contains(key));
+    }
+
+    /// Runs one probe in a task of its own; its result comes back tagged with the record's epoch.
+    fn spawn_probe(
+        &self,
+        key: ProbeKey,
+        epoch: u64,
+        run: impl std::future::Future<Output = probe::Outcome> + Send + 'static,
+    ) {
+        let tx = self.probe_tx.clone();
+        tokio::spawn(async move {
+            let outcome = run.await;
+            let _ = tx.send(ProbeResult {
+                key,
+                epoch,
+                outcome,
+            });
+        });
     }
 
     /// Marks `key` running and returns its epoch when it is due and idle.

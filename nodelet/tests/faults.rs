@@ -433,18 +433,8 @@ fn nodelet_with(
     root: &std::path::Path,
     extra: &[&str],
 ) -> Nodelet {
-    std::fs::create_dir_all(root).unwrap();
-    let mut node = Nodelet {
-        proc: None,
-        name: name.into(),
-        root: root.to_path_buf(),
-        server: server.into(),
-        labels: labels.into(),
-        heartbeat_seconds: 1,
-        extra_args: extra.iter().map(|s| s.to_string()).collect(),
-    };
-    node.restart();
-    node
+    let extra = extra.iter().map(|s| s.to_string()).collect();
+    Nodelet::start_with_args(server, name, labels, root, 1, extra)
 }
 
 /// Answers every request with an endless body of zeros (no length announced).

@@ -244,21 +244,11 @@ impl Nodelet {
         root: &Path,
         vars: &[(&str, String)],
     ) -> Self {
-        std::fs::create_dir_all(root).unwrap();
-        let mut node = Nodelet {
-            proc: None,
-            name: name.into(),
-            root: root.to_path_buf(),
-            server: server.into(),
-            labels: labels.into(),
-            heartbeat_seconds: 1,
-            extra_args: vars
-                .iter()
-                .flat_map(|(k, v)| ["--var".to_string(), format!("{k}={v}")])
-                .collect(),
-        };
-        node.restart();
-        node
+        let extra = vars
+            .iter()
+            .flat_map(|(k, v)| ["--var".to_string(), format!("{k}={v}")])
+            .collect();
+        Self::start_with_args(server, name, labels, root, 1, extra)
     }
 
     pub fn start_with_heartbeat(
@@ -268,6 +258,18 @@ impl Nodelet {
         root: &Path,
         heartbeat_seconds: u64,
     ) -> Self {
+        Self::start_with_args(server, name, labels, root, heartbeat_seconds, Vec::new())
+    }
+
+    /// Starts a nodelet with extra arguments (`--var …`, limits such as `--min-free-bytes`).
+    pub fn start_with_args(
+        server: &str,
+        name: &str,
+        labels: &str,
+        root: &Path,
+        heartbeat_seconds: u64,
+        extra_args: Vec<String>,
+    ) -> Self {
         std::fs::create_dir_all(root).unwrap();
         let mut node = Nodelet {
             proc: None,
@@ -276,7 +278,7 @@ impl Nodelet {
             server: server.into(),
             labels: labels.into(),
             heartbeat_seconds,
-            extra_args: Vec::new(),
+            extra_args,
         };
         node.restart();
         node
