@@ -387,21 +387,30 @@ mod support {
             found.unwrap_or_else(|| panic!("rollout/{name} never became {what}; last seen: {last}"))
         }
 
-        /// Waits until the rollout of `revision` of DesiredState `name` is Complete (at once when
-        /// no node is selected, which also bumps the DesiredState's resourceVersion), and returns
-        /// the DesiredState then.
+        /// Waits until the rollout of `revision` of DesiredState `name`, which selects no node,
+        /// is planned and waits for nodes (the controller decided all it can), and returns the
+        /// DesiredState then: a revision that ran nowhere is not last good.
         #[track_caller]
-        pub fn completed(&self, name: &str, revision: u64, token: Option<&str>) -> Value {
+        pub fn waiting_for_nodes(&self, name: &str, revision: u64, token: Option<&str>) -> Value {
             self.rollout_until(
                 name,
                 token,
-                &format!("Complete at revision {revision}"),
-                |r| r["spec"]["revision"] == revision && r["status"]["phase"] == "Complete",
+                &format!("waiting for nodes at revision {revision}"),
+                |r| {
+                    r["spec"]["revision"] == revision
+                        && r["status"]["phase"] == "Progressing"
+                        && r["status"]["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("waiting for nodes"))
+                },
             );
             let object = self
                 .get(&format!("/api/v1/desiredstates/{name}"), token)
                 .ok(200);
-            assert_eq!(object["status"]["lastGoodRevision"], revision, "{object}");
+            assert!(
+                object["status"]["lastGoodRevision"].as_u64() < Some(revision),
+                "{object}"
+            );
             object
         }
 
@@ -900,9 +909,9 @@ fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() {
     let server = Server::start(dir.path(), &[]);
     let v1 = manifest("existing", "web", &[("nginx", "1.0-1")]);
     server.apply_ok(&v1, None);
-    // No node is selected: each revision becomes good at the next tick, a status change that
-    // bumps the resourceVersion. Wait for it, so that nothing changes behind the test's back.
-    let rv1 = server.completed("existing", 1, None)["metadata"]["resourceVersion"]
+    // No node is selected: each revision's rollout waits for nodes. Wait for that, so that
+    // nothing changes behind the test's back.
+    let rv1 = server.waiting_for_nodes("existing", 1, None)["metadata"]["resourceVersion"]
         .as_str()
         .unwrap()
         .to_string();
@@ -910,7 +919,7 @@ fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() {
     let second = server.apply_ok(&with_resource_version(&v2, &rv1), None);
     assert_eq!(second[0]["action"], "configured");
     let rv2 = second[0]["resourceVersion"].as_str().unwrap().to_string();
-    server.completed("existing", 2, None);
+    server.waiting_for_nodes("existing", 2, None);
     let events_before = server.get("/api/v1/events", None).ok(200);
     let existing_before = server.get("/api/v1/desiredstates/existing", None).ok(200);
 
@@ -1161,16 +1170,15 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
     assert_eq!(created[0]["kind"], "DesiredState");
     assert_eq!(created[0]["name"], "web");
     let created_rv = created[0]["resourceVersion"].as_str().unwrap().to_string();
-    // No node is selected: the revision is good at the next tick, which is a status change.
-    let settled = server.completed("web", 1, None);
+    // No node is selected: the revision never ran anywhere, so it does not become last good
+    // and the DesiredState is not touched (its rollout waits for nodes).
+    let settled = server.waiting_for_nodes("web", 1, None);
     let rv1 = settled["metadata"]["resourceVersion"]
         .as_str()
         .unwrap()
         .to_string();
-    assert!(
-        rv1.parse::<u64>().unwrap() > created_rv.parse::<u64>().unwrap(),
-        "{rv1} after {created_rv}"
-    );
+    assert_eq!(rv1, created_rv);
+    assert_eq!(settled["status"]["lastGoodRevision"], 0);
 
     let unchanged = server.apply_ok(&v1, None);
     assert_eq!(unchanged[0]["action"], "unchanged");
@@ -1193,18 +1201,10 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
         );
         rv = new_rv;
     }
-    let object = server.completed("web", 3, None);
+    let object = server.waiting_for_nodes("web", 3, None);
     assert_eq!(object["apiVersion"], "shoal/v1");
     assert_eq!(object["kind"], "DesiredState");
-    let applied_rv = rv.parse::<u64>().unwrap();
-    let rv = object["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        rv.parse::<u64>().unwrap() > applied_rv,
-        "{rv} after {applied_rv}"
-    );
+    assert_eq!(object["metadata"]["resourceVersion"], rv.as_str());
     assert_eq!(object["metadata"]["generation"], 3);
     assert_eq!(object["status"]["revision"], 3);
     assert_eq!(object["spec"]["components"][0]["version"], "1.2-1");
@@ -1296,8 +1296,8 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
     let list = server.get("/api/v1/desiredstates", None).ok(200);
     assert_eq!(names(&list), vec!["db", "from-json"]);
 
-    // Applied and Deleted events, oldest first, with those of its rollout (each revision
-    // became good at once, in whichever tick came after it).
+    // Applied and Deleted events, oldest first, with those of its rollout (no node: each
+    // revision waits for nodes, or is superseded first).
     let events = server
         .get("/api/v1/events?object=desiredstate/web", None)
         .ok(200);
@@ -1307,9 +1307,8 @@ fn apply_creates_then_leaves_unchanged_then_configures_a_new_revision() {
     );
     let rollout = rollout_events(&events);
     assert!(
-        rollout
-            .iter()
-            .all(|e| e["object"] == "rollout/web" && e["reason"] == "RolloutComplete"),
+        rollout.iter().all(|e| e["object"] == "rollout/web"
+            && (e["reason"] == "WaitingForNodes" || e["reason"] == "Superseded")),
         "{events}"
     );
     assert_eq!(rollout.first().unwrap()["revision"], 1, "{events}");
@@ -1367,11 +1366,11 @@ fn everything_survives_a_kill_and_restart() {
     }]);
     assert_eq!(server.put_status("n1", &report, Some(&token)).status, 204);
     // The rollout controller has decided all it can: revision 2 of `web` is on n1, waiting for
-    // it to report Healthy; `db` selects no node, so its revision 1 is good.
+    // it to report Healthy; `db` selects no node, so its revision 1 waits for nodes.
     server.rollout_until("web", op, "Progressing at revision 2", |r| {
         r["spec"]["revision"] == 2 && r["status"]["phase"] == "Progressing"
     });
-    server.completed("db", 1, op);
+    server.waiting_for_nodes("db", 1, op);
 
     let read = |server: &Server| {
         (
@@ -1391,7 +1390,7 @@ fn everything_survives_a_kill_and_restart() {
         vec!["Registered", "Applied", "Applied", "Applied", "Drift"]
     );
     // Whether a tick fell between the two applies of `web` or not, its rollout events end with
-    // the start of revision 2, and `db`'s revision 1 completed at once.
+    // the start of revision 2, and `db`'s revision 1 waits for nodes.
     let rollout = objects_and_reasons(&rollout_events(&events));
     let of = |object: &str| -> Vec<String> {
         rollout
@@ -1400,10 +1399,10 @@ fn everything_survives_a_kill_and_restart() {
             .map(|(_, r)| r.clone())
             .collect()
     };
-    assert_eq!(of("rollout/db"), vec!["RolloutComplete"]);
+    assert_eq!(of("rollout/db"), vec!["WaitingForNodes"]);
     let web_events = of("rollout/web");
     assert!(
-        web_events == ["RolloutStarted"]
+        web_events == ["Superseded", "RolloutStarted"]
             || web_events == ["RolloutStarted", "Superseded", "RolloutStarted"],
         "{web_events:?}"
     );
@@ -2067,7 +2066,7 @@ fn rollout_actions_pause_resume_and_undo_with_each_role() {
         204
     );
     server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.0-1")]), op);
-    // `db` selects no node: its rollout is Complete at once.
+    // `db` selects no node: its rollout waits for nodes.
     server.apply_ok(&manifest("db", "db", &[("postgres", "15.0-1")]), op);
     let rollout = server.rollout_until("web", op, "Progressing", |r| {
         r["status"]["phase"] == "Progressing"
@@ -2075,7 +2074,7 @@ fn rollout_actions_pause_resume_and_undo_with_each_role() {
     assert_eq!(rollout["spec"]["revision"], 1);
     assert_eq!(rollout["spec"]["fromRevision"], 0);
     assert_eq!(rollout["spec"]["plan"][0]["nodes"], json!(["n1"]));
-    server.completed("db", 1, op);
+    server.waiting_for_nodes("db", 1, op);
     let phase = |name: &str| -> Value {
         server
             .get(&format!("/api/v1/rollouts/{name}"), viewer)
@@ -2108,9 +2107,9 @@ fn rollout_actions_pause_resume_and_undo_with_each_role() {
     // Only a Progressing rollout can be paused, only a Paused one resumed.
     let body = server.rollout_action("web", "pause", op).error(409);
     assert!(body["error"].as_str().unwrap().contains("Paused"), "{body}");
-    server.rollout_action("db", "pause", op).error(409);
+    // `db` waits for nodes; it is not paused, so it cannot be resumed.
     server.rollout_action("db", "resume", op).error(409);
-    assert_eq!(phase("db"), "Complete");
+    assert_eq!(phase("db"), "Progressing");
     // The controller leaves a paused rollout alone.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(phase("web"), "Paused");
@@ -2213,7 +2212,7 @@ fn a_single_node_rollout_completes_on_healthy_reports_and_rolls_back_on_a_revert
             .status,
         204
     );
-    let rollout = "{waves: [\"100%\"], bakeSeconds: 60}";
+    let rollout = "{waves: [\"100%\"], bakeSeconds: 3}";
     server.apply_ok(
         &with_rollout(&manifest("web", "web", &[("nginx", "1.0-1")]), rollout),
         None,
@@ -2225,27 +2224,25 @@ fn a_single_node_rollout_completes_on_healthy_reports_and_rolls_back_on_a_revert
     });
     server.assignment_until("n1", Some(&token), &[("web", 1)]);
 
-    // Healthy, but not for bakeSeconds yet: the rollout waits.
-    let now = std::time::SystemTime::now();
-    let healthy_now = applied("web", 1, "Healthy", Some(now));
-    assert_eq!(
-        server.put_status("n1", &healthy_now, Some(&token)).status,
-        204
+    // Healthy, by the node's clock for an hour already: the server does not read that clock.
+    // The wave bakes on the server's: bakeSeconds after it first received Healthy, in a report
+    // received after that. The node keeps reporting, as a nodelet does.
+    let first_healthy = std::time::SystemTime::now();
+    let an_hour_ago = first_healthy - Duration::from_secs(3600);
+    let healthy = applied("web", 1, "Healthy", Some(an_hour_ago));
+    let complete = eventually_or_none(Duration::from_secs(15), || {
+        assert_eq!(server.put_status("n1", &healthy, Some(&token)).status, 204);
+        let rollout = server.get("/api/v1/rollouts/web", None).ok(200);
+        (rollout["status"]["phase"] == "Complete").then_some(rollout)
+    })
+    .expect("the rollout completes once the bake elapsed on the server's clock");
+    let finished =
+        humantime::parse_rfc3339(complete["status"]["finished"].as_str().unwrap()).unwrap();
+    // Millisecond timestamps: allow the rounding.
+    assert!(
+        finished.duration_since(first_healthy).unwrap_or_default() >= Duration::from_millis(2990),
+        "complete {complete} less than bakeSeconds after the first Healthy report"
     );
-    std::thread::sleep(Duration::from_millis(2200));
-    let waiting = server.get("/api/v1/rollouts/web", None).ok(200);
-    assert_eq!(waiting["status"]["phase"], "Progressing", "{waiting}");
-    assert_eq!(
-        server.get("/api/v1/desiredstates/web", None).ok(200)["status"]["lastGoodRevision"],
-        0
-    );
-
-    // Healthy for longer than bakeSeconds: the only wave baked, the rollout is complete.
-    let baked = applied("web", 1, "Healthy", Some(now - Duration::from_secs(3600)));
-    assert_eq!(server.put_status("n1", &baked, Some(&token)).status, 204);
-    let complete = server.rollout_until("web", None, "Complete", |r| {
-        r["status"]["phase"] == "Complete"
-    });
     assert_eq!(complete["spec"]["revision"], 1);
     assert!(complete["status"]["finished"].is_string(), "{complete}");
     let web = server.get("/api/v1/desiredstates/web", None).ok(200);

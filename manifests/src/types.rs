@@ -384,6 +384,9 @@ pub struct RolloutSpec {
     /// Failed nodes tolerated before the rollout aborts: a count (`0`) or a percentage of the group (`"5%"`). Default 0.
     #[serde(default)]
     pub max_failures: FailureBudget,
+    /// Nodes of a wave that may be unavailable (NotReady when the wave starts, or cordoned) while the wave goes on without them: a count or a percentage of the group. Past it the rollout waits. Default 0.
+    #[serde(default, skip_serializing_if = "FailureBudget::is_zero")]
+    pub max_unavailable: FailureBudget,
     /// Spread each wave across the values of this node label (for example `site`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread_by: Option<String>,
@@ -417,6 +420,7 @@ impl Default for RolloutSpec {
             bake_seconds: default_bake_seconds(),
             healthy_deadline_seconds: default_healthy_deadline_seconds(),
             max_failures: FailureBudget::default(),
+            max_unavailable: FailureBudget::default(),
             spread_by: None,
             auto_revert: true,
         }
@@ -540,6 +544,11 @@ impl Default for FailureBudget {
 }
 
 impl FailureBudget {
+    /// The default: no node.
+    pub fn is_zero(&self) -> bool {
+        matches!(self, FailureBudget::Count(0) | FailureBudget::Percent(0))
+    }
+
     /// Failed nodes tolerated in a group of `group_size`.
     pub fn allowed(self, group_size: usize) -> usize {
         match self {

@@ -298,6 +298,13 @@ fn check_component(errors: &mut Vec<FieldError>, path: &FieldPath, component: &C
                     ),
                 );
             }
+            if u64::from(service.start_seconds) > MAX_SECONDS {
+                errors.push(too_long(
+                    path.key("service").key("startSeconds"),
+                    "startSeconds",
+                    service.start_seconds.into(),
+                ));
+            }
             for key in service.env.keys() {
                 let valid = !key.is_empty()
                     && !key.as_bytes()[0].is_ascii_digit()
@@ -669,6 +676,42 @@ fn check_probe(errors: &mut Vec<FieldError>, path: &FieldPath, probe: &Probe) {
                 FieldError::new(path.key(field), format!("`{field}` must be at least 1"))
                     .hint("leave it out to use the default"),
             );
+        } else if field != "failureThreshold" && u64::from(value) > MAX_SECONDS {
+            errors.push(too_long(path.key(field), field, u64::from(value)));
+        } else if field == "failureThreshold" && value > MAX_FAILURE_THRESHOLD {
+            errors.push(
+                FieldError::new(
+                    path.key(field),
+                    format!("`{field}` {value} is more than {MAX_FAILURE_THRESHOLD}"),
+                )
+                .hint("a regression is a few failures in a row: use 1 to 100"),
+            );
+        }
+    }
+}
+
+/// The longest duration a manifest may name: 30 days. Longer is a typo (or an attempt to
+/// overflow the controller's clock arithmetic), never a plan.
+pub const MAX_SECONDS: u64 = 30 * 24 * 3600;
+
+/// The most failures in a row a probe may wait for.
+pub const MAX_FAILURE_THRESHOLD: u32 = 1000;
+
+fn too_long(path: FieldPath, field: &str, value: u64) -> FieldError {
+    FieldError::new(
+        path,
+        format!("`{field}` {value} is more than 30 days ({MAX_SECONDS} seconds)"),
+    )
+    .hint("use a number of seconds from 1 to 2592000")
+}
+
+fn check_budget(errors: &mut Vec<FieldError>, path: FieldPath, budget: FailureBudget) {
+    if let FailureBudget::Percent(p) = budget {
+        if p > 100 {
+            errors.push(
+                FieldError::new(path, format!("`{p}%` is more than 100%"))
+                    .hint("use a node count (0) or a percentage from 0% to 100%"),
+            );
         }
     }
 }
@@ -701,12 +744,14 @@ fn check_rollout(errors: &mut Vec<FieldError>, path: &FieldPath, rollout: &Rollo
             );
         }
     }
-    if let FailureBudget::Percent(p) = rollout.max_failures {
-        if p > 100 {
-            errors.push(
-                FieldError::new(path.key("maxFailures"), format!("`{p}%` is more than 100%"))
-                    .hint("use a node count (0) or a percentage from 0% to 100%"),
-            );
+    check_budget(errors, path.key("maxFailures"), rollout.max_failures);
+    check_budget(errors, path.key("maxUnavailable"), rollout.max_unavailable);
+    for (field, value) in [
+        ("bakeSeconds", rollout.bake_seconds),
+        ("healthyDeadlineSeconds", rollout.healthy_deadline_seconds),
+    ] {
+        if value > MAX_SECONDS {
+            errors.push(too_long(path.key(field), field, value));
         }
     }
     let mut last_count = 0;
@@ -764,6 +809,31 @@ fn check_rollout(errors: &mut Vec<FieldError>, path: &FieldPath, rollout: &Rollo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_bounded_to_30_days_and_budgets_to_100_percent() {
+        let text = "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {role: web}}\n  components:\n    - {name: web, kind: service, version: 1.0.0, artifact: {url: 'http://h/w.tgz', sha256: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'}, service: {exec: [bin/w], startSeconds: 4000000000}}\n  probes: [{name: p, tcp: {address: '127.0.0.1:1'}, periodSeconds: 2592001, failureThreshold: 100000}]\n  rollout: {healthyDeadlineSeconds: 18446744073709551615, bakeSeconds: 2592000, maxUnavailable: '101%'}\n";
+        let parsed = crate::parse_str("t.yaml", text);
+        let errors: Vec<String> = parsed
+            .diagnostics
+            .iter()
+            .map(|d| format!("{} {}", d.field, d.message))
+            .collect();
+        let all = errors.join("\n");
+        for field in [
+            "spec.rollout.healthyDeadlineSeconds",
+            "spec.components[0].service.startSeconds",
+            "spec.probes[0].periodSeconds",
+            "spec.probes[0].failureThreshold",
+            "spec.rollout.maxUnavailable",
+        ] {
+            assert!(all.contains(field), "{field} not refused:\n{all}");
+        }
+        assert!(
+            !all.contains("bakeSeconds"),
+            "30 days exactly is allowed:\n{all}"
+        );
+    }
 
     #[test]
     fn node_variables_are_checked_as_placeholders() {

@@ -476,9 +476,52 @@ pub struct NodeStatus {
     /// The latest report, without its events (those become Events).
     #[serde(default)]
     pub report: NodeReport,
+    /// Per DesiredState: the revision the node reports Healthy and when the server first
+    /// received that (the server's clock; rollouts bake on it, never on the node's clock).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub healthy_received: BTreeMap<String, HealthyReceived>,
+    /// Set by `shoal cordon`: the node takes no new revision and keeps these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cordoned: Option<Cordon>,
     /// Recent host metrics, oldest first (bounded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_history: Vec<HostSample>,
+}
+
+/// When the server first heard a node Healthy at a revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthyReceived {
+    /// The revision.
+    pub revision: u64,
+    /// The node's own `healthySince` in that report: a new value is a new healthy spell.
+    #[serde(
+        default,
+        with = "rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<String>")]
+    pub node_since: Option<SystemTime>,
+    /// When the report arrived (server clock).
+    #[serde(with = "rfc3339::required")]
+    #[schemars(with = "String")]
+    pub at: SystemTime,
+}
+
+/// A cordon: who, when, and the revisions the node keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Cordon {
+    /// When.
+    #[serde(with = "rfc3339::required")]
+    #[schemars(with = "String")]
+    pub since: SystemTime,
+    /// Who (the token's name).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
+    /// DesiredState → the revision the node was assigned when cordoned.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revisions: BTreeMap<String, u64>,
 }
 
 /// One host metrics sample.
@@ -617,7 +660,9 @@ pub struct Summary {
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 pub enum RolloutPhase {
-    /// Waves are being applied.
+    /// The revision is stored; the controller has not planned its waves yet (within a tick).
+    Pending,
+    /// Waves are being applied (or the rollout waits for nodes: see the message).
     Progressing,
     /// Held by an operator.
     Paused,
@@ -627,18 +672,33 @@ pub enum RolloutPhase {
     Aborted,
     /// Aborted, and every node of the rollout is back at the last good revision.
     RolledBack,
+    /// A newer revision replaced it before it finished.
+    Superseded,
 }
 
 impl RolloutPhase {
     /// The phase's name.
     pub fn as_str(self) -> &'static str {
         match self {
+            RolloutPhase::Pending => "Pending",
             RolloutPhase::Progressing => "Progressing",
             RolloutPhase::Paused => "Paused",
             RolloutPhase::Complete => "Complete",
             RolloutPhase::Aborted => "Aborted",
             RolloutPhase::RolledBack => "RolledBack",
+            RolloutPhase::Superseded => "Superseded",
         }
+    }
+
+    /// Complete, Aborted, RolledBack or Superseded: nothing more happens to it.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RolloutPhase::Complete
+                | RolloutPhase::Aborted
+                | RolloutPhase::RolledBack
+                | RolloutPhase::Superseded
+        )
     }
 }
 
@@ -677,7 +737,8 @@ pub struct RolloutStatus {
     pub phase: RolloutPhase,
     /// 0-based index of the wave in progress (equal to the plan's length when done).
     pub current_wave: usize,
-    /// When the current wave started.
+    /// When the current wave started, on the server's clock. None: it has not started (the
+    /// rollout waits for nodes, or for unavailable nodes to come back within `maxUnavailable`).
     #[serde(
         default,
         with = "rfc3339::option",
@@ -688,6 +749,14 @@ pub struct RolloutStatus {
     /// Nodes that failed, with why.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub failed_nodes: BTreeMap<String, String>,
+    /// Nodes the rollout went on without (NotReady when their wave started, or cordoned), with
+    /// why; they count against `maxUnavailable`, not `maxFailures`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unavailable_nodes: BTreeMap<String, String>,
+    /// Nodes that baked the revision on fresh evidence so far. The revision becomes last good
+    /// only when this is at least 1.
+    #[serde(default)]
+    pub baked_nodes: u64,
     /// For people.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
@@ -695,7 +764,7 @@ pub struct RolloutStatus {
     #[serde(with = "rfc3339::required")]
     #[schemars(with = "String")]
     pub started: SystemTime,
-    /// When it finished (Complete, Aborted or RolledBack).
+    /// When it finished (Complete, Aborted, RolledBack or Superseded).
     #[serde(
         default,
         with = "rfc3339::option",

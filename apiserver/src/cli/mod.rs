@@ -78,6 +78,13 @@ pub enum Command {
         /// that these files no longer hold. Objects applied otherwise are never touched.
         #[arg(long)]
         prune: bool,
+        /// Then follow the rollout of each revision this apply created (or of the newest one,
+        /// when nothing changed): exit 0 complete, 1 aborted, rolled back or superseded, 2 timeout.
+        #[arg(long, conflicts_with = "dry_run")]
+        wait: bool,
+        /// With --wait: give up after this long (exit 2), e.g. 10m, 90s.
+        #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
     },
     /// Show how manifests differ from what the apiserver has: exit 0 none, 1 some, 2 error.
     Diff {
@@ -124,6 +131,16 @@ pub enum Command {
         #[command(subcommand)]
         verb: RolloutVerb,
     },
+    /// Stop giving a node new revisions; it keeps what it runs (`shoal uncordon` undoes it).
+    Cordon {
+        /// The node.
+        node: String,
+    },
+    /// Let a cordoned node follow its rollouts again.
+    Uncordon {
+        /// The node.
+        node: String,
+    },
     /// Run a whole fleet on this machine and watch shoal stop a bad release at the canary.
     Demo(demo::DemoArgs),
     /// Print the JSON Schema of DesiredState.
@@ -137,13 +154,20 @@ pub enum Command {
 /// `shoal rollout …`.
 #[derive(Debug, Subcommand)]
 pub enum RolloutVerb {
-    /// Waves and nodes of the current rollout: exit 0 complete (or going), 1 aborted or rolled back.
+    /// Waves and nodes of a rollout: exit 0 complete (or going), 1 aborted, rolled back or
+    /// superseded, 2 timeout or error.
     Status {
         /// The DesiredState.
         name: String,
+        /// Exactly this revision's rollout (as `shoal apply` prints it), never an older one.
+        #[arg(long)]
+        revision: Option<u64>,
         /// Follow until the rollout completes or aborts.
         #[arg(long, short = 'w')]
         watch: bool,
+        /// With --watch: give up after this long (exit 2), e.g. 10m, 90s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
     },
     /// Every revision, where it came from, and how its rollout ended.
     History {
@@ -192,7 +216,19 @@ pub fn run(cli: Cli) -> u8 {
             files,
             dry_run,
             prune,
-        } => connect(&cli).and_then(|c| apply(&c, files, *dry_run, *prune, cli.output)),
+            wait,
+            timeout,
+        } => connect(&cli).and_then(|c| {
+            let applied = apply(&c, files, *dry_run, *prune, cli.output)?;
+            if !*wait {
+                return Ok(EXIT_OK);
+            }
+            rollout::wait_for_all(&c, &applied, *timeout)
+        }),
+        Command::Cordon { node } => connect(&cli).and_then(|c| cordon(&c, node, true, cli.output)),
+        Command::Uncordon { node } => {
+            connect(&cli).and_then(|c| cordon(&c, node, false, cli.output))
+        }
         Command::Diff { files } => connect(&cli).and_then(|c| diff(&c, files)),
         Command::Delete {
             kind,
@@ -350,7 +386,7 @@ fn apply(
     dry_run: bool,
     prune: bool,
     output: Output,
-) -> Result<u8, CliError> {
+) -> Result<ApplyResponse, CliError> {
     let mut objects = load_valid(files, "apply")?;
     let set = apply_set_id(files);
     if prune {
@@ -421,7 +457,7 @@ fn apply(
         }
         _ => print_structured(&response, output),
     }
-    Ok(EXIT_OK)
+    Ok(response)
 }
 
 /// The part of an object a person edits: what `diff` compares.
@@ -539,6 +575,20 @@ fn diff(client: &Client, files: &[PathBuf]) -> Result<u8, CliError> {
     Ok(if changed { EXIT_DIFFERENT } else { EXIT_OK })
 }
 
+fn cordon(client: &Client, node: &str, cordon: bool, output: Output) -> Result<u8, CliError> {
+    let verb = if cordon { "cordon" } else { "uncordon" };
+    let object: manifests::wire::NodeObject = client.post(
+        &format!("/api/v1/nodes/{node}/{verb}"),
+        "application/json",
+        String::new(),
+    )?;
+    match output {
+        Output::Table => println!("node/{node} {verb}ed"),
+        _ => print_structured(&object, output),
+    }
+    Ok(EXIT_OK)
+}
+
 fn delete(
     client: &Client,
     kind: Option<&str>,
@@ -548,11 +598,28 @@ fn delete(
     output: Output,
 ) -> Result<u8, CliError> {
     let names: Vec<String> = match (kind, name, files.is_empty()) {
+        (Some("node" | "nodes" | "no"), Some(name), true) => {
+            return match client
+                .delete::<manifests::wire::NodeObject>(&format!("/api/v1/nodes/{name}"))
+            {
+                Ok(object) => {
+                    match output {
+                        Output::Table => println!(
+                            "node/{name} deleted; its token no longer works: a nodelet that comes back must join again"
+                        ),
+                        _ => print_structured(&object, output),
+                    }
+                    Ok(EXIT_OK)
+                }
+                Err(e) if e.status == Some(404) && ignore_not_found => Ok(EXIT_OK),
+                Err(e) => Err(e),
+            };
+        }
         (Some(kind), Some(name), true) => {
             if !matches!(kind, "desiredstate" | "desiredstates" | "ds") {
                 return Err(CliError::new(
                     format!("cannot delete `{kind}`"),
-                    "only desiredstates are deleted this way: `shoal delete desiredstate NAME`",
+                    "delete a DesiredState (`shoal delete desiredstate NAME`) or a node (`shoal delete node NAME`)",
                 ));
             }
             vec![name.to_string()]

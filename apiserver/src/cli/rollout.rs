@@ -1,6 +1,7 @@
 //! `shoal rollout …` and `shoal plan`.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,7 +16,12 @@ use super::{load_valid, print_structured, Output, RolloutVerb, EXIT_DIFFERENT, E
 /// Runs a rollout verb.
 pub fn run(client: &Client, verb: &RolloutVerb, output: Output) -> Result<u8, CliError> {
     match verb {
-        RolloutVerb::Status { name, watch } => status(client, name, *watch, output),
+        RolloutVerb::Status {
+            name,
+            revision,
+            watch,
+            timeout,
+        } => status(client, name, *revision, *watch, *timeout, output),
         RolloutVerb::History { name } => history(client, name, output),
         RolloutVerb::Pause { name } => act(client, name, "pause", output),
         RolloutVerb::Resume { name } => act(client, name, "resume", output),
@@ -55,17 +61,149 @@ fn act(client: &Client, name: &str, action: &str, output: Output) -> Result<u8, 
 }
 
 fn terminal(phase: RolloutPhase) -> bool {
-    matches!(
-        phase,
-        RolloutPhase::Complete | RolloutPhase::Aborted | RolloutPhase::RolledBack
-    )
+    phase.is_terminal()
 }
 
 fn exit_of(phase: RolloutPhase) -> u8 {
     match phase {
-        RolloutPhase::Aborted | RolloutPhase::RolledBack => EXIT_DIFFERENT,
+        RolloutPhase::Aborted | RolloutPhase::RolledBack | RolloutPhase::Superseded => {
+            EXIT_DIFFERENT
+        }
         _ => EXIT_OK,
     }
+}
+
+/// What one look at the server says about revision `revision` of `name`.
+enum Seen {
+    /// Its rollout, as stored (it may be finished).
+    Rollout(Box<RolloutObject>),
+    /// A newer revision's rollout replaced it.
+    Superseded(u64),
+}
+
+/// Reads the rollout of exactly `revision`: never an older one.
+fn look(client: &Client, name: &str, revision: u64) -> Result<Option<Seen>, CliError> {
+    let state: DesiredStateObject = client.get(&format!("/api/v1/desiredstates/{name}"))?;
+    if state.status.revision < revision {
+        return Err(CliError::new(
+            format!(
+                "DesiredState `{name}` has no revision {revision} (its newest is {})",
+                state.status.revision
+            ),
+            "use the revision `shoal apply` printed, or see `shoal rollout history NAME`",
+        ));
+    }
+    let rollout: Option<RolloutObject> =
+        client.get_optional(&format!("/api/v1/rollouts/{name}"))?;
+    Ok(match rollout {
+        Some(r) if r.spec.revision == revision => Some(Seen::Rollout(Box::new(r))),
+        Some(r) if r.spec.revision > revision => Some(Seen::Superseded(r.spec.revision)),
+        _ if state.status.revision > revision => Some(Seen::Superseded(state.status.revision)),
+        // Stored before the server created rollouts with their revisions: the controller
+        // creates it within a tick.
+        _ => None,
+    })
+}
+
+/// Follows `name`'s rollout of `revision` until it ends or `deadline` passes.
+fn follow(
+    client: &Client,
+    name: &str,
+    revision: u64,
+    watch: bool,
+    deadline: Option<std::time::Instant>,
+    output: Output,
+) -> Result<u8, CliError> {
+    let redraw = watch && output == Output::Table && std::io::stdout().is_terminal();
+    let mut last = String::new();
+    let mut last_lines = 0usize;
+    loop {
+        let seen = look(client, name, revision)?;
+        let (text, phase, rollout) = match &seen {
+            Some(Seen::Superseded(newer)) => (
+                format!("rollout/{name}: revision {revision} Superseded by revision {newer}\n"),
+                Some(RolloutPhase::Superseded),
+                None,
+            ),
+            Some(Seen::Rollout(rollout)) => {
+                let nodes: Vec<NodeObject> = if output == Output::Table {
+                    client.get("/api/v1/nodes")?
+                } else {
+                    vec![]
+                };
+                (
+                    render_status(rollout, &nodes),
+                    Some(rollout.status.phase),
+                    Some(rollout.as_ref()),
+                )
+            }
+            None => (
+                format!("rollout/{name}: revision {revision} is not planned yet\n"),
+                None,
+                None,
+            ),
+        };
+        let done = phase.is_some_and(terminal);
+        if output != Output::Table && (done || !watch) {
+            match rollout {
+                Some(r) => print_structured(r, output),
+                None => print_structured(
+                    &serde_json::json!({"desiredState": name, "revision": revision, "phase": phase.map(|p| p.as_str())}),
+                    output,
+                ),
+            }
+        } else if output == Output::Table && text != last {
+            if redraw && last_lines > 0 {
+                // Up over the last drawing and clear to the end of the screen.
+                print!("\x1b[{last_lines}A\x1b[J");
+            }
+            print!("{text}");
+            if watch && !redraw {
+                println!();
+            }
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            last_lines = text.lines().count();
+            last = text;
+        }
+        if done || !watch {
+            return Ok(phase.map_or(EXIT_OK, exit_of));
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            let at = phase.map_or("not planned yet", |p| p.as_str());
+            eprintln!(
+                "error: timed out waiting for revision {revision} of {name}: its rollout is {at}\n  hint: follow it with `shoal rollout status {name} --revision {revision} --watch`, or pause it with `shoal rollout pause {name}`"
+            );
+            return Ok(super::EXIT_ERROR);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `shoal apply --wait`: follows each applied object's rollout in turn, within one overall
+/// timeout. The worst outcome is the exit code (2 > 1 > 0).
+pub fn wait_for_all(
+    client: &Client,
+    applied: &ApplyResponse,
+    timeout: Option<Duration>,
+) -> Result<u8, CliError> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let mut worst = EXIT_OK;
+    for result in &applied.results {
+        if result.action == ApplyAction::Pruned {
+            continue;
+        }
+        let code = follow(
+            client,
+            &result.name,
+            result.revision,
+            true,
+            deadline,
+            Output::Table,
+        )?;
+        worst = worst.max(code);
+    }
+    Ok(worst)
 }
 
 fn render_status(rollout: &RolloutObject, nodes: &[NodeObject]) -> String {
@@ -104,12 +242,14 @@ fn render_status(rollout: &RolloutObject, nodes: &[NodeObject]) -> String {
                 Some(a) => format!("{:?} @{}", a.phase, a.revision),
                 None => "-".into(),
             };
-            let failed = rollout
-                .status
-                .failed_nodes
-                .get(node)
-                .cloned()
-                .unwrap_or_default();
+            let failed = match (
+                rollout.status.failed_nodes.get(node),
+                rollout.status.unavailable_nodes.get(node),
+            ) {
+                (Some(why), _) => why.clone(),
+                (None, Some(why)) => format!("went on without it: {why}"),
+                (None, None) => String::new(),
+            };
             rows.push(vec![
                 format!("{marker}{}", wave.index + 1),
                 wave.step.to_string(),
@@ -123,28 +263,25 @@ fn render_status(rollout: &RolloutObject, nodes: &[NodeObject]) -> String {
     out
 }
 
-fn status(client: &Client, name: &str, watch: bool, output: Output) -> Result<u8, CliError> {
-    let mut last = String::new();
-    loop {
-        let rollout: RolloutObject = client.get(&format!("/api/v1/rollouts/{name}"))?;
-        if output != Output::Table {
-            print_structured(&rollout, output);
-            return Ok(exit_of(rollout.status.phase));
+fn status(
+    client: &Client,
+    name: &str,
+    revision: Option<u64>,
+    watch: bool,
+    timeout: Option<Duration>,
+    output: Output,
+) -> Result<u8, CliError> {
+    // Without --revision: the newest revision, read once, so a watch never switches to an
+    // older rollout or silently to a newer one.
+    let revision = match revision {
+        Some(r) => r,
+        None => {
+            let state: DesiredStateObject = client.get(&format!("/api/v1/desiredstates/{name}"))?;
+            state.status.revision
         }
-        let nodes: Vec<NodeObject> = client.get("/api/v1/nodes")?;
-        let text = render_status(&rollout, &nodes);
-        if text != last {
-            print!("{text}");
-            if watch {
-                println!();
-            }
-            last = text;
-        }
-        if !watch || terminal(rollout.status.phase) {
-            return Ok(exit_of(rollout.status.phase));
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    };
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    follow(client, name, revision, watch, deadline, output)
 }
 
 #[derive(Serialize)]

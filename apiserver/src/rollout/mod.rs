@@ -1,12 +1,19 @@
 //! The rollout controller: moves each new revision through its waves.
 //!
 //! `step` is a pure function of the DesiredState, its current Rollout, the
-//! nodes (labels, readiness, what they report) and the clock. It returns what
-//! to write: the Rollout, per-node revision assignments, the last good
-//! revision, events. `reconcile` reads that input from the store, calls
-//! `step`, and writes its output in one transaction. Everything lives in the
-//! store, so an apiserver killed at any moment resumes where it was: the next
-//! tick recomputes the same decision from the same stored state.
+//! nodes (labels, readiness, what they report and when the server received it)
+//! and the server's clock. It returns what to write: the Rollout, per-node
+//! revision assignments, the last good revision, events. The controller reads
+//! that input from the store, calls `step`, and writes its output in one
+//! transaction. Everything lives in the store, so an apiserver killed at any
+//! moment resumes where it was: the next tick recomputes the same decision
+//! from the same stored state.
+//!
+//! Evidence is fresh or it is nothing: a node's wave is baked only when a report
+//! that the *server received* after `bakeSeconds` had elapsed (on the server's
+//! clock, counted from when the server first received Healthy at the revision)
+//! still says Healthy at the revision. A node that falls silent holds its wave;
+//! node clocks are never compared with the server's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
@@ -15,18 +22,40 @@ use manifests::plan::{plan_waves, PlanNode};
 use manifests::wire::*;
 
 /// A node as the controller sees it for one DesiredState.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NodeView {
     /// Name.
     pub name: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Heartbeat within the grace period.
+    /// Heartbeat within the grace period (true for a node that never reported: the wave's
+    /// deadline judges it).
     pub ready: bool,
+    /// Cordoned by an operator: takes no new revision.
+    pub cordoned: bool,
     /// What it reports for this DesiredState.
     pub applied: Option<AppliedState>,
+    /// Revision and server time at which a report saying Healthy at that revision was first
+    /// received (this healthy spell).
+    pub healthy_received: Option<(u64, SystemTime)>,
+    /// When the server received the node's latest report.
+    pub last_report: Option<SystemTime>,
     /// Why, when its components failed (probe output included).
     pub failure: Option<String>,
+    /// The components of this DesiredState that another DesiredState pins on this node too.
+    pub conflict: Option<String>,
+}
+
+impl NodeView {
+    fn unavailable(&self) -> Option<String> {
+        if self.cordoned {
+            Some("cordoned".into())
+        } else if !self.ready {
+            Some("NotReady".into())
+        } else {
+            None
+        }
+    }
 }
 
 /// What to write after one step.
@@ -44,6 +73,28 @@ pub struct Update {
     pub events: Vec<(EventType, String, String)>,
 }
 
+impl Update {
+    fn of(rollout: RolloutObject) -> Update {
+        Update {
+            rollout,
+            assign: vec![],
+            clear_assignments: false,
+            last_good: None,
+            events: vec![],
+        }
+    }
+
+    fn event(mut self, kind: EventType, reason: &str, message: String) -> Update {
+        self.events.push((kind, reason.to_string(), message));
+        self
+    }
+}
+
+/// `start + seconds`, or None when that is past what the clock can hold: "never".
+fn after(start: SystemTime, seconds: u64) -> Option<SystemTime> {
+    start.checked_add(Duration::from_secs(seconds))
+}
+
 fn selected<'a>(state: &DesiredStateObject, nodes: &'a [NodeView]) -> Vec<&'a NodeView> {
     nodes
         .iter()
@@ -58,6 +109,46 @@ fn wave_sizes(plan: &[manifests::plan::Wave]) -> String {
         .join("/")
 }
 
+fn list(map: &BTreeMap<String, String>) -> String {
+    map.iter()
+        .map(|(n, why)| format!("{n}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A fresh rollout object for the DesiredState's newest revision, not planned yet.
+pub fn pending(state: &DesiredStateObject, now: SystemTime) -> RolloutObject {
+    let name = &state.metadata.name;
+    RolloutObject {
+        metadata: ObjectInfo {
+            name: name.clone(),
+            labels: BTreeMap::new(),
+            resource_version: String::new(),
+            creation_timestamp: Some(now),
+        },
+        spec: RolloutSpecState {
+            desired_state: name.clone(),
+            revision: state.status.revision,
+            from_revision: state.status.last_good_revision,
+            plan: vec![],
+        },
+        status: RolloutStatus {
+            phase: RolloutPhase::Pending,
+            current_wave: 0,
+            wave_started: None,
+            failed_nodes: BTreeMap::new(),
+            unavailable_nodes: BTreeMap::new(),
+            baked_nodes: 0,
+            message: format!(
+                "revision {} is stored; waves are planned next",
+                state.status.revision
+            ),
+            started: now,
+            finished: None,
+        },
+    }
+}
+
 /// One decision for one DesiredState. `None`: nothing to change.
 pub fn step(
     state: &DesiredStateObject,
@@ -67,85 +158,247 @@ pub fn step(
 ) -> Option<Update> {
     let revision = state.status.revision;
     let last_good = state.status.last_good_revision;
-    let is_current = current.is_some_and(|r| r.spec.revision == revision);
-    if revision > last_good && !is_current {
-        return Some(start(state, current, nodes, now));
+    match current {
+        // A revision stored without its Pending rollout (a store written before rollouts
+        // were created with their revision): start one now.
+        None if revision > last_good => plan(state, &pending(state, now), nodes, now, true),
+        None => None,
+        Some(r) if r.spec.revision != revision => {
+            if revision <= last_good {
+                return None;
+            }
+            let mut update = plan(state, &pending(state, now), nodes, now, true)?;
+            if !r.status.phase.is_terminal() {
+                update.events.insert(
+                    0,
+                    (
+                        EventType::Normal,
+                        "Superseded".into(),
+                        format!(
+                            "the rollout of revision {} is superseded by revision {revision}",
+                            r.spec.revision
+                        ),
+                    ),
+                );
+            }
+            update.rollout.metadata.resource_version = r.metadata.resource_version.clone();
+            Some(update)
+        }
+        Some(r) => match r.status.phase {
+            RolloutPhase::Pending => plan(state, r, nodes, now, true),
+            RolloutPhase::Progressing if r.spec.plan.is_empty() => {
+                plan(state, r, nodes, now, false)
+            }
+            RolloutPhase::Progressing => progress(state, r, nodes, now),
+            _ => None,
+        },
     }
-    let rollout = current?;
-    if rollout.status.phase != RolloutPhase::Progressing || rollout.spec.revision != revision {
-        return None;
+}
+
+/// Plans the waves over the nodes that are available now and starts the first, or waits
+/// (Progressing, with why) while no node can take the revision.
+fn plan(
+    state: &DesiredStateObject,
+    rollout: &RolloutObject,
+    nodes: &[NodeView],
+    now: SystemTime,
+    first: bool,
+) -> Option<Update> {
+    let revision = state.status.revision;
+    let spec = &state.spec.rollout;
+    let group = selected(state, nodes);
+    let unavailable: BTreeMap<String, String> = group
+        .iter()
+        .filter_map(|n| n.unavailable().map(|why| (n.name.clone(), why)))
+        .collect();
+    // Nodes that failed this revision are not asked again.
+    let failed = &rollout.status.failed_nodes;
+    let available: Vec<PlanNode> = group
+        .iter()
+        .filter(|n| n.unavailable().is_none() && !failed.contains_key(&n.name))
+        .map(|n| PlanNode {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+        })
+        .collect();
+    let allowed = spec.max_unavailable.allowed(group.len());
+    let waiting = if group.is_empty() {
+        Some((
+            EventType::Normal,
+            "WaitingForNodes",
+            format!("waiting for nodes: no node is selected; revision {revision} is not last good until it baked on one"),
+        ))
+    } else if available.is_empty() {
+        Some((
+            EventType::Normal,
+            "WaitingForNodes",
+            format!(
+                "waiting for nodes: {} selected, none available ({})",
+                group.len(),
+                list(&unavailable)
+            ),
+        ))
+    } else if unavailable.len() > allowed {
+        Some((
+            EventType::Warning,
+            "RolloutWaiting",
+            format!(
+                "waiting: {} of {} nodes unavailable ({}), maxUnavailable allows {allowed}",
+                unavailable.len(),
+                group.len(),
+                list(&unavailable)
+            ),
+        ))
+    } else {
+        None
+    };
+    let mut next = rollout.clone();
+    next.spec.revision = revision;
+    if let Some((kind, reason, message)) = waiting {
+        next.status.phase = RolloutPhase::Progressing;
+        next.spec.plan = vec![];
+        next.status.current_wave = 0;
+        next.status.wave_started = None;
+        next.status.unavailable_nodes = BTreeMap::new();
+        if !first && next.status.message == message {
+            return None; // still waiting for the same reason
+        }
+        next.status.message = message.clone();
+        return Some(Update::of(next).event(kind, reason, message));
     }
+    let plan = plan_waves(&state.metadata.name, &available, spec);
+    next.status.phase = RolloutPhase::Progressing;
+    next.status.current_wave = 0;
+    next.status.wave_started = Some(now);
+    next.status.unavailable_nodes = unavailable.clone();
+    next.status.message = format!("wave 1 of {}", plan.len());
+    let assign = plan[0]
+        .nodes
+        .iter()
+        .map(|n| (n.clone(), revision))
+        .collect();
+    let mut message = format!(
+        "revision {} → {revision} in {} waves ({} nodes); wave 1 ({}): {}",
+        state.status.last_good_revision,
+        plan.len(),
+        wave_sizes(&plan),
+        plan[0].step,
+        plan[0].nodes.join(", ")
+    );
+    if !unavailable.is_empty() {
+        message.push_str(&format!(
+            "; going on without {} (within maxUnavailable {allowed})",
+            list(&unavailable)
+        ));
+    }
+    next.spec.plan = plan;
+    let mut update = Update::of(next).event(EventType::Normal, "RolloutStarted", message);
+    update.assign = assign;
+    Some(update)
+}
+
+/// Judges the waves started so far on fresh evidence; aborts, records failures, starts the
+/// next wave or completes.
+fn progress(
+    state: &DesiredStateObject,
+    rollout: &RolloutObject,
+    nodes: &[NodeView],
+    now: SystemTime,
+) -> Option<Update> {
+    let revision = state.status.revision;
+    let last_good = state.status.last_good_revision;
     let spec = &state.spec.rollout;
     let group: BTreeSet<&str> = selected(state, nodes)
         .iter()
         .map(|n| n.name.as_str())
         .collect();
     let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let wave_started = rollout
-        .status
-        .wave_started
-        .unwrap_or(rollout.status.started);
-    let deadline = wave_started + Duration::from_secs(spec.healthy_deadline_seconds);
-    let bake = Duration::from_secs(spec.bake_seconds);
+    let current_wave = rollout.status.current_wave;
+    let Some(wave_started) = rollout.status.wave_started else {
+        // The wave waits for unavailable nodes (or their budget): try to begin it again.
+        return begin_wave(state, rollout, nodes, now, current_wave);
+    };
+    let healthy_by = after(wave_started, spec.healthy_deadline_seconds);
+    let proven_by = healthy_by.and_then(|t| after(t, spec.bake_seconds));
 
-    // Judge every node of the waves started so far; nodes that left the group no longer count.
     let mut failed = rollout.status.failed_nodes.clone();
-    let mut baked_in_wave = true;
-    for (index, wave) in rollout
-        .spec
-        .plan
-        .iter()
-        .enumerate()
-        .take(rollout.status.current_wave + 1)
-    {
+    let mut baked_now = 0u64;
+    let mut wave_baked = true;
+    for (index, wave) in rollout.spec.plan.iter().enumerate().take(current_wave + 1) {
         for node_name in &wave.nodes {
-            if !group.contains(node_name.as_str()) {
-                failed.remove(node_name);
+            let Some(node) = by_name
+                .get(node_name.as_str())
+                .filter(|_| group.contains(node_name.as_str()))
+            else {
+                failed.remove(node_name); // left the group (or was deleted): no longer counts
                 continue;
+            };
+            if rollout.status.unavailable_nodes.contains_key(node_name)
+                || failed.contains_key(node_name)
+            {
+                continue; // went on without it, or once failed, failed for this rollout
             }
-            let node = by_name[node_name.as_str()];
             let at_revision = node.applied.as_ref().filter(|a| a.revision == revision);
-            let failure = match at_revision.map(|a| a.phase) {
-                Some(ComponentPhase::Reverted) | Some(ComponentPhase::Failed) => Some(
+            let phase = at_revision.map(|a| a.phase);
+            let failure = if let Some(conflict) = &node.conflict {
+                Some(format!("conflict: {conflict}"))
+            } else if matches!(
+                phase,
+                Some(ComponentPhase::Reverted) | Some(ComponentPhase::Failed)
+            ) {
+                Some(
                     node.failure
                         .clone()
                         .unwrap_or_else(|| "reverted the revision".into()),
-                ),
-                _ if !node.ready && index == rollout.status.current_wave => {
-                    Some("went NotReady during its wave".to_string())
-                }
-                Some(ComponentPhase::Healthy) => None,
-                _ if index == rollout.status.current_wave && now > deadline => Some(format!(
-                    "not healthy within healthyDeadlineSeconds ({}s)",
-                    spec.healthy_deadline_seconds
-                )),
-                _ => None,
+                )
+            } else {
+                None
             };
             if let Some(why) = failure {
-                failed.entry(node_name.clone()).or_insert(why);
+                failed.insert(node_name.clone(), why);
                 continue;
             }
-            if failed.contains_key(node_name) {
-                continue; // once failed, failed for this rollout
+            if index != current_wave {
+                continue;
             }
-            if index == rollout.status.current_wave {
-                let baked = at_revision
-                    .filter(|a| a.phase == ComponentPhase::Healthy)
-                    .and_then(|a| a.healthy_since)
-                    .is_some_and(|since| now.duration_since(since).unwrap_or_default() >= bake);
-                baked_in_wave &= baked;
+            let heard_healthy = node
+                .healthy_received
+                .filter(|(r, _)| *r == revision && phase == Some(ComponentPhase::Healthy))
+                .map(|(_, at)| at);
+            let baked = heard_healthy
+                .and_then(|at| after(at, spec.bake_seconds))
+                .zip(node.last_report)
+                .is_some_and(|(baked_at, last)| last >= baked_at);
+            if baked {
+                baked_now += 1;
+                continue;
+            }
+            wave_baked = false;
+            let overdue = match heard_healthy {
+                None => healthy_by.is_some_and(|t| now > t).then(|| {
+                    format!(
+                        "not healthy within healthyDeadlineSeconds ({}s){}",
+                        spec.healthy_deadline_seconds,
+                        if node.ready { "" } else { "; NotReady" }
+                    )
+                }),
+                Some(_) => proven_by.is_some_and(|t| now > t).then(|| {
+                    format!(
+                        "reported Healthy, then no report after its bake within healthyDeadlineSeconds + bakeSeconds ({}s + {}s)",
+                        spec.healthy_deadline_seconds, spec.bake_seconds
+                    )
+                }),
+            };
+            if let Some(why) = overdue {
+                failed.insert(node_name.clone(), why);
             }
         }
     }
-
+    // A failed node no longer holds the wave; it counts against the budget instead.
     let mut next = rollout.clone();
     next.status.failed_nodes = failed.clone();
     let allowed = spec.max_failures.allowed(group.len());
     if failed.len() > allowed {
-        let who: Vec<String> = failed
-            .iter()
-            .map(|(n, why)| format!("{n}: {why}"))
-            .collect();
         next.status.phase = if spec.auto_revert {
             RolloutPhase::RolledBack
         } else {
@@ -153,200 +406,167 @@ pub fn step(
         };
         next.status.finished = Some(now);
         next.status.message = format!("{} failed node(s), {allowed} allowed", failed.len());
-        let mut events = vec![(
+        let mut update = Update::of(next).event(
             EventType::Warning,
-            "RolloutAborted".to_string(),
+            "RolloutAborted",
             format!(
                 "revision {revision} aborted in wave {}: {}",
-                rollout.status.current_wave + 1,
-                who.join("; ")
+                current_wave + 1,
+                list(&failed)
             ),
-        )];
+        );
         if spec.auto_revert {
-            events.push((
+            update = update.event(
                 EventType::Warning,
-                "RolledBack".to_string(),
+                "RolledBack",
                 format!("every node of the rollout goes back to revision {last_good}"),
-            ));
+            );
+            update.clear_assignments = true;
         }
-        return Some(Update {
-            rollout: next,
-            assign: vec![],
-            clear_assignments: spec.auto_revert,
-            last_good: None,
-            events,
-        });
+        return Some(update);
     }
     if next.status.failed_nodes != rollout.status.failed_nodes {
-        let newly: Vec<String> = failed
+        let newly: BTreeMap<String, String> = failed
             .iter()
             .filter(|(n, _)| !rollout.status.failed_nodes.contains_key(*n))
-            .map(|(n, why)| format!("{n}: {why}"))
+            .map(|(n, why)| (n.clone(), why.clone()))
             .collect();
-        return Some(Update {
-            rollout: next,
-            assign: vec![],
-            clear_assignments: false,
-            last_good: None,
-            events: vec![(
-                EventType::Warning,
-                "NodeFailed".into(),
-                format!(
-                    "within the failure budget ({allowed}): {}",
-                    newly.join("; ")
-                ),
-            )],
-        });
+        if newly.is_empty() {
+            return Some(Update::of(next)); // nodes that left the group are forgotten
+        }
+        return Some(Update::of(next).event(
+            EventType::Warning,
+            "NodeFailed",
+            format!("within the failure budget ({allowed}): {}", list(&newly)),
+        ));
     }
-    if !baked_in_wave {
+    if !wave_baked {
         return None;
     }
-    let finished_wave = rollout.status.current_wave;
-    if finished_wave + 1 >= rollout.spec.plan.len() {
+    next.status.baked_nodes = next.status.baked_nodes.saturating_add(baked_now);
+    if current_wave + 1 >= rollout.spec.plan.len() {
+        if next.status.baked_nodes == 0 {
+            // Every node of the plan left, failed within budget or was unavailable: nothing
+            // proves the revision. Plan again over the nodes there are now.
+            next.spec.plan = vec![];
+            return plan(state, &next, nodes, now, true);
+        }
         next.status.phase = RolloutPhase::Complete;
         next.status.current_wave = rollout.spec.plan.len();
         next.status.finished = Some(now);
         next.status.message = format!("revision {revision} is on every node of the group");
-        return Some(Update {
-            rollout: next,
-            assign: vec![],
-            clear_assignments: true,
-            last_good: Some(revision),
-            events: vec![(
-                EventType::Normal,
-                "RolloutComplete".into(),
-                format!("revision {revision} baked in every wave"),
-            )],
-        });
-    }
-    let wave = &rollout.spec.plan[finished_wave + 1];
-    next.status.current_wave = finished_wave + 1;
-    next.status.wave_started = Some(now);
-    let assign: Vec<(String, u64)> = wave
-        .nodes
-        .iter()
-        .filter(|n| group.contains(n.as_str()))
-        .map(|n| (n.clone(), revision))
-        .collect();
-    Some(Update {
-        rollout: next,
-        assign,
-        clear_assignments: false,
-        last_good: None,
-        events: vec![(
+        let mut update = Update::of(next).event(
             EventType::Normal,
-            "WaveStarted".into(),
-            format!(
-                "revision {revision}: wave {} of {} baked; wave {} ({}) starts: {}",
-                finished_wave + 1,
-                rollout.spec.plan.len(),
-                finished_wave + 2,
-                wave.step,
-                wave.nodes.join(", ")
-            ),
-        )],
-    })
+            "RolloutComplete",
+            format!("revision {revision} baked in every wave"),
+        );
+        update.clear_assignments = true;
+        update.last_good = Some(revision);
+        return Some(update);
+    }
+    let mut update = begin_wave(state, &next, nodes, now, current_wave + 1)?;
+    if let Some(event) = update.events.iter_mut().find(|e| e.1 == "WaveStarted") {
+        event.2 = format!(
+            "revision {revision}: wave {} of {} baked; {}",
+            current_wave + 1,
+            rollout.spec.plan.len(),
+            event.2
+        );
+    }
+    Some(update)
 }
 
-fn start(
+/// Starts wave `index`: assigns the revision to its available nodes, or waits (the wave not
+/// started) while more nodes are unavailable than `maxUnavailable` allows.
+fn begin_wave(
     state: &DesiredStateObject,
-    current: Option<&RolloutObject>,
+    rollout: &RolloutObject,
     nodes: &[NodeView],
     now: SystemTime,
-) -> Update {
-    let name = &state.metadata.name;
+    index: usize,
+) -> Option<Update> {
     let revision = state.status.revision;
-    let group: Vec<PlanNode> = selected(state, nodes)
+    let spec = &state.spec.rollout;
+    let wave = rollout.spec.plan.get(index)?;
+    let group: BTreeMap<&str, &NodeView> = selected(state, nodes)
         .into_iter()
-        .map(|n| PlanNode {
-            name: n.name.clone(),
-            labels: n.labels.clone(),
-        })
+        .map(|n| (n.name.as_str(), n))
         .collect();
-    let plan = plan_waves(name, &group, &state.spec.rollout);
-    let mut events = Vec::new();
-    if let Some(old) = current.filter(|r| {
-        r.status.phase == RolloutPhase::Progressing || r.status.phase == RolloutPhase::Paused
-    }) {
-        events.push((
-            EventType::Normal,
-            "Superseded".to_string(),
-            format!(
-                "the rollout of revision {} is superseded by revision {revision}",
-                old.spec.revision
-            ),
-        ));
-    }
-    let mut rollout = RolloutObject {
-        metadata: ObjectInfo {
-            name: name.clone(),
-            labels: BTreeMap::new(),
-            resource_version: String::new(),
-            creation_timestamp: Some(now),
-        },
-        spec: RolloutSpecState {
-            desired_state: name.clone(),
-            revision,
-            from_revision: state.status.last_good_revision,
-            plan: plan.clone(),
-        },
-        status: RolloutStatus {
-            phase: RolloutPhase::Progressing,
-            current_wave: 0,
-            wave_started: Some(now),
-            failed_nodes: BTreeMap::new(),
-            message: String::new(),
-            started: now,
-            finished: None,
-        },
-    };
-    if plan.is_empty() {
-        rollout.status.phase = RolloutPhase::Complete;
-        rollout.status.finished = Some(now);
-        rollout.status.message = "no node selected".into();
-        events.push((
-            EventType::Normal,
-            "RolloutComplete".into(),
-            format!("revision {revision}: no node is selected; it is the last good revision"),
-        ));
-        return Update {
-            rollout,
-            assign: vec![],
-            clear_assignments: true,
-            last_good: Some(revision),
-            events,
+    let mut unavailable = rollout.status.unavailable_nodes.clone();
+    // Nodes that left the group no longer use the budget.
+    unavailable.retain(|n, _| group.contains_key(n.as_str()));
+    let mut members = Vec::new();
+    for name in &wave.nodes {
+        let Some(node) = group.get(name.as_str()) else {
+            continue;
         };
+        if rollout.status.failed_nodes.contains_key(name) {
+            continue;
+        }
+        match node.unavailable() {
+            Some(why) => {
+                unavailable.insert(name.clone(), why);
+            }
+            None => {
+                unavailable.remove(name);
+                members.push(name.clone());
+            }
+        }
     }
-    events.push((
-        EventType::Normal,
-        "RolloutStarted".into(),
-        format!(
-            "revision {} → {revision} in {} waves ({} nodes); wave 1 ({}): {}",
-            state.status.last_good_revision,
-            plan.len(),
-            wave_sizes(&plan),
-            plan[0].step,
-            plan[0].nodes.join(", ")
-        ),
-    ));
-    let assign = plan[0]
-        .nodes
+    let allowed = spec.max_unavailable.allowed(group.len());
+    let mut next = rollout.clone();
+    next.status.current_wave = index;
+    if unavailable.len() > allowed {
+        let message = format!(
+            "waiting to start wave {} of {}: {} node(s) unavailable ({}), maxUnavailable allows {allowed}",
+            index + 1,
+            rollout.spec.plan.len(),
+            unavailable.len(),
+            list(&unavailable)
+        );
+        next.status.wave_started = None;
+        if rollout.status.wave_started.is_none()
+            && rollout.status.current_wave == index
+            && rollout.status.message == message
+        {
+            return None;
+        }
+        next.status.message = message.clone();
+        return Some(Update::of(next).event(EventType::Warning, "RolloutWaiting", message));
+    }
+    let skipped: BTreeMap<String, String> = unavailable
         .iter()
-        .map(|n| (n.clone(), revision))
+        .filter(|(n, _)| wave.nodes.contains(n))
+        .map(|(n, why)| (n.clone(), why.clone()))
         .collect();
-    Update {
-        rollout,
-        assign,
-        clear_assignments: false,
-        last_good: None,
-        events,
+    next.status.unavailable_nodes = unavailable;
+    next.status.wave_started = Some(now);
+    next.status.message = format!("wave {} of {}", index + 1, rollout.spec.plan.len());
+    let mut message = format!(
+        "wave {} ({}) starts: {}",
+        index + 1,
+        wave.step,
+        if members.is_empty() {
+            "(no available node)".to_string()
+        } else {
+            members.join(", ")
+        }
+    );
+    if !skipped.is_empty() {
+        message.push_str(&format!(
+            "; going on without {} (within maxUnavailable {allowed})",
+            list(&skipped)
+        ));
     }
+    let mut update = Update::of(next).event(EventType::Normal, "WaveStarted", message);
+    update.assign = members.into_iter().map(|n| (n, revision)).collect();
+    Some(update)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use manifests::{LabelSelector, WaveStep};
+    use manifests::{FailureBudget, WaveStep};
 
     fn state(revision: u64, last_good: u64) -> DesiredStateObject {
         let text = "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {role: web}}\n  components: [{name: tool, kind: package, version: '1.0'}]\n  rollout: {waves: ['1', '50%', '100%'], bakeSeconds: 10, healthyDeadlineSeconds: 60, maxFailures: 0}\n";
@@ -376,8 +596,7 @@ mod tests {
             name: name.into(),
             labels,
             ready: true,
-            applied: None,
-            failure: None,
+            ..NodeView::default()
         }
     }
 
@@ -385,38 +604,57 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + seconds)
     }
 
-    fn report(node: &mut NodeView, revision: u64, phase: ComponentPhase, since: u64) {
+    /// The server receives a report at `received`; a Healthy one starts a healthy spell
+    /// unless one is running at that revision.
+    fn report(node: &mut NodeView, revision: u64, phase: ComponentPhase, received: u64) {
         node.applied = Some(AppliedState {
             desired_state: "web".into(),
             revision,
             phase,
             commit: None,
-            healthy_since: Some(at(since)),
+            // The node's clock: wildly off on purpose, the controller must not read it.
+            healthy_since: Some(SystemTime::UNIX_EPOCH),
         });
+        node.last_report = Some(at(received));
+        if phase == ComponentPhase::Healthy {
+            if node.healthy_received.is_none_or(|(r, _)| r != revision) {
+                node.healthy_received = Some((revision, at(received)));
+            }
+        } else {
+            node.healthy_received = None;
+        }
+    }
+
+    fn find(nodes: &[NodeView], name: &str) -> usize {
+        nodes.iter().position(|n| n.name == name).unwrap()
+    }
+
+    /// Plans from a Pending rollout, as the apiserver stores one with each revision.
+    fn started(state: &DesiredStateObject, nodes: &[NodeView], now: SystemTime) -> Update {
+        step(state, Some(&pending(state, now)), nodes, now).unwrap()
     }
 
     #[test]
-    fn canary_first_then_waves_after_bake_then_complete() {
+    fn canary_first_then_waves_after_a_fresh_bake_then_complete() {
         let state = state(2, 1);
         let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), i == 2)).collect();
         nodes.push(node("other", false));
         nodes[4].labels.insert("role".into(), "db".into());
-        let first = step(&state, None, &nodes, at(0)).unwrap();
+        let first = started(&state, &nodes, at(0));
         assert_eq!(
             first.assign,
             vec![("n2".to_string(), 2)],
             "the canary goes first, alone"
         );
-        assert_eq!(
-            first
-                .rollout
-                .spec
-                .plan
-                .iter()
-                .map(|w| w.nodes.len())
-                .collect::<Vec<_>>(),
-            vec![1, 1, 2]
-        );
+        assert_eq!(first.rollout.status.phase, RolloutPhase::Progressing);
+        let sizes: Vec<usize> = first
+            .rollout
+            .spec
+            .plan
+            .iter()
+            .map(|w| w.nodes.len())
+            .collect();
+        assert_eq!(sizes, vec![1, 1, 2]);
         let rollout = first.rollout;
         assert_eq!(
             step(&state, Some(&rollout), &nodes, at(5)),
@@ -424,37 +662,78 @@ mod tests {
             "waiting for the canary"
         );
         report(&mut nodes[2], 2, ComponentPhase::Healthy, 5);
+        report(&mut nodes[2], 2, ComponentPhase::Healthy, 14);
         assert_eq!(
             step(&state, Some(&rollout), &nodes, at(14)),
             None,
             "not baked yet"
         );
+        report(&mut nodes[2], 2, ComponentPhase::Healthy, 15);
         let second = step(&state, Some(&rollout), &nodes, at(15)).unwrap();
         assert_eq!(second.rollout.status.current_wave, 1);
+        assert_eq!(second.rollout.status.baked_nodes, 1);
         assert_eq!(second.assign.len(), 1);
         assert_eq!(second.events[0].1, "WaveStarted");
         let rollout = second.rollout;
-        let wave2 = rollout.spec.plan[1].nodes[0].clone();
-        let i = nodes.iter().position(|n| n.name == wave2).unwrap();
+        let i = find(&nodes, &rollout.spec.plan[1].nodes[0]);
         report(&mut nodes[i], 2, ComponentPhase::Healthy, 16);
+        report(&mut nodes[i], 2, ComponentPhase::Healthy, 26);
         let third = step(&state, Some(&rollout), &nodes, at(26)).unwrap();
         let rollout = third.rollout;
         for n in rollout.spec.plan[2].nodes.clone() {
-            let i = nodes.iter().position(|x| x.name == n).unwrap();
+            let i = find(&nodes, &n);
             report(&mut nodes[i], 2, ComponentPhase::Healthy, 27);
+            report(&mut nodes[i], 2, ComponentPhase::Healthy, 37);
         }
         let done = step(&state, Some(&rollout), &nodes, at(37)).unwrap();
         assert_eq!(done.rollout.status.phase, RolloutPhase::Complete);
         assert_eq!(done.last_good, Some(2));
+        assert_eq!(done.rollout.status.baked_nodes, 4);
         assert!(done.clear_assignments);
+    }
+
+    #[test]
+    fn a_canary_that_falls_silent_holds_the_wave_and_fails_it_at_the_deadline() {
+        let state = state(2, 1);
+        let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 5);
+        // Cut off: no report after t=5. Long past healthySince + bake, the wave still holds.
+        nodes[0].ready = false;
+        for t in [15, 30, 60, 69] {
+            assert_eq!(step(&state, Some(&rollout), &nodes, at(t)), None, "t={t}");
+        }
+        // Heard again, reverted while cut off: the rollout stops at once.
+        let mut heard = nodes.clone();
+        report(&mut heard[0], 2, ComponentPhase::Reverted, 40);
+        heard[0].failure = Some("web Reverted: probe http failed".into());
+        let update = step(&state, Some(&rollout), &heard, at(40)).unwrap();
+        assert_eq!(update.rollout.status.phase, RolloutPhase::RolledBack);
+        assert!(update.assign.is_empty() && update.clear_assignments);
+        // Never heard again: failed at healthyDeadlineSeconds + bakeSeconds after the wave began.
+        let update = step(&state, Some(&rollout), &nodes, at(71)).unwrap();
+        assert_eq!(update.rollout.status.phase, RolloutPhase::RolledBack);
+        assert!(update.rollout.status.failed_nodes["n0"].contains("no report after its bake"));
+    }
+
+    #[test]
+    fn the_node_clock_is_never_read() {
+        let state = state(2, 1);
+        let mut nodes: Vec<NodeView> = (0..2).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        // healthySince (node clock) says 1970; only server receipt times count.
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 3);
+        assert_eq!(step(&state, Some(&rollout), &nodes, at(12)), None);
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 13);
+        assert!(step(&state, Some(&rollout), &nodes, at(13)).is_some());
     }
 
     #[test]
     fn a_reverted_canary_rolls_everything_back() {
         let state = state(3, 2);
         let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), i == 0)).collect();
-        let rollout = step(&state, None, &nodes, at(0)).unwrap().rollout;
-        report(&mut nodes[0], 3, ComponentPhase::Reverted, 0);
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        report(&mut nodes[0], 3, ComponentPhase::Reverted, 2);
         nodes[0].failure = Some("probe http failed: 503".into());
         let update = step(&state, Some(&rollout), &nodes, at(3)).unwrap();
         assert_eq!(update.rollout.status.phase, RolloutPhase::RolledBack);
@@ -463,42 +742,57 @@ mod tests {
             "no other node is ever assigned revision 3"
         );
         assert!(update.events[0].2.contains("n0: probe http failed: 503"));
+        assert_eq!(update.last_good, None);
         // Stays rolled back: no restart of the same revision.
         assert_eq!(step(&state, Some(&update.rollout), &nodes, at(10)), None);
     }
 
     #[test]
-    fn deadline_and_not_ready_count_as_failures_within_budget() {
+    fn deadline_failures_count_against_max_failures() {
         let mut state = state(2, 1);
-        state.spec.rollout.max_failures = manifests::FailureBudget::Count(1);
+        state.spec.rollout.max_failures = FailureBudget::Count(1);
         state.spec.rollout.waves = vec![WaveStep::Percent(50), WaveStep::Percent(100)];
         let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), false)).collect();
-        let rollout = step(&state, None, &nodes, at(0)).unwrap().rollout;
-        let wave: Vec<String> = rollout.spec.plan[0].nodes.clone();
-        let a = nodes.iter().position(|n| n.name == wave[0]).unwrap();
-        let b = nodes.iter().position(|n| n.name == wave[1]).unwrap();
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        let wave = rollout.spec.plan[0].nodes.clone();
+        let (a, b) = (find(&nodes, &wave[0]), find(&nodes, &wave[1]));
+        // One goes NotReady mid-wave: it holds the wave, it is not failed at once.
         nodes[a].ready = false;
-        let update = step(&state, Some(&rollout), &nodes, at(1)).unwrap();
+        assert_eq!(step(&state, Some(&rollout), &nodes, at(1)), None);
+        report(&mut nodes[b], 2, ComponentPhase::Healthy, 2);
+        report(&mut nodes[b], 2, ComponentPhase::Healthy, 30);
+        assert_eq!(
+            step(&state, Some(&rollout), &nodes, at(30)),
+            None,
+            "held by the silent node"
+        );
+        let update = step(&state, Some(&rollout), &nodes, at(61)).unwrap();
         assert_eq!(
             update.rollout.status.phase,
             RolloutPhase::Progressing,
-            "one failure is within the budget"
+            "within the budget"
         );
-        assert!(update.rollout.status.failed_nodes[&wave[0]].contains("NotReady"));
+        assert!(update.rollout.status.failed_nodes[&wave[0]].contains("healthyDeadlineSeconds"));
+        assert_eq!(update.events[0].1, "NodeFailed");
         let rollout = update.rollout;
-        // The other node never becomes healthy: past the deadline it fails too, and the budget is spent.
-        let update = step(&state, Some(&rollout), &nodes, at(61)).unwrap();
+        let update = step(&state, Some(&rollout), &nodes, at(62)).unwrap();
+        assert_eq!(
+            update.rollout.status.current_wave, 1,
+            "the failed node no longer holds it"
+        );
+        // In wave 2 one more node never becomes healthy: the budget is spent.
+        let rollout = update.rollout;
+        let update = step(&state, Some(&rollout), &nodes, at(123)).unwrap();
         assert_eq!(update.rollout.status.phase, RolloutPhase::RolledBack);
-        let _ = b;
-        let _ = LabelSelector::default();
     }
 
     #[test]
     fn a_node_of_a_finished_wave_going_offline_does_not_fail_the_rollout() {
         let state = state(2, 1);
         let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), i == 0)).collect();
-        let rollout = step(&state, None, &nodes, at(0)).unwrap().rollout;
+        let rollout = started(&state, &nodes, at(0)).rollout;
         report(&mut nodes[0], 2, ComponentPhase::Healthy, 1);
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 11);
         let rollout = step(&state, Some(&rollout), &nodes, at(11))
             .unwrap()
             .rollout;
@@ -514,17 +808,154 @@ mod tests {
     }
 
     #[test]
-    fn an_apply_during_a_rollout_supersedes_it_and_no_nodes_completes_at_once() {
+    fn an_apply_during_a_rollout_supersedes_it() {
         let state2 = state(2, 1);
         let nodes: Vec<NodeView> = (0..3).map(|i| node(&format!("n{i}"), false)).collect();
-        let rollout = step(&state2, None, &nodes, at(0)).unwrap().rollout;
+        let rollout = started(&state2, &nodes, at(0)).rollout;
         let state3 = state(3, 1);
         let update = step(&state3, Some(&rollout), &nodes, at(5)).unwrap();
         assert_eq!(update.rollout.spec.revision, 3);
         assert_eq!(update.rollout.spec.from_revision, 1);
         assert_eq!(update.events[0].1, "Superseded");
-        let empty = step(&state(1, 0), None, &[], at(0)).unwrap();
-        assert_eq!(empty.rollout.status.phase, RolloutPhase::Complete);
-        assert_eq!(empty.last_good, Some(1));
+    }
+
+    #[test]
+    fn a_revision_with_no_node_waits_and_canaries_its_first_joiner() {
+        let state = state(1, 0);
+        let first = started(&state, &[], at(0));
+        assert_eq!(first.rollout.status.phase, RolloutPhase::Progressing);
+        assert_eq!(first.last_good, None, "never ran anywhere: not last good");
+        assert!(first.assign.is_empty());
+        assert_eq!(first.events[0].1, "WaitingForNodes");
+        let rollout = first.rollout;
+        assert_eq!(
+            step(&state, Some(&rollout), &[], at(5)),
+            None,
+            "one event, not one per tick"
+        );
+        // Boards join later: the first one is the canary, alone.
+        let mut nodes = vec![node("late", false)];
+        let update = step(&state, Some(&rollout), &nodes, at(10)).unwrap();
+        assert_eq!(update.assign, vec![("late".to_string(), 1)]);
+        assert_eq!(update.events[0].1, "RolloutStarted");
+        let rollout = update.rollout;
+        nodes.push(node("later", false));
+        assert_eq!(
+            step(&state, Some(&rollout), &nodes, at(11)),
+            None,
+            "the plan holds"
+        );
+        report(&mut nodes[0], 1, ComponentPhase::Healthy, 12);
+        report(&mut nodes[0], 1, ComponentPhase::Healthy, 22);
+        let done = step(&state, Some(&rollout), &nodes, at(22)).unwrap();
+        assert_eq!(done.rollout.status.phase, RolloutPhase::Complete);
+        assert_eq!(
+            done.last_good,
+            Some(1),
+            "baked on one node: now it is proven"
+        );
+    }
+
+    #[test]
+    fn unavailable_nodes_are_skipped_within_max_unavailable_and_otherwise_wait() {
+        let mut state = state(2, 1);
+        state.spec.rollout.waves = vec![WaveStep::Count(1), WaveStep::Percent(100)];
+        let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 1);
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 11);
+        let off = find(&nodes, &rollout.spec.plan[1].nodes[0]);
+        nodes[off].ready = false; // powered off before its wave
+                                  // maxUnavailable 0: the rollout waits instead of failing.
+        let waiting = step(&state, Some(&rollout), &nodes, at(11)).unwrap();
+        assert_eq!(waiting.rollout.status.phase, RolloutPhase::Progressing);
+        assert_eq!(waiting.rollout.status.wave_started, None);
+        assert!(waiting.assign.is_empty());
+        assert!(waiting
+            .rollout
+            .status
+            .message
+            .contains("maxUnavailable allows 0"));
+        assert!(waiting.rollout.status.failed_nodes.is_empty());
+        assert_eq!(waiting.events[0].1, "RolloutWaiting");
+        assert_eq!(step(&state, Some(&waiting.rollout), &nodes, at(12)), None);
+        // `shoal delete node`: it leaves the node list, and the held wave starts.
+        let mut fewer = nodes.clone();
+        fewer.remove(off);
+        let go = step(&state, Some(&waiting.rollout), &fewer, at(13)).unwrap();
+        assert_eq!(go.assign.len(), 2);
+        assert!(go.rollout.status.wave_started.is_some());
+        // maxUnavailable 1: the wave goes on without it at once.
+        state.spec.rollout.max_unavailable = FailureBudget::Count(1);
+        let without = step(&state, Some(&rollout), &nodes, at(11)).unwrap();
+        assert_eq!(without.assign.len(), 2);
+        assert!(!without.assign.iter().any(|(n, _)| *n == nodes[off].name));
+        assert!(without.rollout.status.unavailable_nodes[&nodes[off].name].contains("NotReady"));
+        let rollout = without.rollout;
+        for (name, _) in &without.assign {
+            let i = find(&nodes, name);
+            report(&mut nodes[i], 2, ComponentPhase::Healthy, 12);
+            report(&mut nodes[i], 2, ComponentPhase::Healthy, 22);
+        }
+        let done = step(&state, Some(&rollout), &nodes, at(22)).unwrap();
+        assert_eq!(done.rollout.status.phase, RolloutPhase::Complete);
+    }
+
+    #[test]
+    fn a_cordoned_node_is_unavailable_and_never_the_canary() {
+        let mut state = state(2, 1);
+        state.spec.rollout.max_unavailable = FailureBudget::Count(1);
+        let mut nodes: Vec<NodeView> = (0..3).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        nodes[0].cordoned = true;
+        let first = started(&state, &nodes, at(0));
+        assert_eq!(first.assign.len(), 1);
+        assert_ne!(first.assign[0].0, "n0");
+        assert_eq!(first.rollout.status.unavailable_nodes["n0"], "cordoned");
+        // Past the budget: no plan, the rollout waits with the reason.
+        state.spec.rollout.max_unavailable = FailureBudget::Count(0);
+        let waiting = started(&state, &nodes, at(0));
+        assert!(waiting.assign.is_empty());
+        assert!(waiting.rollout.status.message.contains("n0: cordoned"));
+    }
+
+    #[test]
+    fn a_conflict_on_a_selected_node_fails_it() {
+        let state = state(2, 1);
+        let mut nodes: Vec<NodeView> = (0..2).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        nodes[0].conflict = Some("tool is pinned by web and other".into());
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 1);
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 20);
+        let update = step(&state, Some(&rollout), &nodes, at(20)).unwrap();
+        assert_eq!(update.rollout.status.phase, RolloutPhase::RolledBack);
+        assert!(update.events[0]
+            .2
+            .contains("conflict: tool is pinned by web and other"));
+    }
+
+    #[test]
+    fn durations_past_the_clock_never_panic() {
+        let mut state = state(2, 1);
+        state.spec.rollout.healthy_deadline_seconds = u64::MAX;
+        state.spec.rollout.bake_seconds = u64::MAX;
+        let mut nodes = vec![node("n0", true)];
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 1);
+        assert_eq!(step(&state, Some(&rollout), &nodes, at(u64::MAX / 4)), None);
+        let mut far = rollout.clone();
+        far.status.wave_started = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 2));
+        assert_eq!(step(&state, Some(&far), &nodes, at(5)), None);
+    }
+
+    #[test]
+    fn a_wave_whose_nodes_all_left_does_not_make_the_revision_last_good() {
+        let state = state(2, 1);
+        let mut nodes = vec![node("n0", true)];
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        nodes[0].labels.insert("role".into(), "db".into()); // relabelled away
+        let update = step(&state, Some(&rollout), &nodes, at(1)).unwrap();
+        assert_ne!(update.rollout.status.phase, RolloutPhase::Complete);
+        assert_eq!(update.last_good, None);
+        assert_eq!(update.events[0].1, "WaitingForNodes");
     }
 }

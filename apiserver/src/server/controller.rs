@@ -106,8 +106,26 @@ struct Cache {
     assignments: HashMap<String, BTreeMap<String, u64>>,
 }
 
+/// A DesiredState whose rollout decision keeps failing.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    retry_at: SystemTime,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            failures: 0,
+            retry_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Live {
+    /// DesiredStates whose rollout decision failed, and when to try again.
+    rollout_backoff: HashMap<String, Backoff>,
     host_history: HashMap<String, VecDeque<HostSample>>,
     /// Readiness last seen by the readiness sweep, to report transitions once.
     ready: HashMap<String, bool>,
@@ -301,8 +319,12 @@ impl Controller {
 
     /// Stores every manifest in one transaction. With `dry_run`, reports what would happen and stores nothing.
     pub fn apply(&self, inputs: Vec<ApplyInput>, dry_run: bool) -> Result<ApplyResponse, ApiError> {
+        for input in &inputs {
+            self.check_artifact_reuse(&input.object)?;
+        }
         let version = self.store.next_version()?.to_string();
-        let seqs = self.seqs(inputs.len())?;
+        // An Applied event per manifest, and a Superseded one where a rollout is replaced.
+        let seqs = self.seqs(inputs.len() * 2)?;
         let now = SystemTime::now();
         let outcome = transact(self.store.as_ref(), |txn| -> Result<_, ApplyStop> {
             let mut results = Vec::new();
@@ -418,7 +440,7 @@ impl Controller {
                 return Err(ApplyStop::DryRun(results));
             }
             let mut events = Vec::new();
-            for ((change, object, revision), seq) in written.iter().zip(&seqs) {
+            for ((change, object, revision), seq) in written.iter().zip(seqs.iter().copied()) {
                 let name = &object.metadata.name;
                 let message = match (change, revision) {
                     (ChangeType::Added, _) => {
@@ -428,7 +450,7 @@ impl Controller {
                     _ => "labels or annotations changed".to_string(),
                 };
                 let event = self.new_event(
-                    *seq,
+                    seq,
                     now,
                     EventType::Normal,
                     "Applied",
@@ -441,9 +463,45 @@ impl Controller {
                 txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
                 events.push(event);
             }
-            Ok((results, written, events))
+            let mut rollouts = Vec::new();
+            let mut seqs = seqs[inputs.len()..].iter().copied();
+            for (change, object, revision) in &written {
+                let seq = seqs.next().expect("one per input");
+                let Some(revision) = revision else { continue };
+                // The rollout exists from the moment its revision does, so `rollout status
+                // --revision N`, `apply --wait` and `rollout pause` find it at once.
+                let name = &object.metadata.name;
+                let previous: Option<RolloutObject> =
+                    get_json(txn, Table::Rollouts, name.as_bytes())?;
+                if let Some(old) = previous.filter(|r| !r.status.phase.is_terminal()) {
+                    let event = self.new_event(
+                        seq,
+                        now,
+                        EventType::Normal,
+                        "Superseded",
+                        &format!("rollout/{name}"),
+                        format!(
+                            "the rollout of revision {} ({}) is superseded by revision {}",
+                            old.spec.revision,
+                            old.status.phase.as_str(),
+                            revision.revision
+                        ),
+                        None,
+                        Some(name.clone()),
+                        Some(old.spec.revision),
+                    )?;
+                    txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                    events.push(event);
+                }
+                let mut rollout = crate::rollout::pending(object, now);
+                rollout.metadata.resource_version = version.clone();
+                txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
+                rollouts.push(rollout);
+                let _ = change;
+            }
+            Ok((results, written, events, rollouts))
         });
-        let (results, written, events) = match outcome {
+        let (results, written, events, rollouts) = match outcome {
             Ok(done) => done,
             Err(store::TxnError::Aborted(ApplyStop::DryRun(results))) => {
                 return Ok(ApplyResponse {
@@ -462,9 +520,64 @@ impl Controller {
             for (change, object, _) in &written {
                 self.publish(Kind::DesiredState, *change, &object.metadata.name, object);
             }
+            for rollout in &rollouts {
+                self.publish(
+                    Kind::Rollout,
+                    ChangeType::Modified,
+                    &rollout.metadata.name,
+                    rollout,
+                );
+            }
             self.after_events(&events)?;
         }
         Ok(ApplyResponse { dry_run, results })
+    }
+
+    /// Refuses a component that pins an artifact an earlier revision pinned under another
+    /// version: the node's cache is content-addressed, so it would serve the old file under
+    /// the new version (a forgotten sha256, which no canary can catch).
+    fn check_artifact_reuse(&self, manifest: &DesiredState) -> Result<(), ApiError> {
+        let name = &manifest.metadata.name;
+        let pinned: Vec<(usize, &manifests::Component, &str)> = manifest
+            .spec
+            .components
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.artifact.as_ref().map(|a| (i, c, a.sha256.as_str())))
+            .collect();
+        if pinned.is_empty() {
+            return Ok(());
+        }
+        for (key, value) in self
+            .store
+            .scan_prefix(Table::Revisions, &store::revision_prefix(name))?
+        {
+            let revision: Revision = decode(Table::Revisions, &key, &value)?;
+            for earlier in &revision.spec.components {
+                let Some(artifact) = &earlier.artifact else {
+                    continue;
+                };
+                for (index, component, sha256) in &pinned {
+                    if earlier.name == component.name
+                        && artifact.sha256.eq_ignore_ascii_case(sha256)
+                        && earlier.version != component.version
+                    {
+                        return Err(ApiError::invalid_field(
+                            &format!("spec.components[{index}].artifact.sha256"),
+                            format!(
+                                "`{}` {} pins sha256 {sha256}, which revision {} of DesiredState `{name}` pinned for version {}",
+                                component.name, version_text(&component.version), revision.revision, version_text(&earlier.version)
+                            ),
+                            format!(
+                                "did you forget to update sha256? Nodes that have {} would run it as {}: put the sha256 of {} there",
+                                version_text(&earlier.version), version_text(&component.version), artifact_name(&component.artifact)
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes a DesiredState, its revisions and assignments. Nodes stop managing its components.
@@ -679,6 +792,8 @@ impl Controller {
                         name: name.to_string(),
                     })?;
                 stored.object.status.last_heartbeat = Some(now);
+                stored.object.status.healthy_received =
+                    healthy_received(&stored.object.status.healthy_received, &report, now);
                 stored.object.status.report = report.clone();
                 stored.object.metadata.resource_version = version.clone();
                 txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
@@ -863,6 +978,139 @@ impl Controller {
         Ok(())
     }
 
+    /// Cordons a node (it takes no new revision and keeps the ones it is assigned now) or
+    /// uncordons it. Idempotent, like `kubectl cordon`.
+    pub fn set_cordon(
+        &self,
+        name: &str,
+        cordon: bool,
+        actor: &str,
+    ) -> Result<NodeObject, ApiError> {
+        let stored = self.stored_node(name)?;
+        if stored.object.status.cordoned.is_some() == cordon {
+            return self.get_node(name);
+        }
+        let now = SystemTime::now();
+        let keep: BTreeMap<String, u64> = self
+            .assignment_for(&stored.object)
+            .states
+            .iter()
+            .map(|s| (s.name.clone(), s.revision))
+            .collect();
+        let version = self.store.next_version()?.to_string();
+        let seq = self.store.next_version()?;
+        let (node, event) =
+            transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
+                let mut stored: StoredNode = get_json(txn, Table::Nodes, name.as_bytes())?
+                    .ok_or_else(|| ApiError::NotFound {
+                        kind: "Node",
+                        name: name.to_string(),
+                    })?;
+                let (reason, message) = if cordon {
+                    stored.object.status.cordoned = Some(Cordon {
+                        since: now,
+                        by: actor.to_string(),
+                        revisions: keep.clone(),
+                    });
+                    let kept = if keep.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        keep.iter()
+                            .map(|(s, r)| format!("{s}@{r}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    (
+                        "NodeCordoned",
+                        format!("cordoned by {actor}: takes no new revision, keeps {kept}"),
+                    )
+                } else {
+                    stored.object.status.cordoned = None;
+                    (
+                        "NodeUncordoned",
+                        format!("uncordoned by {actor}: follows its rollouts again"),
+                    )
+                };
+                stored.object.metadata.resource_version = version.clone();
+                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+                let event = self.new_event(
+                    seq,
+                    now,
+                    EventType::Normal,
+                    reason,
+                    &format!("node/{name}"),
+                    message,
+                    Some(name.to_string()),
+                    None,
+                    None,
+                )?;
+                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                Ok((stored.object, event))
+            })?;
+        self.store.flush()?;
+        self.bump_epoch();
+        let node = self.decorate(node, now)?;
+        self.publish(Kind::Node, ChangeType::Modified, name, &node);
+        self.after_events(&[event])?;
+        Ok(node)
+    }
+
+    /// Forgets a node: its record, its token and its assignments. A nodelet that comes back
+    /// must join again.
+    pub fn delete_node(&self, name: &str, actor: &str) -> Result<NodeObject, ApiError> {
+        let assignments: Vec<Vec<u8>> = self
+            .cache()
+            .assignments
+            .get(name)
+            .map(|per_node| {
+                per_node
+                    .keys()
+                    .map(|state| store::assignment_key(name, state))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let now = SystemTime::now();
+        let seq = self.store.next_version()?;
+        let (node, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
+            let stored: StoredNode =
+                get_json(txn, Table::Nodes, name.as_bytes())?.ok_or_else(|| {
+                    ApiError::NotFound {
+                        kind: "Node",
+                        name: name.to_string(),
+                    }
+                })?;
+            txn.delete(Table::Nodes, name.as_bytes())?;
+            for key in &assignments {
+                txn.delete(Table::Assignments, key)?;
+            }
+            let event = self.new_event(
+                seq,
+                now,
+                EventType::Normal,
+                "NodeDeleted",
+                &format!("node/{name}"),
+                format!("deleted by {actor}: its token no longer works; a nodelet that comes back must join again"),
+                Some(name.to_string()),
+                None,
+                None,
+            )?;
+            txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+            Ok((stored.object, event))
+        })?;
+        self.store.flush()?;
+        self.refresh()?;
+        {
+            let mut live = self.live.lock().expect("not poisoned");
+            live.heartbeats.remove(name);
+            live.ready.remove(name);
+            live.host_history.remove(name);
+        }
+        self.bump_epoch();
+        self.publish(Kind::Node, ChangeType::Deleted, name, &node);
+        self.after_events(&[event])?;
+        Ok(node)
+    }
+
     // ---- Assignments --------------------------------------------------------
 
     /// What `node` should run now.
@@ -880,14 +1128,23 @@ impl Controller {
                 continue;
             }
             let state_name = &state.metadata.name;
-            let revision = assigned
-                .and_then(|a| a.get(state_name).copied())
-                .unwrap_or(state.status.last_good_revision);
+            let revision = match &node.status.cordoned {
+                // Cordoned: what it had, and nothing new.
+                Some(cordon) => cordon.revisions.get(state_name).copied().unwrap_or(0),
+                None => assigned
+                    .and_then(|a| a.get(state_name).copied())
+                    .unwrap_or(state.status.last_good_revision),
+            };
             if revision == 0 {
                 continue; // nothing good to run yet; the rollout controller assigns the first revision
             }
-            let Some(revision_object) = cache.revisions.get(&(state_name.clone(), revision)) else {
-                continue;
+            let revision_object = match cache.revisions.get(&(state_name.clone(), revision)) {
+                Some(cached) => cached.clone(),
+                // Only a cordoned node keeps a revision the cache may not hold.
+                None => match self.stored_revision(state_name, revision) {
+                    Some(stored) => Arc::new(stored),
+                    None => continue,
+                },
             };
             states.push(AssignedState {
                 name: state_name.clone(),
@@ -947,6 +1204,12 @@ impl Controller {
         // 53 bits, so that JavaScript clients read the number exactly.
         assignment.generation = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) >> 11;
         assignment
+    }
+
+    fn stored_revision(&self, name: &str, revision: u64) -> Option<Revision> {
+        let key = store::revision_key(name, revision);
+        let bytes = self.store.get(Table::Revisions, &key).ok()??;
+        decode(Table::Revisions, &key, &bytes).ok()
     }
 
     // ---- Events -------------------------------------------------------------
@@ -1120,6 +1383,27 @@ impl Controller {
         desired_state: &str,
         now: SystemTime,
     ) -> Result<Vec<crate::rollout::NodeView>, ApiError> {
+        let cache = self.cache();
+        // DesiredStates that pin a component this one pins: a node both select is in conflict.
+        let rivals: Vec<(Arc<DesiredStateObject>, Vec<String>)> =
+            match cache.states.get(desired_state) {
+                None => vec![],
+                Some(own) => cache
+                    .states
+                    .values()
+                    .filter(|other| other.metadata.name != desired_state)
+                    .filter_map(|other| {
+                        let shared: Vec<String> = own
+                            .spec
+                            .components
+                            .iter()
+                            .filter(|c| other.spec.components.iter().any(|o| o.name == c.name))
+                            .map(|c| c.name.clone())
+                            .collect();
+                        (!shared.is_empty()).then(|| (other.clone(), shared))
+                    })
+                    .collect(),
+            };
         Ok(self
             .list_nodes_raw()?
             .into_iter()
@@ -1131,6 +1415,23 @@ impl Controller {
                     .iter()
                     .find(|a| a.desired_state == desired_state)
                     .cloned();
+                let conflicts: Vec<String> = rivals
+                    .iter()
+                    .filter(|(other, _)| other.spec.selector.matches(&node.metadata.labels))
+                    .flat_map(|(other, shared)| {
+                        shared.iter().map(move |c| {
+                            format!(
+                                "{c} is pinned by {desired_state} and {}",
+                                other.metadata.name
+                            )
+                        })
+                    })
+                    .collect();
+                let healthy_received = node
+                    .status
+                    .healthy_received
+                    .get(desired_state)
+                    .map(|h| (h.revision, h.at));
                 let failure: Vec<String> = report
                     .components
                     .iter()
@@ -1156,47 +1457,116 @@ impl Controller {
                     // A node that never reported is not "NotReady during its wave": the
                     // wave's deadline judges it instead.
                     ready: node.status.last_heartbeat.is_none() || self.is_ready(&node, now),
+                    cordoned: node.status.cordoned.is_some(),
+                    last_report: node.status.last_heartbeat,
+                    healthy_received,
                     name: node.metadata.name,
                     labels: node.metadata.labels,
                     applied,
                     failure: (!failure.is_empty()).then(|| failure.join("; ")),
+                    conflict: (!conflicts.is_empty()).then(|| conflicts.join("; ")),
                 }
             })
             .collect())
     }
 
-    /// One tick of the rollout controller over every DesiredState.
+    /// One tick of the rollout controller over every DesiredState. One DesiredState's
+    /// failure (an error, or a panic in its decision) is that DesiredState's problem: it is
+    /// logged, raises a Warning event on it, and is retried with backoff, while every other
+    /// DesiredState keeps rolling (kube-rs's `error_policy`).
     pub fn reconcile_rollouts(&self, now: SystemTime) -> Result<(), ApiError> {
         let states: Vec<Arc<DesiredStateObject>> = self.cache().states.values().cloned().collect();
         for state in states {
-            let name = &state.metadata.name;
-            let current = match self.get_rollout(name) {
-                Ok(rollout) => Some(rollout),
-                Err(ApiError::NotFound { .. }) => None,
-                Err(e) => return Err(e),
+            let name = state.metadata.name.clone();
+            let due = {
+                let live = self.live.lock().expect("not poisoned");
+                live.rollout_backoff
+                    .get(&name)
+                    .is_none_or(|b| now >= b.retry_at)
             };
-            // Only a pending revision or a progressing rollout has anything to decide (exactly
-            // when `step` can return an update); skip reading every node otherwise.
-            let revision = state.status.revision;
-            let pending = revision > state.status.last_good_revision
-                && current.as_ref().is_none_or(|r| r.spec.revision != revision);
-            let progressing = current.as_ref().is_some_and(|r| {
-                r.status.phase == RolloutPhase::Progressing && r.spec.revision == revision
-            });
-            if !pending && !progressing {
+            if !due {
                 continue;
             }
-            let nodes = self.node_views(name, now)?;
-            if let Some(update) = crate::rollout::step(&state, current.as_ref(), &nodes, now) {
-                self.write_rollout(
-                    name,
-                    current
-                        .as_ref()
-                        .map(|r| r.metadata.resource_version.clone()),
-                    update,
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.reconcile_one(&state, now)
+            }));
+            let error = match outcome {
+                Ok(Ok(())) => {
+                    let mut live = self.live.lock().expect("not poisoned");
+                    if live.rollout_backoff.remove(&name).is_some() {
+                        tracing::info!(desired_state = %name, "rollout decisions work again");
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => format!(
+                    "the rollout decision panicked: {}",
+                    panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("(no message)")
+                ),
+            };
+            let (failures, delay) = {
+                let mut live = self.live.lock().expect("not poisoned");
+                let backoff = live.rollout_backoff.entry(name.clone()).or_default();
+                backoff.failures = backoff.failures.saturating_add(1);
+                // 1 s, 2 s, 4 s … up to 5 minutes.
+                let delay = Duration::from_secs(1u64 << backoff.failures.min(9))
+                    .min(Duration::from_secs(300));
+                backoff.retry_at = now + delay;
+                (backoff.failures, delay)
+            };
+            tracing::error!(desired_state = %name, failures, error = %error, retry_in = ?delay, "rollout decision failed");
+            // One event per failure streak, not one per retry.
+            if failures == 1 {
+                let _ = self.record_event(
                     now,
-                )?;
+                    EventType::Warning,
+                    "RolloutError",
+                    &format!("rollout/{name}"),
+                    format!("{error}; retried with backoff, other DesiredStates are not affected"),
+                    None,
+                    Some(name.clone()),
+                    Some(state.status.revision),
+                );
             }
+        }
+        Ok(())
+    }
+
+    fn reconcile_one(&self, state: &DesiredStateObject, now: SystemTime) -> Result<(), ApiError> {
+        let name = &state.metadata.name;
+        let current = match self.get_rollout(name) {
+            Ok(rollout) => Some(rollout),
+            Err(ApiError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        // Only a pending revision or a rollout in flight has anything to decide (exactly when
+        // `step` can return an update); skip reading every node otherwise.
+        let revision = state.status.revision;
+        let untracked = revision > state.status.last_good_revision
+            && current.as_ref().is_none_or(|r| r.spec.revision != revision);
+        let in_flight = current.as_ref().is_some_and(|r| {
+            matches!(
+                r.status.phase,
+                RolloutPhase::Pending | RolloutPhase::Progressing
+            ) && r.spec.revision == revision
+        });
+        if !untracked && !in_flight {
+            return Ok(());
+        }
+        let nodes = self.node_views(name, now)?;
+        if let Some(update) = crate::rollout::step(state, current.as_ref(), &nodes, now) {
+            self.write_rollout(
+                name,
+                current
+                    .as_ref()
+                    .map(|r| r.metadata.resource_version.clone()),
+                update,
+                now,
+            )?;
         }
         Ok(())
     }
@@ -1299,24 +1669,33 @@ impl Controller {
     /// Pause or resume a rollout (operator verbs).
     pub fn set_rollout_paused(&self, name: &str, paused: bool) -> Result<RolloutObject, ApiError> {
         let current = self.get_rollout(name)?;
-        let (from, to) = if paused {
-            (RolloutPhase::Progressing, RolloutPhase::Paused)
+        // A rollout is paused before its first wave as well as during one (`apply` then
+        // `rollout pause` at once); resumed, an unplanned one is planned on the next tick.
+        let (from, to): (&[RolloutPhase], RolloutPhase) = if paused {
+            (
+                &[RolloutPhase::Pending, RolloutPhase::Progressing],
+                RolloutPhase::Paused,
+            )
         } else {
-            (RolloutPhase::Paused, RolloutPhase::Progressing)
+            (&[RolloutPhase::Paused], RolloutPhase::Progressing)
         };
-        if current.status.phase != from {
+        if !from.contains(&current.status.phase) {
             return Err(ApiError::Conflict {
                 message: format!(
-                    "rollout `{name}` is {}, not {}",
+                    "rollout `{name}` of revision {} is {}, not {}",
+                    current.spec.revision,
                     current.status.phase.as_str(),
-                    from.as_str()
+                    from.iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
                 ),
                 hint: "see `shoal rollout status NAME`".into(),
             });
         }
         let mut next = current.clone();
         next.status.phase = to;
-        if !paused {
+        if !paused && next.status.wave_started.is_some() {
             // A pause must not eat the wave's deadline.
             next.status.wave_started = Some(SystemTime::now());
         }
@@ -1456,6 +1835,44 @@ impl Controller {
         }
         Ok(summary)
     }
+}
+
+fn version_text(version: &Option<String>) -> &str {
+    version.as_deref().unwrap_or("(no version)")
+}
+
+fn artifact_name(artifact: &Option<manifests::Artifact>) -> String {
+    artifact
+        .as_ref()
+        .map(|a| a.url.rsplit('/').next().unwrap_or(&a.url).to_string())
+        .unwrap_or_default()
+}
+
+/// When the server first received Healthy for each DesiredState the report says is Healthy:
+/// kept while the node reports the same healthy spell (revision and its own `healthySince`),
+/// restarted with a new one, dropped when it is not Healthy. The server's clock only.
+fn healthy_received(
+    before: &BTreeMap<String, HealthyReceived>,
+    report: &NodeReport,
+    now: SystemTime,
+) -> BTreeMap<String, HealthyReceived> {
+    report
+        .applied
+        .iter()
+        .filter(|a| a.phase == ComponentPhase::Healthy)
+        .map(|a| {
+            let kept = before
+                .get(&a.desired_state)
+                .filter(|h| h.revision == a.revision && h.node_since == a.healthy_since)
+                .copied();
+            let mark = kept.unwrap_or(HealthyReceived {
+                revision: a.revision,
+                node_since: a.healthy_since,
+                at: now,
+            });
+            (a.desired_state.clone(), mark)
+        })
+        .collect()
 }
 
 /// A stored DesiredState with the number of nodes its selector picks among `nodes`.
@@ -1729,8 +2146,12 @@ mod tests {
             Some("1.1-1")
         );
         assert_eq!(revisions[1].source.actor.as_deref(), Some("unit"));
-        // One Applied event per stored change; the unchanged apply records nothing.
-        assert_eq!(reasons(&c), vec!["Applied", "Applied", "Applied"]);
+        // One Applied event per stored change; the unchanged apply records nothing; revision 2
+        // replaced revision 1's rollout before it was planned.
+        assert_eq!(
+            reasons(&c),
+            vec!["Applied", "Applied", "Superseded", "Applied"]
+        );
 
         // Deleting removes the revisions too; re-creating starts again at 1.
         c.delete_desired_state("web", None).unwrap();
@@ -1796,7 +2217,10 @@ mod tests {
             c.delete_desired_state("web", None),
             Err(ApiError::NotFound { .. })
         ));
-        assert_eq!(reasons(&c), vec!["Applied", "Applied", "Deleted"]);
+        assert_eq!(
+            reasons(&c),
+            vec!["Applied", "Applied", "Superseded", "Deleted"]
+        );
     }
 
     #[test]
@@ -2200,6 +2624,183 @@ mod tests {
             );
         }
         assert_eq!(c.store().len(Table::Nodes).unwrap(), 1);
+    }
+
+    fn healthy(c: &Controller, node: &str, state: &str, revision: u64, since: SystemTime) {
+        c.report(
+            node,
+            NodeReport {
+                applied: vec![AppliedState {
+                    desired_state: state.into(),
+                    revision,
+                    phase: ComponentPhase::Healthy,
+                    commit: None,
+                    healthy_since: Some(since),
+                }],
+                ..NodeReport::default()
+            },
+        )
+        .unwrap();
+    }
+
+    fn assigned(c: &Controller, node: &str, state: &str) -> Option<u64> {
+        c.assignment(node)
+            .unwrap()
+            .states
+            .iter()
+            .find(|s| s.name == state)
+            .map(|s| s.revision)
+    }
+
+    #[test]
+    fn a_revision_has_its_pending_rollout_at_once_and_it_can_be_paused_before_planning() {
+        let c = controller();
+        register(&c, "n1", "web");
+        let result = apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
+        let rollout = c.get_rollout("web").unwrap();
+        assert_eq!(rollout.spec.revision, result.revision);
+        assert_eq!(rollout.status.phase, RolloutPhase::Pending);
+        let paused = c.set_rollout_paused("web", true).unwrap();
+        assert_eq!(paused.status.phase, RolloutPhase::Paused);
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        assert_eq!(assigned(&c, "n1", "web"), None, "paused: nothing assigned");
+        c.set_rollout_paused("web", false).unwrap();
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        assert_eq!(
+            c.get_rollout("web").unwrap().status.phase,
+            RolloutPhase::Progressing
+        );
+        assert_eq!(assigned(&c, "n1", "web"), Some(1), "the canary got it");
+    }
+
+    #[test]
+    fn bakes_count_from_when_the_server_received_healthy() {
+        let c = controller();
+        register(&c, "n1", "web");
+        let yaml = manifest("web", "web", &[("tool", "1.0")]).replace(
+            "  components:",
+            "  rollout: {waves: ['100%'], bakeSeconds: 1000}\n  components:",
+        );
+        apply(&c, &yaml);
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        // The node's clock says it has been healthy for a day: irrelevant.
+        let day_ago = SystemTime::now() - Duration::from_secs(86_400);
+        healthy(&c, "n1", "web", 1, day_ago);
+        let first = c.get_node("n1").unwrap().status.healthy_received["web"];
+        healthy(&c, "n1", "web", 1, day_ago);
+        assert_eq!(
+            c.get_node("n1").unwrap().status.healthy_received["web"].at,
+            first.at,
+            "the same healthy spell keeps its first receipt"
+        );
+        // Past the bake (1000 s), before healthyDeadlineSeconds + bakeSeconds (1600 s).
+        c.reconcile_rollouts(SystemTime::now() + Duration::from_secs(1500))
+            .unwrap();
+        assert_eq!(
+            c.get_rollout("web").unwrap().status.phase,
+            RolloutPhase::Progressing,
+            "no report received after the bake: not baked, however late it is"
+        );
+        assert_eq!(
+            c.get_desired_state("web")
+                .unwrap()
+                .status
+                .last_good_revision,
+            0
+        );
+    }
+
+    #[test]
+    fn a_sha256_reused_under_another_version_is_refused() {
+        let c = controller();
+        let sha = "ab".repeat(32);
+        let service = |version: &str| {
+            format!("apiVersion: shoal/v1\nkind: DesiredState\nmetadata:\n  name: web\nspec:\n  selector: {{matchLabels: {{role: web}}}}\n  components:\n    - {{name: web, kind: service, version: {version}, artifact: {{url: 'http://h/web-{version}.tgz', sha256: '{sha}'}}, service: {{exec: [bin/web]}}}}\n")
+        };
+        apply(&c, &service("1.0.0"));
+        let refused = c.apply(inputs(&service("1.2.0")), false).unwrap_err();
+        let text = format!("{refused:?}");
+        assert!(text.contains("did you forget to update sha256"), "{text}");
+        assert!(
+            text.contains("spec.components[0].artifact.sha256"),
+            "{text}"
+        );
+        assert_eq!(
+            c.get_desired_state("web").unwrap().status.revision,
+            1,
+            "nothing stored"
+        );
+    }
+
+    #[test]
+    fn a_cordoned_node_keeps_its_revision_and_a_deleted_node_is_forgotten() {
+        let c = controller();
+        register(&c, "n1", "web");
+        apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        assert_eq!(assigned(&c, "n1", "web"), Some(1));
+        c.set_cordon("n1", true, "ops").unwrap();
+        assert!(c.get_node("n1").unwrap().status.cordoned.is_some());
+        apply(&c, &manifest("web", "web", &[("tool", "2.0")]));
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        assert_eq!(
+            assigned(&c, "n1", "web"),
+            Some(1),
+            "cordoned: keeps revision 1"
+        );
+        let rollout = c.get_rollout("web").unwrap();
+        assert!(
+            rollout.status.message.contains("n1: cordoned"),
+            "{rollout:?}"
+        );
+        c.set_cordon("n1", false, "ops").unwrap();
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        assert_eq!(
+            assigned(&c, "n1", "web"),
+            Some(2),
+            "uncordoned: the waiting rollout goes on"
+        );
+        c.delete_node("n1", "ops").unwrap();
+        assert!(matches!(c.get_node("n1"), Err(ApiError::NotFound { .. })));
+        assert!(!c.node_token_matches("n1", "anything").unwrap());
+        let reasons = reasons(&c);
+        for reason in ["NodeCordoned", "NodeUncordoned", "NodeDeleted"] {
+            assert!(reasons.contains(&reason.to_string()), "{reasons:?}");
+        }
+    }
+
+    #[test]
+    fn one_broken_rollout_does_not_stop_the_others() {
+        let c = controller();
+        register(&c, "n1", "web");
+        register(&c, "n2", "db");
+        apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
+        apply(&c, &manifest("db", "db", &[("pg", "1.0")]));
+        // web's rollout record is unreadable: its decisions fail, db's go on.
+        transact(c.store(), |txn| {
+            txn.put(Table::Rollouts, b"web", b"{not json".to_vec())
+        })
+        .unwrap();
+        let now = SystemTime::now();
+        c.reconcile_rollouts(now).unwrap();
+        assert_eq!(assigned(&c, "n2", "db"), Some(1));
+        let errors: Vec<Event> = c
+            .events(0, 100, Some("rollout/web"))
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.reason == "RolloutError")
+            .collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].kind, EventType::Warning);
+        // Retried with backoff, one event per streak.
+        c.reconcile_rollouts(now + Duration::from_secs(5)).unwrap();
+        let again = c
+            .events(0, 100, Some("rollout/web"))
+            .unwrap()
+            .iter()
+            .filter(|e| e.reason == "RolloutError")
+            .count();
+        assert_eq!(again, 1);
     }
 
     #[test]

@@ -51,7 +51,9 @@ pub fn routes() -> Router<AppState> {
         .route("/openapi.json", get(openapi))
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/nodes/register", post(register))
-        .route("/api/v1/nodes/{name}", get(get_node))
+        .route("/api/v1/nodes/{name}", get(get_node).delete(delete_node))
+        .route("/api/v1/nodes/{name}/cordon", post(cordon_node))
+        .route("/api/v1/nodes/{name}/uncordon", post(uncordon_node))
         .route("/api/v1/nodes/{name}/status", put(put_status))
         .route("/api/v1/nodes/{name}/assignment", get(get_assignment))
         .route("/api/v1/desiredstates", get(list_desired_states))
@@ -413,6 +415,49 @@ async fn get_node(
         |c| c.get_node(&name),
         one,
     )
+}
+
+async fn delete_node(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<manifests::wire::NodeObject>, ApiError> {
+    let actor = caller.operator()?.to_string();
+    let controller = state.controller.clone();
+    tokio::task::spawn_blocking(move || controller.delete_node(&name, &actor))
+        .await
+        .expect("node deletion does not panic")
+        .map(Json)
+}
+
+async fn cordon_node(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<manifests::wire::NodeObject>, ApiError> {
+    set_cordon(state, caller, name, true).await
+}
+
+async fn uncordon_node(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<manifests::wire::NodeObject>, ApiError> {
+    set_cordon(state, caller, name, false).await
+}
+
+async fn set_cordon(
+    state: AppState,
+    caller: Caller,
+    name: String,
+    cordoned: bool,
+) -> Result<Json<manifests::wire::NodeObject>, ApiError> {
+    let actor = caller.operator()?.to_string();
+    let controller = state.controller.clone();
+    tokio::task::spawn_blocking(move || controller.set_cordon(&name, cordoned, &actor))
+        .await
+        .expect("cordoning does not panic")
+        .map(Json)
 }
 
 async fn register(
