@@ -680,6 +680,8 @@ fn expected_status(method: &str, path: &str, who: Who) -> u16 {
         // The rollout action is called as `pause` on a Progressing rollout.
         ("post", "/api/v1/apply")
         | ("delete", "/api/v1/desiredstates/{name}")
+        | ("delete", "/api/v1/nodes/{name}")
+        | ("post", "/api/v1/nodes/{name}/cordon" | "/api/v1/nodes/{name}/uncordon")
         | ("post", "/api/v1/rollouts/{name}/{action}") => {
             if who == Operator {
                 200
@@ -730,6 +732,8 @@ fn every_endpoint_with_every_role() {
     // n2 never heartbeats, so no DesiredState selects it.
     let own = server.register("n1", "web", Some(JOIN));
     let other = server.register("n2", "spare", Some(JOIN));
+    // n3 is there to be cordoned and deleted.
+    server.register("n3", "spare", Some(JOIN));
     assert_eq!(
         server.put_status("n1", &heartbeat(5.0), Some(&own)).status,
         204
@@ -768,6 +772,10 @@ fn every_endpoint_with_every_role() {
                 "/api/v1/desiredstates/{name}" if operation.method == "delete" => {
                     "/api/v1/desiredstates/doomed".to_string()
                 }
+                "/api/v1/nodes/{name}" if operation.method == "delete" => {
+                    "/api/v1/nodes/n3".to_string()
+                }
+                p if p.ends_with("cordon") => p.replace("{name}", "n3"),
                 p if p.starts_with("/api/v1/nodes/") => p.replace("{name}", "n1"),
                 p => p.replace("{name}", "web").replace("{action}", "pause"),
             };
@@ -817,6 +825,17 @@ fn every_endpoint_with_every_role() {
                     .filter(|n| n.starts_with("reg-"))
                     .collect();
                 assert_eq!(reg, vec!["reg-join"]);
+            }
+            "/api/v1/nodes/{name}" if operation.method == "delete" => {
+                server.get("/api/v1/nodes/n3", op).error(404);
+            }
+            "/api/v1/nodes/{name}/cordon" => {
+                let n3 = server.get("/api/v1/nodes/n3", op).ok(200);
+                assert_eq!(n3["status"]["cordoned"]["by"], "alice", "{n3}");
+            }
+            "/api/v1/nodes/{name}/uncordon" => {
+                let n3 = server.get("/api/v1/nodes/n3", op).ok(200);
+                assert!(n3["status"]["cordoned"].is_null(), "{n3}");
             }
             "/api/v1/desiredstates/{name}" if operation.method == "delete" => {
                 server.get("/api/v1/desiredstates/doomed", op).error(404);

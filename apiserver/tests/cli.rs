@@ -473,3 +473,80 @@ fn apply_prune_removes_only_what_the_same_paths_created() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn rollout_status_follows_exactly_one_revision_and_pause_works_right_after_apply() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["--server", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let file = tmp.path().join("web.yaml");
+    let f = file.to_str().unwrap();
+    std::fs::write(&file, ds("web", "1.0", "")).unwrap();
+    let (code, out) = run(&["apply", "-f", f]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("desiredstate/web created (revision 1)"),
+        "{out}"
+    );
+    // At once after the apply: the rollout of revision 1 exists and can be paused.
+    let (code, out) = run(&["rollout", "pause", "web"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Paused"), "{out}");
+    let (code, out) = run(&["rollout", "resume", "web"]);
+    assert_eq!(code, Some(0), "{out}");
+    std::fs::write(&file, ds("web", "2.0", "")).unwrap();
+    let (code, out) = run(&["apply", "-f", f]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("(revision 2)"), "{out}");
+    // Revision 1 was superseded: its status says so and exits 1, never 0.
+    let (code, out) = run(&["rollout", "status", "web", "--revision", "1"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("Superseded by revision 2"), "{out}");
+    // Revision 2 selects no node: it waits for one, and a bounded watch times out with 2.
+    let (code, out) = run(&[
+        "rollout",
+        "status",
+        "web",
+        "--revision",
+        "2",
+        "--watch",
+        "--timeout",
+        "2s",
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("timed out waiting for revision 2"), "{out}");
+    let (code, out) = run(&["apply", "-f", f, "--wait", "--timeout", "1s"]);
+    assert_eq!(code, Some(2), "{out}");
+    let (code, out) = run(&["rollout", "status", "web", "--revision", "9"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("has no revision 9"), "{out}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
