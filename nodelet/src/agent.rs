@@ -680,7 +680,8 @@ impl Agent {
         self.absorb_probes();
         let assignment = self.assignment.clone();
         self.inventory(assignment.as_ref()).await;
-        self.drop_superseded(assignment.as_ref());
+        // Every change in flight, before new ones start: a withdrawn revision is dropped
+        // (Pending) or starts going back (later phases) in this tick.
         let in_flight: Vec<String> = self.state.changes.keys().cloned().collect();
         for name in in_flight {
             self.advance(&name);
@@ -720,47 +721,6 @@ impl Agent {
         self.check_disk();
         self.schedule_probes();
         self.publish(assignment.as_ref());
-    }
-
-    /// A change that touched nothing yet (Pending) and whose revision is no longer the one
-    /// assigned is dropped, its download abandoned: a fixed revision never waits for a
-    /// stalled download of the broken one.
-    fn drop_superseded(&mut self, assignment: Option<&NodeAssignment>) {
-        let Some(assignment) = assignment else {
-            return;
-        };
-        let superseded: Vec<String> = self
-            .state
-            .changes
-            .iter()
-            .filter(|(_, c)| c.phase == ChangePhase::Pending)
-            .filter(|(name, c)| {
-                assignment
-                    .states
-                    .iter()
-                    .find(|s| &s.name == *name)
-                    .is_none_or(|s| s.revision != c.target.revision)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in superseded {
-            if let Some(worker) = self.workers.remove(&name) {
-                worker.task.abort();
-            }
-            let change = self.state.changes.remove(&name).expect("listed");
-            let _ = self.save();
-            self.event(
-                EventType::Normal,
-                "Superseded",
-                format!(
-                    "revision {} was replaced before anything changed; dropped",
-                    change.target.revision
-                ),
-                Some(&name),
-                Some(change.target.revision),
-                None,
-            );
-        }
     }
 
     /// Reads the installed version of every component this node manages or is asked to.
@@ -829,11 +789,11 @@ impl Agent {
         }
         let steps = crate::plan::steps(&target.spec.components, &self.installed);
         let applied = self.state.applied.get(&target.name);
+        let in_force = applied.is_some_and(|a| {
+            a.state.revision == target.revision && a.phase == ComponentPhase::Healthy
+        });
         if steps.is_empty() {
-            let up_to_date = applied.is_some_and(|a| {
-                a.state.revision == target.revision && a.phase == ComponentPhase::Healthy
-            });
-            if !up_to_date {
+            if !in_force {
                 // Nothing to install (only probes or rollout settings changed): adopt the revision.
                 self.state.applied.insert(
                     target.name.clone(),
@@ -846,15 +806,14 @@ impl Agent {
                         log_tail: vec![],
                         culprit: None,
                         reverted_revision: None,
+                        touched: vec![],
                     },
                 );
                 let _ = self.save();
             }
             return;
         }
-        if applied.is_some_and(|a| {
-            a.state.revision == target.revision && a.phase == ComponentPhase::Healthy
-        }) {
+        if in_force {
             let drifted: Vec<String> = steps
                 .iter()
                 .map(|(c, _)| {
@@ -924,6 +883,7 @@ impl Agent {
             settle_until_ms: None,
             revert_failure: None,
             log_tail: vec![],
+            withdrawn: false,
         };
         self.state.changes.insert(name.clone(), change);
         if let Err(e) = self.save() {
@@ -965,6 +925,7 @@ impl Agent {
             busy: self.workers.contains_key(name),
             probes: self.probe_views(name),
             stopping: self.stopping,
+            withdrawn: withdrawn(self.assignment.as_ref(), name, change.target.revision),
         };
         let decision = lifecycle::decide(change, &observations);
         if decision != Decision::Wait {
@@ -976,6 +937,7 @@ impl Agent {
     fn act(&mut self, name: &str, decision: Decision, now: u64) {
         let change = self.state.changes.get_mut(name).expect("in flight");
         let revision = change.target.revision;
+        let was = change.phase;
         if let Some(next) = lifecycle::transition(change.phase, &decision) {
             lifecycle::enter(change, next, now);
         }
@@ -1047,6 +1009,7 @@ impl Agent {
                 change.revert_reason = Some(cause.reason.clone());
                 change.probe_output = cause.probe_output;
                 change.culprit = cause.culprit;
+                change.withdrawn = cause.withdrawn;
                 // The culprit's log, read before its process is replaced.
                 let culprit = change
                     .culprit
@@ -1056,16 +1019,34 @@ impl Agent {
                 if let Some(component) = culprit {
                     change.log_tail = report_lines(&self.ctx.backends.log_tail(&component));
                 }
+                let from = change.from_revision;
+                let culprit = change.culprit.clone();
                 // A revert goes on even when the journal cannot be written (a full disk).
                 let _ = self.save();
-                self.event(
-                    EventType::Warning,
-                    "Reverting",
-                    format!("revision {revision}: {}", cause.reason),
-                    Some(name),
-                    Some(revision),
-                    None,
-                );
+                if cause.withdrawn {
+                    let back = match from {
+                        0 => "removing what it installed".to_string(),
+                        from => format!("putting back revision {from}"),
+                    };
+                    self.event(
+                        EventType::Normal,
+                        "Withdrawn",
+                        format!("{} while {was:?}; {back} at once", cause.reason),
+                        Some(name),
+                        Some(revision),
+                        None,
+                    );
+                } else {
+                    // The component the event names is the one to blame.
+                    self.event(
+                        EventType::Warning,
+                        "Reverting",
+                        format!("revision {revision}: {}", cause.reason),
+                        Some(name),
+                        Some(revision),
+                        culprit.as_deref(),
+                    );
+                }
                 self.advance(name);
             }
             Decision::RestoreStep(i) => {
@@ -1081,7 +1062,32 @@ impl Agent {
             }
             Decision::FinishRevert => self.finish_revert(name),
             Decision::Refuse(failure) => self.refuse(name, failure),
+            Decision::Drop => self.drop_change(name),
         }
+    }
+
+    /// A change that touched nothing yet (Pending) whose revision was withdrawn is forgotten,
+    /// its download abandoned: a fixed revision never waits for a stalled download of the
+    /// broken one.
+    fn drop_change(&mut self, name: &str) {
+        if let Some(worker) = self.workers.remove(name) {
+            worker.task.abort();
+        }
+        let Some(change) = self.state.changes.remove(name) else {
+            return;
+        };
+        let _ = self.save();
+        self.event(
+            EventType::Normal,
+            "Superseded",
+            format!(
+                "revision {} was withdrawn by the apiserver before anything changed; dropped",
+                change.target.revision
+            ),
+            Some(name),
+            Some(change.target.revision),
+            None,
+        );
     }
 
     fn spawn(
@@ -1133,6 +1139,7 @@ impl Agent {
                 log_tail: vec![],
                 culprit: failure.component.clone(),
                 reverted_revision: Some(target.revision),
+                touched: vec![],
             },
         );
         let _ = self.save();
@@ -1217,6 +1224,7 @@ impl Agent {
                 log_tail: vec![],
                 culprit: None,
                 reverted_revision: None,
+                touched: vec![],
             },
         );
         let _ = self.save();
@@ -1224,17 +1232,30 @@ impl Agent {
             change.steps.iter().map(|s| s.component.clone()).collect(),
             vec![],
         );
-        self.event(
-            EventType::Normal,
-            "Baked",
-            format!(
-                "revision {} stayed healthy for {}s",
-                change.target.revision, change.target.spec.rollout.bake_seconds
-            ),
-            Some(name),
-            Some(change.target.revision),
-            None,
-        );
+        let revision = change.target.revision;
+        if withdrawn(self.assignment.as_ref(), name, revision) {
+            // A repair the apiserver moved on from (see `lifecycle::decide`).
+            self.event(
+                EventType::Normal,
+                "Repaired",
+                format!("revision {revision} is in force again; kept without its bake: another revision is assigned now"),
+                Some(name),
+                Some(revision),
+                None,
+            );
+        } else {
+            self.event(
+                EventType::Normal,
+                "Baked",
+                format!(
+                    "revision {revision} stayed healthy for {}s",
+                    change.target.spec.rollout.bake_seconds
+                ),
+                Some(name),
+                Some(revision),
+                None,
+            );
+        }
     }
 
     /// Every touched step is back (or one could not be put back): record how it ended.
@@ -1242,19 +1263,20 @@ impl Agent {
         let change = self.state.changes.remove(name).expect("in flight");
         let failure = change.revert_failure.clone();
         let log_tail = change.log_tail.clone();
-        let reason = change.revert_reason.clone().unwrap_or_default();
         let phase = if failure.is_some() {
             ComponentPhase::Failed
         } else {
             ComponentPhase::Reverted
         };
-        let message = match &failure {
-            Some(f) => format!("{reason}; {f}; needs an operator"),
-            None => format!("{reason}; reverted to revision {}", change.from_revision),
-        };
-        // Reverted for lack of space (and back for sure): the release is not to blame.
-        let no_space = change.failure.as_ref().is_some_and(|f| f.no_space) && failure.is_none();
-        self.did_not_stick(name, change.target.revision, no_space);
+        let message = lifecycle::revert_message(&change);
+        // Withdrawn by the apiserver and back for sure: nothing failed, nothing to remember
+        // (a withdrawn revision is not assigned again under its number; if it were, it would
+        // apply). Reverted for lack of space: the release is not to blame, it is retried.
+        let withdrawn = change.withdrawn && failure.is_none();
+        if !withdrawn {
+            let no_space = change.failure.as_ref().is_some_and(|f| f.no_space) && failure.is_none();
+            self.did_not_stick(name, change.target.revision, no_space);
+        }
         self.state.applied.insert(
             name.to_string(),
             Applied {
@@ -1266,6 +1288,7 @@ impl Agent {
                 log_tail: log_tail.clone(),
                 culprit: change.culprit.clone(),
                 reverted_revision: Some(change.target.revision),
+                touched: lifecycle::touched(&change),
             },
         );
         self.reset_probes(name);
@@ -1298,7 +1321,12 @@ impl Agent {
             full.push_str(&format!("\nlog tail:\n{}", log_tail.join("\n")));
         }
         self.event(
-            EventType::Warning,
+            // A withdrawal that went back is what the apiserver asked for, not a failure.
+            if withdrawn {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
             if failure.is_some() {
                 "RevertFailed"
             } else {
@@ -1522,99 +1550,28 @@ impl Agent {
             .into_iter()
             .collect();
         for name in names {
-            let (
-                revision,
-                phase,
-                commit,
-                healthy_since,
-                spec,
-                message,
-                probe_output,
-                log_tail,
-                culprit,
-            ) = match (self.state.changes.get(&name), self.state.applied.get(&name)) {
-                (Some(change), _) => (
-                    change.target.revision,
-                    match change.phase {
-                        ChangePhase::Pending | ChangePhase::Applying => ComponentPhase::Applying,
-                        ChangePhase::Verifying => ComponentPhase::Verifying,
-                        ChangePhase::Baking => ComponentPhase::Healthy,
-                        ChangePhase::Reverting => ComponentPhase::Reverting,
-                    },
-                    change.target.commit.clone(),
-                    change
-                        .healthy_at_ms
-                        .filter(|_| change.phase == ChangePhase::Baking)
-                        .map(ms_to_time),
-                    &change.target.spec,
-                    change.revert_reason.clone(),
-                    change.probe_output.clone(),
-                    vec![],
-                    change.culprit.clone(),
-                ),
-                (None, Some(applied)) => (
-                    applied.reverted_revision.unwrap_or(applied.state.revision),
-                    applied.phase,
-                    applied.state.commit.clone(),
-                    applied.healthy_since_ms.map(ms_to_time),
-                    &applied.state.spec,
-                    applied.message.clone(),
-                    applied.probe_output.clone(),
-                    applied.log_tail.clone(),
-                    applied.culprit.clone(),
-                ),
+            let standing = match (self.state.changes.get(&name), self.state.applied.get(&name)) {
+                (Some(change), _) => Standing::of_change(change),
+                (None, Some(applied)) => Standing::of_applied(applied),
                 (None, None) => continue,
             };
             report.applied.push(AppliedState {
                 desired_state: name.clone(),
-                revision,
-                phase,
-                commit,
-                healthy_since,
+                revision: standing.revision,
+                phase: standing.phase,
+                commit: standing.commit.clone(),
+                healthy_since: standing.healthy_since,
             });
             // Components as the assignment wants them, with what is installed.
             let wanted = assignment
                 .and_then(|a| a.states.iter().find(|s| s.name == name))
                 .map(|s| &s.spec)
-                .unwrap_or(spec);
+                .unwrap_or(standing.spec);
             for component in &wanted.components {
-                let is_culprit = culprit.as_deref() == Some(component.name.as_str());
-                report.components.push(ComponentStatus {
-                    name: component.name.clone(),
-                    kind: component.kind,
-                    desired_state: name.clone(),
-                    revision,
-                    desired_version: match component.state {
-                        ComponentState::Present => component.version.clone(),
-                        ComponentState::Absent => None,
-                    },
-                    version: self.installed.get(&component.name).cloned().flatten(),
-                    phase,
-                    message: if matches!(
-                        phase,
-                        ComponentPhase::Reverted
-                            | ComponentPhase::Failed
-                            | ComponentPhase::Reverting
-                    ) {
-                        message
-                            .as_deref()
-                            .map(|m| crate::command::tail(m, REPORT_TEXT))
-                    } else {
-                        None
-                    },
-                    probe_output: if is_culprit || culprit.is_none() {
-                        probe_output
-                            .as_deref()
-                            .map(|o| crate::command::tail(o, REPORT_TEXT))
-                    } else {
-                        None
-                    },
-                    log_tail: if is_culprit {
-                        report_lines(&log_tail)
-                    } else {
-                        vec![]
-                    },
-                });
+                let installed = self.installed.get(&component.name).cloned().flatten();
+                report
+                    .components
+                    .push(standing.component(&name, component, installed));
             }
             let baseline = self
                 .state
@@ -1642,6 +1599,133 @@ impl Agent {
             .sort_by(|a, b| (&a.desired_state, &a.name).cmp(&(&b.desired_state, &b.name)));
         *self.shared.report.lock().expect("not poisoned") = report;
     }
+}
+
+/// What the report says about one DesiredState: from its change in flight, or from what it
+/// runs.
+#[derive(Debug)]
+struct Standing<'a> {
+    revision: u64,
+    phase: ComponentPhase,
+    commit: Option<String>,
+    healthy_since: Option<SystemTime>,
+    spec: &'a manifests::DesiredStateSpec,
+    message: Option<&'a str>,
+    probe_output: Option<&'a str>,
+    log_tail: &'a [String],
+    culprit: Option<&'a str>,
+    /// The components the change changed (see `lifecycle::touched`).
+    touched: Vec<String>,
+}
+
+impl<'a> Standing<'a> {
+    fn of_change(change: &'a Change) -> Self {
+        Standing {
+            revision: change.target.revision,
+            phase: match change.phase {
+                ChangePhase::Pending | ChangePhase::Applying => ComponentPhase::Applying,
+                ChangePhase::Verifying => ComponentPhase::Verifying,
+                ChangePhase::Baking => ComponentPhase::Healthy,
+                ChangePhase::Reverting => ComponentPhase::Reverting,
+            },
+            commit: change.target.commit.clone(),
+            healthy_since: change
+                .healthy_at_ms
+                .filter(|_| change.phase == ChangePhase::Baking)
+                .map(ms_to_time),
+            spec: &change.target.spec,
+            message: change.revert_reason.as_deref(),
+            probe_output: change.probe_output.as_deref(),
+            log_tail: &change.log_tail,
+            culprit: change.culprit.as_deref(),
+            touched: lifecycle::touched(change),
+        }
+    }
+
+    fn of_applied(applied: &'a Applied) -> Self {
+        Standing {
+            revision: applied.reverted_revision.unwrap_or(applied.state.revision),
+            phase: applied.phase,
+            commit: applied.state.commit.clone(),
+            healthy_since: applied.healthy_since_ms.map(ms_to_time),
+            spec: &applied.state.spec,
+            message: applied.message.as_deref(),
+            probe_output: applied.probe_output.as_deref(),
+            log_tail: &applied.log_tail,
+            culprit: applied.culprit.as_deref(),
+            touched: applied.touched.clone(),
+        }
+    }
+
+    /// Whether the DesiredState is going back, or went back.
+    fn went_back(&self) -> bool {
+        matches!(
+            self.phase,
+            ComponentPhase::Reverting | ComponentPhase::Reverted | ComponentPhase::Failed
+        )
+    }
+
+    /// A component a revert is about: one the change changed, or the one named as the cause.
+    /// (Nothing known, as in a journal written before this was recorded: every component.)
+    fn blames(&self, component: &str) -> bool {
+        let known = !self.touched.is_empty() || self.culprit.is_some();
+        !known || self.culprit == Some(component) || self.touched.iter().any(|t| t == component)
+    }
+
+    /// One component's line in the report. A change that goes back blames only the
+    /// components it changed (and the cause it names): they carry its phase and message, the
+    /// culprit its probe output and log tail. The others of the DesiredState ran on as they
+    /// were and are reported Healthy.
+    fn component(
+        &self,
+        desired_state: &str,
+        component: &Component,
+        installed: Option<String>,
+    ) -> ComponentStatus {
+        let blamed = self.went_back() && self.blames(&component.name);
+        let is_culprit = self.culprit == Some(component.name.as_str());
+        let phase = if self.went_back() && !blamed {
+            ComponentPhase::Healthy
+        } else {
+            self.phase
+        };
+        let text = |t: Option<&str>| t.map(|t| crate::command::tail(t, REPORT_TEXT));
+        ComponentStatus {
+            name: component.name.clone(),
+            kind: component.kind,
+            desired_state: desired_state.to_string(),
+            revision: self.revision,
+            desired_version: match component.state {
+                ComponentState::Present => component.version.clone(),
+                ComponentState::Absent => None,
+            },
+            version: installed,
+            phase,
+            message: if blamed { text(self.message) } else { None },
+            probe_output: if blamed && (is_culprit || self.culprit.is_none()) {
+                text(self.probe_output)
+            } else {
+                None
+            },
+            log_tail: if blamed && is_culprit {
+                report_lines(self.log_tail)
+            } else {
+                vec![]
+            },
+        }
+    }
+}
+
+/// Whether the apiserver withdrew `revision` of `desired_state`: the assignment holds another
+/// revision of it, or does not assign it any more. Without an assignment (never received),
+/// nothing is withdrawn: the node acts on what it stored.
+fn withdrawn(assignment: Option<&NodeAssignment>, desired_state: &str, revision: u64) -> bool {
+    assignment.is_some_and(|a| {
+        a.states
+            .iter()
+            .find(|s| s.name == desired_state)
+            .is_none_or(|s| s.revision != revision)
+    })
 }
 
 /// How long restarted services of a change get before its probes count again: the longest
@@ -1995,6 +2079,128 @@ mod tests {
             panic!()
         };
         assert!(reason.contains("ds"), "{reason}");
+    }
+
+    fn component(name: &str, version: &str) -> Component {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "kind": "service", "version": version,
+            "service": {"exec": ["bin/x"]},
+        }))
+        .unwrap()
+    }
+
+    fn assigned(name: &str, revision: u64, components: &[&str]) -> AssignedState {
+        let mut spec: manifests::DesiredStateSpec =
+            serde_json::from_value(serde_json::json!({"components": []})).unwrap();
+        spec.components = components.iter().map(|c| component(c, "1.0.0")).collect();
+        AssignedState {
+            name: name.into(),
+            revision,
+            commit: None,
+            spec,
+        }
+    }
+
+    fn assignment(states: Vec<AssignedState>, conflicts: &[(&str, &[&str])]) -> NodeAssignment {
+        NodeAssignment {
+            node: "n".into(),
+            generation: 1,
+            states,
+            conflicts: conflicts
+                .iter()
+                .map(|(c, owners)| ComponentConflict {
+                    component: c.to_string(),
+                    desired_states: owners.iter().map(|o| o.to_string()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_revision_is_withdrawn_when_the_assignment_holds_another_or_none() {
+        let a = assignment(vec![assigned("web", 3, &["demo"])], &[]);
+        assert!(!withdrawn(Some(&a), "web", 3));
+        assert!(withdrawn(Some(&a), "web", 4), "superseded or aborted");
+        assert!(withdrawn(Some(&a), "web", 2), "back to the last good one");
+        assert!(withdrawn(Some(&a), "db", 1), "no longer assigned");
+        assert!(
+            !withdrawn(None, "web", 4),
+            "nothing received: act on what is stored"
+        );
+    }
+
+    fn reverted(touched: &[&str], culprit: Option<&str>) -> Applied {
+        Applied {
+            state: assigned("demo", 1, &["motd", "web"]),
+            phase: ComponentPhase::Reverted,
+            healthy_since_ms: None,
+            message: Some("web 1.1.0 failed: probe http failed 3 times in a row".into()),
+            probe_output: Some("503".into()),
+            log_tail: vec!["panic: boom".into()],
+            culprit: culprit.map(str::to_string),
+            reverted_revision: Some(2),
+            touched: touched.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_revert_blames_only_the_components_it_changed() {
+        let applied = reverted(&["web"], Some("web"));
+        let standing = Standing::of_applied(&applied);
+        let web = standing.component("demo", &component("web", "1.1.0"), Some("1.0.0".into()));
+        assert_eq!(web.phase, ComponentPhase::Reverted);
+        assert_eq!(web.revision, 2);
+        assert!(web
+            .message
+            .as_deref()
+            .unwrap()
+            .starts_with("web 1.1.0 failed"));
+        assert_eq!(web.probe_output.as_deref(), Some("503"));
+        assert_eq!(web.log_tail, vec!["panic: boom".to_string()]);
+        let motd = standing.component("demo", &component("motd", "1.0.0"), Some("1.0.0".into()));
+        assert_eq!(motd.phase, ComponentPhase::Healthy, "motd did not change");
+        assert_eq!(motd.version.as_deref(), Some("1.0.0"));
+        assert_eq!((motd.message, motd.probe_output), (None, None));
+        assert!(motd.log_tail.is_empty());
+
+        // Two changed, one named as the cause: both Reverted, only the cause has its log.
+        let applied = reverted(&["web", "motd"], Some("web"));
+        let standing = Standing::of_applied(&applied);
+        let motd = standing.component("demo", &component("motd", "1.1.0"), None);
+        assert_eq!(motd.phase, ComponentPhase::Reverted);
+        assert!(motd.message.is_some());
+        assert!(motd.probe_output.is_none() && motd.log_tail.is_empty());
+
+        // Refused before anything changed: the component it names carries it.
+        let applied = reverted(&[], Some("web"));
+        let standing = Standing::of_applied(&applied);
+        assert_eq!(
+            standing
+                .component("demo", &component("web", "1.1.0"), None)
+                .phase,
+            ComponentPhase::Reverted
+        );
+        assert_eq!(
+            standing
+                .component("demo", &component("motd", "1.0.0"), None)
+                .phase,
+            ComponentPhase::Healthy
+        );
+
+        // Nothing recorded (a journal from before): every component, as before.
+        let applied = reverted(&[], None);
+        let standing = Standing::of_applied(&applied);
+        let motd = standing.component("demo", &component("motd", "1.0.0"), None);
+        assert_eq!(motd.phase, ComponentPhase::Reverted);
+        assert_eq!(motd.probe_output.as_deref(), Some("503"));
+
+        // At rest nothing is blamed and every component has the DesiredState's phase.
+        let mut healthy = reverted(&["web"], Some("web"));
+        healthy.phase = ComponentPhase::Healthy;
+        let standing = Standing::of_applied(&healthy);
+        let web = standing.component("demo", &component("web", "1.0.0"), None);
+        assert_eq!(web.phase, ComponentPhase::Healthy);
+        assert!(web.message.is_none() && web.probe_output.is_none());
     }
 
     #[test]

@@ -147,6 +147,9 @@ pub struct Change {
     /// The culprit's last log lines, read when the revert began (before its process went).
     #[serde(default)]
     pub log_tail: Vec<String>,
+    /// Reverting because the apiserver withdrew the revision (not because anything failed).
+    #[serde(default)]
+    pub withdrawn: bool,
 }
 
 /// Why a step, or preparing a change, failed.
@@ -180,6 +183,10 @@ pub struct Applied {
     pub culprit: Option<String>,
     /// The revision that was reverted (reported, not retried).
     pub reverted_revision: Option<u64>,
+    /// For Reverted and Failed: the components the change had changed (the others of the
+    /// DesiredState were left as they ran, and are not blamed).
+    #[serde(default)]
+    pub touched: Vec<String>,
 }
 
 /// The node's durable state: one file, one atomic write per transition.

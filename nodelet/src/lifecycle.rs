@@ -6,8 +6,13 @@
 //! ```text
 //! Pending ──RunStep──▶ Applying ──Verify──▶ Verifying ──Bake──▶ Baking ──Commit──▶ (applied)
 //!    │                    │                    │                  │
-//!    └──Refuse            └────────────────────┴──────Revert──────┴──▶ Reverting ──FinishRevert──▶ (reverted)
+//!    ├──Refuse            └────────────────────┴──────Revert──────┴──▶ Reverting ──FinishRevert──▶ (reverted)
+//!    └──Drop (withdrawn: nothing touched)
 //! ```
+//!
+//! A change whose revision the apiserver withdrew (a rollout aborted or superseded: the
+//! assignment now holds another revision of its DesiredState, or none) is dropped while
+//! Pending and reverted from any later phase at once, without waiting for probes or the bake.
 //!
 //! `decide` looks only at the journaled [`Change`], what the loop observed this tick
 //! ([`Observations`]: the clock, whether the change's worker is busy, fresh probe results) and
@@ -47,6 +52,9 @@ pub struct Observations {
     pub probes: BTreeMap<String, ProbeView>,
     /// The nodelet is shutting down: start nothing new.
     pub stopping: bool,
+    /// The assignment no longer holds this change's revision for its DesiredState (another
+    /// revision, or the DesiredState is no longer assigned): the apiserver withdrew it.
+    pub withdrawn: bool,
 }
 
 /// Why a change goes back.
@@ -58,6 +66,23 @@ pub struct RevertCause {
     pub probe_output: Option<String>,
     /// The component whose log explains it.
     pub culprit: Option<String>,
+    /// The apiserver withdrew the revision: nothing failed, and the revision is not marked
+    /// as one that did not stick.
+    pub withdrawn: bool,
+}
+
+impl RevertCause {
+    /// Why a withdrawn revision goes back.
+    pub fn withdrawn(revision: u64) -> Self {
+        RevertCause {
+            reason: format!(
+                "revision {revision} was withdrawn by the apiserver (rollout aborted or superseded)"
+            ),
+            probe_output: None,
+            culprit: None,
+            withdrawn: true,
+        }
+    }
 }
 
 /// What the loop should do next for one change.
@@ -84,6 +109,9 @@ pub enum Decision {
     FinishRevert,
     /// Pending failed before anything was touched: report it, change nothing.
     Refuse(Failure),
+    /// Pending, and the revision was withdrawn: forget the change (abandoning its download),
+    /// nothing was touched.
+    Drop,
 }
 
 /// What a worker reports back.
@@ -202,6 +230,7 @@ fn regression(change: &Change, obs: &Observations) -> Option<RevertCause> {
                 ),
                 probe_output: Some(view.output.clone()),
                 culprit: culprit_of(&name, change),
+                withdrawn: false,
             });
         }
     }
@@ -224,9 +253,30 @@ fn waiting_for(change: &Change, obs: &Observations) -> Vec<String> {
 
 /// The next thing to do for `change`. Pure: the journal, the clock and what was observed.
 pub fn decide(change: &Change, obs: &Observations) -> Decision {
+    // Pending touched nothing: its worker (a baseline, a download) is abandoned, however long
+    // it would still take.
+    if obs.withdrawn && change.phase == ChangePhase::Pending {
+        return Decision::Drop;
+    }
     // A worker owns the change until it reports: never two actions on one change at once.
     if obs.busy {
         return Decision::Wait;
+    }
+    if obs.withdrawn && change.failure.is_none() {
+        // No probe, settle time or bake is waited for: the revision is not wanted any more.
+        // (A step that failed meanwhile is reported as the failure it is, below.) A repair
+        // is kept instead: undoing it would put back what drifted, which nobody asked for;
+        // it finishes its steps and is kept without a bake, and the assigned revision goes
+        // on from there.
+        match change.phase {
+            ChangePhase::Applying | ChangePhase::Verifying | ChangePhase::Baking
+                if !is_repair(change) =>
+            {
+                return Decision::Revert(RevertCause::withdrawn(change.target.revision));
+            }
+            ChangePhase::Verifying | ChangePhase::Baking => return Decision::Commit,
+            _ => {}
+        }
     }
     match change.phase {
         ChangePhase::Pending => {
@@ -252,6 +302,7 @@ pub fn decide(change: &Change, obs: &Observations) -> Decision {
                     reason: failure.reason.clone(),
                     probe_output: None,
                     culprit: failure.component.clone(),
+                    withdrawn: false,
                 });
             }
             if obs.stopping {
@@ -297,6 +348,7 @@ pub fn decide(change: &Change, obs: &Observations) -> Decision {
                     ),
                     probe_output: Some(output),
                     culprit: waiting.first().and_then(|n| culprit_of(n, change)),
+                    withdrawn: false,
                 })
             } else {
                 Decision::Wait
@@ -319,6 +371,12 @@ pub fn decide(change: &Change, obs: &Observations) -> Decision {
     }
 }
 
+/// A change that puts back the revision already in force (drift, a stopped service), not one
+/// that moves the DesiredState to another revision.
+pub fn is_repair(change: &Change) -> bool {
+    change.from_revision == change.target.revision
+}
+
 fn first_unfinished(change: &Change) -> Option<usize> {
     change.steps.iter().position(|s| s.state != StepState::Done)
 }
@@ -329,6 +387,67 @@ fn last_touched(change: &Change) -> Option<usize> {
         .steps
         .iter()
         .rposition(|s| matches!(s.state, StepState::Started | StepState::Done))
+}
+
+/// The components the change actually changed: every step that started (maybe half done),
+/// finished or was put back. A step never started left its component as it was, and a
+/// revert does not blame it.
+pub fn touched(change: &Change) -> Vec<String> {
+    change
+        .steps
+        .iter()
+        .filter(|s| s.state != StepState::Pending)
+        .map(|s| s.component.name.clone())
+        .collect()
+}
+
+/// What a finished revert says: which changed component failed and why (or that the
+/// apiserver withdrew the revision), what was put back, and how it ended.
+pub fn revert_message(change: &Change) -> String {
+    let revision = change.target.revision;
+    let reason = change.revert_reason.as_deref().unwrap_or("reverted");
+    let culprit = change
+        .culprit
+        .as_deref()
+        .and_then(|c| change.steps.iter().find(|s| s.component.name == c));
+    let mut text = match culprit {
+        _ if change.withdrawn => reason.to_string(),
+        Some(step) => match step.component.state {
+            ComponentState::Present => format!(
+                "{} {} failed: {reason}",
+                step.component.name,
+                step.component.version.as_deref().unwrap_or("(any version)")
+            ),
+            ComponentState::Absent => {
+                format!("removing {} failed: {reason}", step.component.name)
+            }
+        },
+        None => format!("revision {revision} failed: {reason}"),
+    };
+    match &change.revert_failure {
+        Some(failure) => text.push_str(&format!("; {failure}; needs an operator")),
+        None => {
+            // Last first, as they went back.
+            let back: Vec<String> = change
+                .steps
+                .iter()
+                .rev()
+                .filter(|s| s.state != StepState::Pending)
+                .map(|s| {
+                    let before = s.snapshot.as_ref().and_then(Snapshot::version);
+                    match before {
+                        Some(v) => format!("{} back at {v}", s.component.name),
+                        None => format!("{} removed again", s.component.name),
+                    }
+                })
+                .collect();
+            text.push_str(&format!("; reverted to revision {}", change.from_revision));
+            if !back.is_empty() {
+                text.push_str(&format!(" ({})", back.join(", ")));
+            }
+        }
+    }
+    text
 }
 
 /// Moves the change into `phase` at `now_ms` (the deadline table counts from here).
@@ -474,6 +593,7 @@ mod tests {
             settle_until_ms: None,
             revert_failure: None,
             log_tail: vec![],
+            withdrawn: false,
         }
     }
 
@@ -767,6 +887,203 @@ mod tests {
         c.steps[1].state = StepState::Reverted;
         resume(&mut c, 50_000, 2_000);
         assert_eq!(decide(&c, &obs(50_000)), Decision::RestoreStep(0));
+    }
+
+    fn withdrawn(now: u64) -> Observations {
+        let mut o = all_passing(now);
+        o.withdrawn = true;
+        o
+    }
+
+    fn is_withdrawal(d: &Decision) -> bool {
+        matches!(d, Decision::Revert(cause) if cause.withdrawn
+            && cause.reason == "revision 2 was withdrawn by the apiserver (rollout aborted or superseded)"
+            && cause.culprit.is_none()
+            && cause.probe_output.is_none())
+    }
+
+    #[test]
+    fn a_withdrawn_pending_change_is_dropped_even_while_it_downloads() {
+        let c = change(ChangePhase::Pending);
+        assert_eq!(decide(&c, &withdrawn(0)), Decision::Drop);
+        let mut busy = withdrawn(0);
+        busy.busy = true;
+        assert_eq!(
+            decide(&c, &busy),
+            Decision::Drop,
+            "a stalled download never holds it"
+        );
+        let mut refused = change(ChangePhase::Pending);
+        record(&mut refused, Outcome::PrepareFailed(failure("svc")));
+        assert_eq!(
+            decide(&refused, &withdrawn(0)),
+            Decision::Drop,
+            "not remembered as failed: it is not wanted anyway"
+        );
+        assert_eq!(transition(ChangePhase::Pending, &Decision::Drop), None);
+    }
+
+    #[test]
+    fn a_withdrawn_applying_change_reverts_once_its_step_reports() {
+        let mut c = change(ChangePhase::Applying);
+        c.steps[0].state = StepState::Started;
+        let mut busy = withdrawn(0);
+        busy.busy = true;
+        assert_eq!(
+            decide(&c, &busy),
+            Decision::Wait,
+            "the step's worker owns it"
+        );
+        record(&mut c, Outcome::StepDone(0));
+        let d = decide(&c, &withdrawn(0));
+        assert!(is_withdrawal(&d), "{d:?}");
+        assert_eq!(
+            transition(ChangePhase::Applying, &d),
+            Some(ChangePhase::Reverting)
+        );
+        // Stopping: the journal still moves to Reverting (a restart goes on from there).
+        let mut stopping = withdrawn(0);
+        stopping.stopping = true;
+        assert!(is_withdrawal(&decide(&c, &stopping)));
+        // A step that failed meanwhile is reported as the failure it is.
+        record(&mut c, Outcome::StepFailed(1, failure("pkg")));
+        let Decision::Revert(cause) = decide(&c, &withdrawn(0)) else {
+            panic!()
+        };
+        assert!(!cause.withdrawn);
+        assert_eq!(cause.culprit.as_deref(), Some("pkg"));
+    }
+
+    #[test]
+    fn a_withdrawn_verifying_change_reverts_without_waiting_for_probes() {
+        let c = change(ChangePhase::Verifying);
+        // Nothing observed yet, all passing, or settling after a restart: back at once.
+        let mut nothing = obs(2_000);
+        nothing.withdrawn = true;
+        assert!(is_withdrawal(&decide(&c, &nothing)));
+        assert!(is_withdrawal(&decide(&c, &withdrawn(2_000))));
+        let mut settling = c.clone();
+        settling.settle_until_ms = Some(10_000);
+        assert!(is_withdrawal(&decide(&settling, &withdrawn(2_000))));
+        let d = decide(&c, &withdrawn(2_000));
+        assert_eq!(
+            transition(ChangePhase::Verifying, &d),
+            Some(ChangePhase::Reverting)
+        );
+    }
+
+    #[test]
+    fn a_withdrawn_baking_change_reverts_without_finishing_its_bake() {
+        let mut c = change(ChangePhase::Baking);
+        c.healthy_at_ms = Some(5_000);
+        assert_eq!(decide(&c, &all_passing(6_000)), Decision::Wait);
+        let d = decide(&c, &withdrawn(6_000));
+        assert!(is_withdrawal(&d), "{d:?}");
+        assert_eq!(
+            transition(ChangePhase::Baking, &d),
+            Some(ChangePhase::Reverting)
+        );
+        // Even past the bake: a withdrawn revision never commits.
+        assert!(is_withdrawal(&decide(&c, &withdrawn(50_000))));
+    }
+
+    #[test]
+    fn a_withdrawn_revert_restores_every_touched_step_last_first() {
+        let mut c = change(ChangePhase::Reverting);
+        c.steps[0].state = StepState::Done;
+        c.steps[1].state = StepState::Done;
+        c.withdrawn = true;
+        assert_eq!(decide(&c, &withdrawn(0)), Decision::RestoreStep(1));
+        let mut busy = withdrawn(0);
+        busy.busy = true;
+        assert_eq!(decide(&c, &busy), Decision::Wait);
+        record(&mut c, Outcome::Restored(1));
+        assert_eq!(decide(&c, &withdrawn(0)), Decision::RestoreStep(0));
+        record(&mut c, Outcome::Restored(0));
+        assert_eq!(decide(&c, &withdrawn(0)), Decision::FinishRevert);
+    }
+
+    #[test]
+    fn a_withdrawn_repair_is_kept_not_undone() {
+        // Revision 2 is in force and drifted; a repair puts it back when the apiserver moves
+        // on. Undoing the repair would restore the drift: it finishes and is kept, unbaked.
+        let repair = |phase| {
+            let mut c = change(phase);
+            c.from_revision = 2;
+            c
+        };
+        assert!(is_repair(&repair(ChangePhase::Applying)));
+        assert!(!is_repair(&change(ChangePhase::Applying)));
+        assert_eq!(
+            decide(&repair(ChangePhase::Pending), &withdrawn(0)),
+            Decision::Drop
+        );
+        let mut c = repair(ChangePhase::Applying);
+        assert_eq!(decide(&c, &withdrawn(0)), Decision::RunStep(0));
+        c.steps.iter_mut().for_each(|s| s.state = StepState::Done);
+        assert_eq!(decide(&c, &withdrawn(0)), Decision::Verify);
+        assert_eq!(
+            decide(&repair(ChangePhase::Verifying), &withdrawn(2_000)),
+            Decision::Commit
+        );
+        let mut baking = repair(ChangePhase::Baking);
+        baking.healthy_at_ms = Some(1_500);
+        assert_eq!(decide(&baking, &withdrawn(2_000)), Decision::Commit);
+        // A repair whose step failed still goes back, as any failed step does.
+        let mut failed = repair(ChangePhase::Applying);
+        record(&mut failed, Outcome::StepFailed(0, failure("svc")));
+        assert!(matches!(decide(&failed, &withdrawn(0)), Decision::Revert(c) if !c.withdrawn));
+    }
+
+    #[test]
+    fn touched_is_what_the_change_changed() {
+        let mut c = change(ChangePhase::Reverting);
+        assert!(touched(&c).is_empty());
+        c.steps[0].state = StepState::Reverted;
+        assert_eq!(touched(&c), vec!["svc".to_string()]);
+        c.steps[1].state = StepState::Started;
+        assert_eq!(touched(&c), vec!["svc".to_string(), "pkg".to_string()]);
+    }
+
+    #[test]
+    fn a_revert_message_names_the_failed_component_and_what_went_back() {
+        let mut c = change(ChangePhase::Reverting);
+        c.steps[0].snapshot = Some(Snapshot::Absent);
+        c.steps[1].snapshot = Some(Snapshot::Package {
+            version: "1.0.0".into(),
+            deb: None,
+        });
+        c.steps[0].state = StepState::Reverted;
+        c.steps[1].state = StepState::Reverted;
+        c.revert_reason = Some("probe http failed 3 times in a row".into());
+        c.culprit = Some("svc".into());
+        assert_eq!(
+            revert_message(&c),
+            "svc 1.1.0 failed: probe http failed 3 times in a row; reverted to revision 1 (pkg back at 1.0.0, svc removed again)"
+        );
+        // Only the steps that ran are named.
+        c.steps[1].state = StepState::Pending;
+        assert_eq!(
+            revert_message(&c),
+            "svc 1.1.0 failed: probe http failed 3 times in a row; reverted to revision 1 (svc removed again)"
+        );
+        c.revert_failure = Some("restoring svc to absent failed: disk".into());
+        assert!(revert_message(&c)
+            .ends_with("; restoring svc to absent failed: disk; needs an operator"));
+
+        let mut w = change(ChangePhase::Reverting);
+        w.steps[0].snapshot = Some(Snapshot::Absent);
+        w.steps[0].state = StepState::Reverted;
+        let cause = RevertCause::withdrawn(2);
+        w.revert_reason = Some(cause.reason);
+        w.withdrawn = true;
+        assert_eq!(
+            revert_message(&w),
+            "revision 2 was withdrawn by the apiserver (rollout aborted or superseded); reverted to revision 1 (svc removed again)"
+        );
+        w.withdrawn = false;
+        w.revert_reason = Some("the worker died".into());
+        assert!(revert_message(&w).starts_with("revision 2 failed: the worker died;"));
     }
 
     #[test]
