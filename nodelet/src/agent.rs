@@ -705,17 +705,25 @@ impl Agent {
                 .cloned()
                 .collect();
             for name in gone {
-                self.state.applied.remove(&name);
+                let before = self
+                    .state
+                    .applied
+                    .remove(&name)
+                    .map(|a| a.state.spec.components)
+                    .unwrap_or_default();
                 self.reset_probes(&name);
                 let _ = self.save();
-                self.event(
-                    EventType::Normal,
-                    "Unmanaged",
-                    "no longer assigned to this node: its components are left as they are".into(),
-                    Some(&name),
-                    None,
-                    None,
-                );
+                if !self.let_go(&name, &before, None) {
+                    self.event(
+                        EventType::Normal,
+                        "Unassigned",
+                        "no longer assigned to this node; nothing it pinned is left unmanaged"
+                            .into(),
+                        Some(&name),
+                        None,
+                        None,
+                    );
+                }
             }
         }
         self.check_disk();
@@ -789,12 +797,17 @@ impl Agent {
         }
         let steps = crate::plan::steps(&target.spec.components, &self.installed);
         let applied = self.state.applied.get(&target.name);
-        let in_force = applied.is_some_and(|a| {
-            a.state.revision == target.revision && a.phase == ComponentPhase::Healthy
-        });
+        // The same revision can come with another spec: the apiserver strips a component that
+        // two DesiredStates pin (a conflict), and gives it back when one lets go of it.
+        let in_force =
+            applied.is_some_and(|a| a.state == *target && a.phase == ComponentPhase::Healthy);
         if steps.is_empty() {
             if !in_force {
-                // Nothing to install (only probes or rollout settings changed): adopt the revision.
+                // Nothing to install (only probes or rollout settings changed, or a component
+                // left the spec): adopt the revision.
+                let before = applied
+                    .map(|a| a.state.spec.components.clone())
+                    .unwrap_or_default();
                 self.state.applied.insert(
                     target.name.clone(),
                     Applied {
@@ -810,6 +823,7 @@ impl Agent {
                     },
                 );
                 let _ = self.save();
+                self.let_go(&target.name, &before, Some(&target.spec));
             }
             return;
         }
@@ -1204,6 +1218,12 @@ impl Agent {
     /// The bake is over: the change is the node's new normal.
     fn commit(&mut self, name: &str) {
         let change = self.state.changes.remove(name).expect("in flight");
+        let before = self
+            .state
+            .applied
+            .get(name)
+            .map(|a| a.state.spec.components.clone())
+            .unwrap_or_default();
         for step in &change.steps {
             if step.component.state == ComponentState::Present {
                 self.state
@@ -1255,6 +1275,38 @@ impl Agent {
                 Some(revision),
                 None,
             );
+        }
+        self.let_go(name, &before, Some(&change.target.spec));
+    }
+
+    /// Reports the components `name` stopped pinning on this node: its spec went from
+    /// `before` to `after`, or (`after` None) it is no longer assigned. Only those that no
+    /// DesiredState of the assignment manages now are called unmanaged; one that two of them
+    /// pin is reported as in conflict. Returns whether an event was recorded.
+    fn let_go(
+        &self,
+        name: &str,
+        before: &[Component],
+        after: Option<&manifests::DesiredStateSpec>,
+    ) -> bool {
+        let Some(assignment) = &self.assignment else {
+            return false;
+        };
+        let left = before
+            .iter()
+            .filter(|c| after.is_none_or(|spec| !spec.components.iter().any(|x| x.name == c.name)))
+            .map(|c| c.name.as_str());
+        let standing = LetGo::of(left, assignment, name);
+        let why = match after {
+            None => "no longer assigned to this node",
+            Some(_) => "not in its assigned spec any more",
+        };
+        match standing.event(why) {
+            Some((kind, reason, message)) => {
+                self.event(kind, reason, message, Some(name), None, None);
+                true
+            }
+            None => false,
         }
     }
 
@@ -1598,6 +1650,87 @@ impl Agent {
             .probes
             .sort_by(|a, b| (&a.desired_state, &a.name).cmp(&(&b.desired_state, &b.name)));
         *self.shared.report.lock().expect("not poisoned") = report;
+    }
+}
+
+/// Where the components one DesiredState let go of stand in the current assignment.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct LetGo {
+    /// Pinned by no DesiredState of the assignment: left as installed, managed by nobody.
+    unmanaged: Vec<String>,
+    /// Pinned by two or more DesiredStates (the assignment's conflicts): applied by none.
+    in_conflict: Vec<(String, Vec<String>)>,
+    /// Managed by another DesiredState of the assignment: (component, that DesiredState).
+    elsewhere: Vec<(String, String)>,
+}
+
+impl LetGo {
+    /// Sorts `components`, which `owner` no longer pins, by who manages them now.
+    fn of<'a>(
+        components: impl IntoIterator<Item = &'a str>,
+        assignment: &NodeAssignment,
+        owner: &str,
+    ) -> Self {
+        let mut out = LetGo::default();
+        for component in components.into_iter().collect::<BTreeSet<_>>() {
+            if let Some(conflict) = assignment
+                .conflicts
+                .iter()
+                .find(|c| c.component == component)
+            {
+                out.in_conflict
+                    .push((component.to_string(), conflict.desired_states.clone()));
+            } else if let Some(other) = assignment
+                .states
+                .iter()
+                .find(|s| s.name != owner && s.spec.components.iter().any(|c| c.name == component))
+            {
+                out.elsewhere
+                    .push((component.to_string(), other.name.clone()));
+            } else if !assignment
+                .states
+                .iter()
+                .any(|s| s.spec.components.iter().any(|c| c.name == component))
+            {
+                out.unmanaged.push(component.to_string());
+            }
+        }
+        out
+    }
+
+    /// The event that says so, if there is anything to say: `Unmanaged` names only the
+    /// components nobody manages; a conflict alone is a `Conflict` warning.
+    fn event(&self, why: &str) -> Option<(EventType, &'static str, String)> {
+        let mut parts = Vec::new();
+        if !self.unmanaged.is_empty() {
+            parts.push(format!(
+                "{} left as installed: no DesiredState on this node manages {} now",
+                self.unmanaged.join(", "),
+                if self.unmanaged.len() == 1 {
+                    "it"
+                } else {
+                    "them"
+                }
+            ));
+        }
+        for (component, owners) in &self.in_conflict {
+            parts.push(format!(
+                "{component} is in conflict: pinned by {}, applied by neither until one lets go of it",
+                owners.join(" and ")
+            ));
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        for (component, owner) in &self.elsewhere {
+            parts.push(format!("{component} stays managed by {owner}"));
+        }
+        let message = format!("{why}: {}", parts.join("; "));
+        Some(if self.unmanaged.is_empty() {
+            (EventType::Warning, "Conflict", message)
+        } else {
+            (EventType::Normal, "Unmanaged", message)
+        })
     }
 }
 
@@ -2201,6 +2334,45 @@ mod tests {
         let web = standing.component("demo", &component("web", "1.0.0"), None);
         assert_eq!(web.phase, ComponentPhase::Healthy);
         assert!(web.message.is_none() && web.probe_output.is_none());
+    }
+
+    #[test]
+    fn components_another_desired_state_manages_are_not_called_unmanaged() {
+        // `a` was deleted: `x` is back with `b`, `y` is pinned by `b` and `c`, `z` by nobody.
+        let now = assignment(
+            vec![assigned("b", 1, &["x"]), assigned("c", 4, &["w"])],
+            &[("y", &["b", "c"])],
+        );
+        let standing = LetGo::of(["x", "y", "z"], &now, "a");
+        assert_eq!(
+            standing,
+            LetGo {
+                unmanaged: vec!["z".into()],
+                in_conflict: vec![("y".into(), vec!["b".into(), "c".into()])],
+                elsewhere: vec![("x".into(), "b".into())],
+            }
+        );
+        let (kind, reason, message) = standing.event("no longer assigned to this node").unwrap();
+        assert_eq!((kind, reason), (EventType::Normal, "Unmanaged"));
+        assert_eq!(
+            message,
+            "no longer assigned to this node: z left as installed: no DesiredState on this node manages it now; \
+             y is in conflict: pinned by b and c, applied by neither until one lets go of it; x stays managed by b"
+        );
+
+        // Only taken over: nothing to say (the caller says the DesiredState went).
+        assert_eq!(LetGo::of(["x"], &now, "a").event("gone"), None);
+        // Only in conflict: a Conflict warning, no Unmanaged.
+        let (kind, reason, message) = LetGo::of(["y"], &now, "b")
+            .event("not in its assigned spec any more")
+            .unwrap();
+        assert_eq!((kind, reason), (EventType::Warning, "Conflict"));
+        assert!(
+            !message.contains("unmanaged") && message.contains("y is in conflict"),
+            "{message}"
+        );
+        // A component still in the owner's own spec was not let go of.
+        assert_eq!(LetGo::of(["x"], &now, "b"), LetGo::default());
     }
 
     #[test]
