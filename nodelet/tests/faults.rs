@@ -18,9 +18,20 @@ fn wait_or_dump<T>(
     node: &Nodelet,
     server: &Apiserver,
     what: &str,
+    check: impl FnMut() -> Option<T>,
+) -> T {
+    wait_or_dump_within(LONG, node, server, what, check)
+}
+
+/// `wait_or_dump` with its own time limit.
+fn wait_or_dump_within<T>(
+    limit: Duration,
+    node: &Nodelet,
+    server: &Apiserver,
+    what: &str,
     mut check: impl FnMut() -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + LONG;
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(value) = check() {
             return value;
@@ -29,7 +40,7 @@ fn wait_or_dump<T>(
             let log = node.log();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             panic!(
-                "timed out waiting for {what}\njournal: {}\nevents: {:?}\nlog:\n{}",
+                "timed out after {limit:?} waiting for {what}\njournal: {}\nevents: {:?}\nlog:\n{}",
                 node.journal(),
                 server.node_events(&node.name),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
@@ -259,7 +270,7 @@ fn kill_9_in_every_phase_of_a_good_release_converges_without_a_revert() {
     }
 }
 
-fn web_manifest(version: &str, url: &str, sha: &str, port: u16) -> String {
+fn web_manifest(version: &str, url: &str, sha: &str, port: u16, bake: u64) -> String {
     format!(
         r#"apiVersion: shoal/v1
 kind: DesiredState
@@ -276,7 +287,7 @@ spec:
     - {{name: web-http, http: {{url: "http://127.0.0.1:{port}/healthz"}}, periodSeconds: 1, failureThreshold: 2, timeoutSeconds: 1}}
   rollout:
     waves: ["100%"]
-    bakeSeconds: 20
+    bakeSeconds: {bake}
     healthyDeadlineSeconds: 30
 "#
     )
@@ -296,9 +307,12 @@ fn a_hanging_download_never_delays_another_revert_and_sigterm_still_stops_the_no
         &artifacts.url_of(&good),
         &good_sha,
         port,
+        1,
     ));
-    wait_for(LONG, "web 1.0.0 healthy", || {
-        event(&server, "mixed", "Healthy", 1)
+    // The last good revision, so that the next one is a change from it (a revision applied
+    // while this one still rolls out would withdraw it from the node).
+    wait_for(LONG, "web 1.0.0 to be the last good revision", || {
+        server.rollout_complete("web", 1)
     });
 
     // Another DesiredState whose artifact server accepts and never answers.
@@ -328,12 +342,13 @@ spec:
         &artifacts.url_of(&bad),
         &bad_sha,
         port,
+        20,
     ));
     let revision = server.get("/api/v1/desiredstates/web").unwrap()["metadata"]["revision"]
         .as_u64()
         .unwrap_or(0);
     let started = Instant::now();
-    wait_for(LONG, "the bad web release to be reverted", || {
+    wait_or_dump(&node, &server, "the bad web release to be reverted", || {
         let journal = node.journal();
         let applied = &journal["applied"]["web"];
         (applied["phase"] == "Reverted" && applied["reverted_revision"].as_u64().unwrap_or(0) >= 2)
@@ -880,5 +895,134 @@ fn kill_9_while_reverting_a_bad_release_still_reverts_everything() {
     assert!(
         journal["changes"].as_object().is_some_and(|c| c.is_empty()),
         "nothing left in flight: {journal}"
+    );
+}
+
+/// `shoal rollout undo` while the only node of the group bakes the new version: the apiserver
+/// withdraws that revision from the node's assignment (it now holds the undo's revision, the
+/// old spec). The node puts the old version back at once — without finishing its 300 s bake
+/// or waiting for a probe to fail — reports it as a withdrawal, not a failure, and then runs
+/// the assigned revision, Healthy, with nothing left to change.
+#[test]
+fn an_undo_while_a_node_bakes_reverts_it_at_once_and_the_assigned_revision_is_healthy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let port = free_port();
+    let node = Nodelet::start(&server.url, "undone", "role=undo", &tmp.path().join("node"));
+    let (v1, sha1) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    let (v2, sha2) = demo_tarball(&artifacts.dir, "1.1.0", None);
+    let version_url = format!("http://127.0.0.1:{port}/version");
+    let manifest = |version: &str, file: &str, sha: &str, bake: u64| {
+        demo_manifest(
+            "undo",
+            "undo",
+            version,
+            &artifacts.url_of(file),
+            sha,
+            port,
+            bake,
+            1,
+        )
+    };
+
+    server.apply(&manifest("1.0.0", &v1, &sha1, 1));
+    wait_or_dump(&node, &server, "revision 1 to be the last good one", || {
+        server.rollout_complete("undo", 1)
+    });
+    server.apply(&manifest("1.1.0", &v2, &sha2, 300));
+    wait_or_dump(&node, &server, "revision 2 baking", || {
+        let change = &node.journal()["changes"]["undo"];
+        (change["target"]["revision"] == 2 && change["phase"] == "Baking").then_some(())
+    });
+    assert_eq!(http_get(&version_url).as_deref(), Some("1.1.0"));
+
+    let undone = Instant::now();
+    let undo = server.post("/api/v1/rollouts/undo/undo");
+    let revision = undo["results"][0]["revision"].as_u64().unwrap_or(0);
+    assert_eq!(
+        revision, 3,
+        "the undo applies revision 1's spec as revision 3: {undo}"
+    );
+    // Within a few seconds, not after the bake: the old version serves again.
+    wait_or_dump_within(
+        Duration::from_secs(8),
+        &node,
+        &server,
+        "1.0.0 back after the undo",
+        || {
+            (node.service_current("demo").as_deref() == Some("1.0.0")
+                && http_get(&version_url).as_deref() == Some("1.0.0"))
+            .then_some(())
+        },
+    );
+    eprintln!("1.0.0 served again {:?} after the undo", undone.elapsed());
+    wait_or_dump_within(
+        Duration::from_secs(8),
+        &node,
+        &server,
+        "revision 3 reported Healthy",
+        || (server.applied("undone", "undo") == Some(("Healthy".into(), 3))).then_some(()),
+    );
+
+    let events = server.node_events("undone");
+    let of = |reason: &str| {
+        events
+            .iter()
+            .find(|e| e["reason"] == reason && e["revision"] == 2)
+            .cloned()
+    };
+    let withdrawn = of("Withdrawn").expect("a Withdrawn event");
+    assert!(
+        withdrawn["message"]
+            .as_str()
+            .unwrap()
+            .contains("revision 2 was withdrawn by the apiserver"),
+        "{withdrawn}"
+    );
+    let reverted = of("Reverted").expect("a Reverted event");
+    let message = reverted["message"].as_str().unwrap();
+    assert_eq!(
+        reverted["type"], "Normal",
+        "a withdrawal is no failure: {reverted}"
+    );
+    assert!(
+        message.contains("withdrawn") && message.contains("demo back at 1.0.0"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("probe"),
+        "not reported as a probe failure: {message}"
+    );
+    assert!(of("Reverting").is_none(), "no failure revert: {events:?}");
+    assert!(
+        of("Baked").is_none(),
+        "the bake was not finished: {events:?}"
+    );
+    // Not remembered as a revision that failed here.
+    let journal = node.journal();
+    assert!(
+        journal["failed_revisions"]["undo"]
+            .as_array()
+            .is_none_or(|r| r.is_empty()),
+        "{journal}"
+    );
+    assert!(journal["changes"]["undo"].is_null(), "{journal}");
+    // The report: the component at its version, Healthy, at the assigned revision.
+    let report = server.get("/api/v1/nodes/undone").unwrap();
+    let component = &report["status"]["report"]["components"][0];
+    assert_eq!(component["version"], "1.0.0", "{report}");
+    assert_eq!(component["phase"], "Healthy", "{report}");
+    assert_eq!(component["revision"], 3, "{report}");
+    // And the undo's rollout goes through on that report.
+    wait_or_dump(
+        &node,
+        &server,
+        "the rollout of revision 3 to complete",
+        || {
+            server
+                .rollout("undo")
+                .filter(|r| r["spec"]["revision"] == 3 && r["status"]["phase"] == "Complete")
+        },
     );
 }

@@ -52,6 +52,10 @@ fn service_upgrade_stays_and_a_regression_reverts_to_the_exact_previous_version(
     wait_for(LONG, "1.0.0 baked", || {
         has_event(&server, "svc-node", "Baked", 1)
     });
+    // The last good revision from here on (the rollback below goes back to it).
+    wait_for(LONG, "revision 1's rollout to complete", || {
+        server.rollout_complete("svc", 1)
+    });
     assert_eq!(http_get(&version_url).as_deref(), Some("1.0.0"));
 
     server.apply(&demo_manifest(
@@ -66,6 +70,10 @@ fn service_upgrade_stays_and_a_regression_reverts_to_the_exact_previous_version(
     ));
     wait_for(LONG, "1.1.0 baked", || {
         has_event(&server, "svc-node", "Baked", 2)
+    });
+    // The last good revision from here on (the rollback below goes back to it).
+    wait_for(LONG, "revision 2's rollout to complete", || {
+        server.rollout_complete("svc", 2)
     });
     assert_eq!(http_get(&version_url).as_deref(), Some("1.1.0"));
     assert_eq!(

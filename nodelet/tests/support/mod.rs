@@ -172,6 +172,19 @@ impl Apiserver {
         body
     }
 
+    /// POSTs an empty body to `path` (e.g. `/api/v1/rollouts/NAME/undo`), as the operator.
+    pub fn post(&self, path: &str) -> serde_json::Value {
+        let response = Self::client()
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(OPERATOR)
+            .send()
+            .unwrap();
+        let status = response.status();
+        let body: serde_json::Value = response.json().unwrap();
+        assert!(status.is_success(), "POST {path} failed: {body}");
+        body
+    }
+
     pub fn get(&self, path: &str) -> Option<serde_json::Value> {
         let response = Self::client()
             .get(format!("{}{path}", self.url))
@@ -194,6 +207,13 @@ impl Apiserver {
     /// The rollout of a DesiredState.
     pub fn rollout(&self, name: &str) -> Option<serde_json::Value> {
         self.get(&format!("/api/v1/rollouts/{name}"))
+    }
+
+    /// The rollout of `revision`, once it is Complete (the revision is then the last good one:
+    /// the server bakes a wave on its own clock, after the node's own bake).
+    pub fn rollout_complete(&self, name: &str, revision: u64) -> Option<serde_json::Value> {
+        self.rollout(name)
+            .filter(|r| r["spec"]["revision"] == revision && r["status"]["phase"] == "Complete")
     }
 
     /// Events about a rollout, oldest first.
