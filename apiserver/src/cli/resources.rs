@@ -66,6 +66,10 @@ fn node_rows(nodes: &[NodeObject]) -> Vec<Vec<String>> {
             if condition(n, "Conflict").is_some_and(|c| c.status == ConditionStatus::True) {
                 ready.push_str(",Conflict");
             }
+            if n.status.cordoned.is_some() {
+                // As kubectl shows a cordoned node.
+                ready.push_str(",SchedulingDisabled");
+            }
             vec![
                 n.metadata.name.clone(),
                 ready,

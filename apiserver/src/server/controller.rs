@@ -1450,6 +1450,20 @@ impl Controller {
                                 output.lines().next().unwrap_or("")
                             ));
                         }
+                        // The component's own last words: what an operator reads first.
+                        let tail: Vec<&str> = c
+                            .log_tail
+                            .iter()
+                            .rev()
+                            .take(2)
+                            .rev()
+                            .map(|l| l.trim())
+                            .filter(|l| !l.is_empty())
+                            .collect();
+                        if !tail.is_empty() {
+                            let log: String = tail.join(" / ").chars().take(300).collect();
+                            text.push_str(&format!(" (log: {log})"));
+                        }
                         text
                     })
                     .collect();

@@ -97,15 +97,23 @@ pub struct Apiserver {
     pub url: String,
     pub port: u16,
     pub dir: PathBuf,
+    /// The address it listens on (loopback, or a test network's bridge).
+    pub host: String,
 }
 
 impl Apiserver {
     pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, "127.0.0.1")
+    }
+
+    /// Listens on `host` (an address of a network the test made) instead of loopback.
+    pub fn start_on(dir: &Path, host: &str) -> Self {
         let mut server = Apiserver {
             proc: None,
             url: String::new(),
             port: free_port(),
             dir: dir.to_path_buf(),
+            host: host.to_string(),
         };
         server.restart();
         server
@@ -120,7 +128,7 @@ impl Apiserver {
                 "--data",
                 self.dir.join("data").to_str().unwrap(),
                 "--listen",
-                &format!("127.0.0.1:{}", self.port),
+                &format!("{}:{}", self.host, self.port),
                 "--tokens",
                 tokens.to_str().unwrap(),
                 "--ready-grace-seconds",
@@ -139,7 +147,7 @@ impl Apiserver {
             line.contains("listening"),
             "apiserver did not start: {line}"
         );
-        self.url = format!("http://127.0.0.1:{}", self.port);
+        self.url = format!("http://{}:{}", self.host, self.port);
         self.proc = Some(Proc {
             child,
             name: "apiserver".into(),
@@ -249,6 +257,8 @@ pub struct Nodelet {
     pub heartbeat_seconds: u64,
     /// Extra arguments, e.g. `--var PORT=18081`.
     pub extra_args: Vec<String>,
+    /// The network namespace it runs in (`ip netns exec`), if not the test's own.
+    pub netns: Option<String>,
 }
 
 impl Nodelet {
@@ -299,6 +309,31 @@ impl Nodelet {
             labels: labels.into(),
             heartbeat_seconds,
             extra_args,
+            netns: None,
+        };
+        node.restart();
+        node
+    }
+
+    /// Starts a nodelet (heartbeat 1 s) inside network namespace `netns`.
+    pub fn start_in(
+        netns: &str,
+        server: &str,
+        name: &str,
+        labels: &str,
+        root: &Path,
+        extra_args: Vec<String>,
+    ) -> Self {
+        std::fs::create_dir_all(root).unwrap();
+        let mut node = Nodelet {
+            proc: None,
+            name: name.into(),
+            root: root.to_path_buf(),
+            server: server.into(),
+            labels: labels.into(),
+            heartbeat_seconds: 1,
+            extra_args,
+            netns: Some(netns.to_string()),
         };
         node.restart();
         node
@@ -310,7 +345,16 @@ impl Nodelet {
             .append(true)
             .open(self.root.join("nodelet.log"))
             .unwrap();
-        let child = Command::new(bin("nodelet"))
+        // `ip netns exec` execs the nodelet, so the child is the nodelet itself.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(bin("nodelet"));
+                c
+            }
+            None => Command::new(bin("nodelet")),
+        };
+        let child = command
             .args([
                 "--server",
                 &self.server,
@@ -372,14 +416,23 @@ impl Nodelet {
 }
 
 /// Serves the files of a folder over HTTP on loopback.
+/// One request the artifact server answered: the client's address, when, which file.
+pub type Fetch = (String, std::time::SystemTime, String);
+
 pub struct ArtifactServer {
     pub url: String,
     pub dir: PathBuf,
+    fetches: std::sync::Arc<std::sync::Mutex<Vec<Fetch>>>,
     _runtime: tokio::runtime::Runtime,
 }
 
 impl ArtifactServer {
     pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, "127.0.0.1")
+    }
+
+    /// Serves on `host` and records who fetched what (which node, in a test network).
+    pub fn start_on(dir: &Path, host: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -387,16 +440,27 @@ impl ArtifactServer {
             .build()
             .unwrap();
         let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind((host, 0)))
             .unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let root = dir.to_path_buf();
+        let fetches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = fetches.clone();
         let app = axum::Router::new().route(
             "/{file}",
             axum::routing::get(
-                move |axum::extract::Path(file): axum::extract::Path<String>| {
+                move |axum::extract::Path(file): axum::extract::Path<String>,
+                      axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
+                    std::net::SocketAddr,
+                >| {
                     let root = root.clone();
+                    let log = log.clone();
                     async move {
+                        log.lock().unwrap().push((
+                            peer.ip().to_string(),
+                            std::time::SystemTime::now(),
+                            file.clone(),
+                        ));
                         match std::fs::read(root.join(file)) {
                             Ok(bytes) => (axum::http::StatusCode::OK, bytes),
                             Err(_) => (axum::http::StatusCode::NOT_FOUND, Vec::new()),
@@ -405,12 +469,25 @@ impl ArtifactServer {
                 },
             ),
         );
-        runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        runtime.spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+            .unwrap()
+        });
         ArtifactServer {
             url,
             dir: dir.to_path_buf(),
+            fetches,
             _runtime: runtime,
         }
+    }
+
+    /// Every request so far, oldest first.
+    pub fn fetches(&self) -> Vec<Fetch> {
+        self.fetches.lock().unwrap().clone()
     }
 
     pub fn url_of(&self, file: &str) -> String {
