@@ -411,13 +411,26 @@ fn git_sync_applies_commits_with_provenance_verifies_webhooks_prunes_and_refuses
             && e["message"].as_str().unwrap().contains("bakeSecond")));
 }
 
-#[test]
-fn apply_prune_removes_only_what_the_same_paths_created() {
+/// Runs `shoal --server URL ARGS…`: exit code, stdout, stderr.
+fn shoal_at(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["--server", url])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// An apiserver on a free port with its data in `dir`, and its URL.
+fn apiserver_in(dir: &Path) -> (std::process::Child, String) {
     use std::io::BufRead;
-    let tmp = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
         .arg("--data")
-        .arg(tmp.path().join("data"))
+        .arg(dir.join("data"))
         .args(["--listen", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -428,21 +441,21 @@ fn apply_prune_removes_only_what_the_same_paths_created() {
         .read_line(&mut line)
         .unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    (child, url)
+}
+
+#[test]
+fn apply_prune_removes_only_what_the_same_paths_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, url) = apiserver_in(tmp.path());
     let dir = tmp.path().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("a.yaml"), ds("alpha", "1.0", "")).unwrap();
     std::fs::write(dir.join("b.yaml"), ds("beta", "1.0", "")).unwrap();
     std::fs::write(tmp.path().join("other.yaml"), ds("gamma", "1.0", "")).unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["--server", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-        )
+        let (code, stdout, _) = shoal_at(&url, args);
+        (code, stdout)
     };
     let d = dir.to_str().unwrap();
     assert_eq!(run(&["apply", "--prune", "-f", d]).0, Some(0));
@@ -476,35 +489,11 @@ fn apply_prune_removes_only_what_the_same_paths_created() {
 
 #[test]
 fn rollout_status_follows_exactly_one_revision_and_pause_works_right_after_apply() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
-        .arg("--data")
-        .arg(tmp.path().join("data"))
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mut child, url) = apiserver_in(tmp.path());
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["--server", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        let (code, stdout, stderr) = shoal_at(&url, args);
+        (code, format!("{stdout}{stderr}"))
     };
     let file = tmp.path().join("web.yaml");
     let f = file.to_str().unwrap();

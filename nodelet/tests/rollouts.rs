@@ -104,36 +104,19 @@ impl Net {
 
     /// Blackholes node `k`'s route to the apiserver (and the artifact server).
     fn cut(&self, k: usize) {
-        let host = format!("{}/32", self.host());
-        must(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.namespaces[k],
-                "ip",
-                "route",
-                "add",
-                "blackhole",
-                &host,
-            ],
-        );
+        self.blackhole(k, "add");
     }
 
     fn heal(&self, k: usize) {
+        self.blackhole(k, "del");
+    }
+
+    fn blackhole(&self, k: usize, verb: &str) {
         let host = format!("{}/32", self.host());
+        let ns = self.namespaces[k].as_str();
         must(
             "ip",
-            &[
-                "netns",
-                "exec",
-                &self.namespaces[k],
-                "ip",
-                "route",
-                "del",
-                "blackhole",
-                &host,
-            ],
+            &["netns", "exec", ns, "ip", "route", verb, "blackhole", &host],
         );
     }
 
@@ -360,6 +343,25 @@ spec:
         }
     }
 
+    /// Five nodes running a good first release (node 0 the canary), or None when skipped.
+    fn running(index: u8, dir: &Path) -> Option<Fleet> {
+        let mut fleet = Fleet::new(index, 5, dir)?;
+        fleet.start_all(5);
+        fleet.baseline();
+        Some(fleet)
+    }
+
+    /// When node `k` reported (node clock) that it reverted `revision`.
+    fn reverted_at(&self, k: usize, revision: u64) -> SystemTime {
+        let event = self
+            .server
+            .node_events(&Self::name(k))
+            .into_iter()
+            .find(|e| e["reason"] == "Reverted" && e["revision"] == revision)
+            .unwrap_or_else(|| panic!("node-{k} reported no revert of revision {revision}"));
+        humantime::parse_rfc3339(event["time"].as_str().unwrap()).unwrap()
+    }
+
     /// Applies a good first release and waits until every node runs it.
     fn baseline(&self) {
         let (code, out) = self.apply_file("v1.yaml", &self.release("1.0.0", None, 2, ""), true);
@@ -377,11 +379,9 @@ fn file_of(version: &str) -> String {
 #[test]
 fn a_canary_cut_off_during_its_bake_holds_the_wave_and_apply_wait_tells_bad_from_good() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mut fleet) = Fleet::new(0, 5, tmp.path()) else {
+    let Some(fleet) = Fleet::running(0, tmp.path()) else {
         return;
     };
-    fleet.start_all(5);
-    fleet.baseline();
 
     // A bad release: healthy at first, failing 8 s after it starts. Bake 10 s.
     let bake = 10;
@@ -425,15 +425,9 @@ fn a_canary_cut_off_during_its_bake_holds_the_wave_and_apply_wait_tells_bad_from
             .is_some_and(|why| why.contains("demo")),
         "the failure names the changed component: {rolled_back}"
     );
-    let reverted = fleet
-        .server
-        .node_events("node-0")
-        .into_iter()
-        .find(|e| e["reason"] == "Reverted" && e["revision"] == 2)
-        .expect("the canary reported its revert");
     assert!(
-        humantime::parse_rfc3339(reverted["time"].as_str().unwrap()).unwrap() > cut_at,
-        "reverted during the cut, on its own: {reverted}"
+        fleet.reverted_at(0, 2) > cut_at,
+        "reverted during the cut, on its own"
     );
     assert_eq!(
         fleet.fetched_by(&file_of("2.0.0")),
@@ -446,7 +440,7 @@ fn a_canary_cut_off_during_its_bake_holds_the_wave_and_apply_wait_tells_bad_from
 
     // `apply --wait` follows exactly the revision it created: a bad one exits 1, a good one
     // applied right after exits 0.
-    let (code, out) = fleet.apply_file("v3.yaml", &fleet.release("3.0.0", Some(3), 8, ""), true);
+    let (code, out) = fleet.apply_file("v3.yaml", &fleet.release("3.0.0", Some(3), 20, ""), true);
     assert_eq!(code, 1, "apply --wait of a bad release: {out}");
     assert!(out.contains("RolledBack"), "{out}");
     let (code, out) = fleet.apply_file("v4.yaml", &fleet.release("4.0.0", None, 2, ""), true);
@@ -464,11 +458,9 @@ fn a_canary_cut_off_during_its_bake_holds_the_wave_and_apply_wait_tells_bad_from
 #[test]
 fn an_apiserver_frozen_across_the_canary_bake_and_revert_lets_nothing_through() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mut fleet) = Fleet::new(1, 5, tmp.path()) else {
+    let Some(fleet) = Fleet::running(1, tmp.path()) else {
         return;
     };
-    fleet.start_all(5);
-    fleet.baseline();
     let bake = 10;
     fleet
         .server
@@ -493,26 +485,18 @@ fn an_apiserver_frozen_across_the_canary_bake_and_revert_lets_nothing_through() 
     );
     assert_eq!(rolled_back["status"]["currentWave"], 0);
     assert_eq!(fleet.fetched_by(&file_of("2.0.0")), BTreeSet::from([0]));
-    let reverted = fleet
-        .server
-        .node_events("node-0")
-        .into_iter()
-        .find(|e| e["reason"] == "Reverted" && e["revision"] == 2)
-        .expect("the canary reported its revert");
     assert!(
-        humantime::parse_rfc3339(reverted["time"].as_str().unwrap()).unwrap() > frozen_at,
-        "it reverted while the apiserver was frozen: {reverted}"
+        fleet.reverted_at(0, 2) > frozen_at,
+        "it reverted while the apiserver was frozen"
     );
 }
 
 #[test]
 fn an_abort_brings_wave_two_nodes_in_flight_back_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mut fleet) = Fleet::new(2, 5, tmp.path()) else {
+    let Some(fleet) = Fleet::running(2, tmp.path()) else {
         return;
     };
-    fleet.start_all(5);
-    fleet.baseline();
     // A release that is fine, except on the one wave-2 node whose fault file appears: its
     // probe fails there, it reverts, the rollout aborts while the other wave-2 node bakes.
     let bake = 15;
@@ -637,11 +621,9 @@ fn a_desired_state_applied_before_any_node_canaries_its_first_joiner() {
 #[test]
 fn a_powered_off_node_is_skipped_within_max_unavailable_and_delete_node_frees_a_held_rollout() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mut fleet) = Fleet::new(4, 5, tmp.path()) else {
+    let Some(mut fleet) = Fleet::running(4, tmp.path()) else {
         return;
     };
-    fleet.start_all(5);
-    fleet.baseline();
     // node-4 loses power (its services stay as they were) and goes NotReady.
     fleet.nodes[4].kill9();
     wait_for(LONG, "node-4 NotReady", || {

@@ -176,6 +176,14 @@ fn get_json<T: serde::de::DeserializeOwned>(
         .transpose()
 }
 
+/// A node's stored record inside a transaction, or 404.
+fn node_in(txn: &dyn Txn, name: &str) -> Result<StoredNode, ApiError> {
+    get_json(txn, Table::Nodes, name.as_bytes())?.ok_or_else(|| ApiError::NotFound {
+        kind: "Node",
+        name: name.to_string(),
+    })
+}
+
 fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
@@ -784,40 +792,35 @@ impl Controller {
         let node_events = std::mem::take(&mut report.events);
         let version = self.store.next_version()?.to_string();
         let seqs = self.seqs(node_events.len())?;
-        let (object, events) =
-            transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
-                let mut stored: StoredNode = get_json(txn, Table::Nodes, name.as_bytes())?
-                    .ok_or_else(|| ApiError::NotFound {
-                        kind: "Node",
-                        name: name.to_string(),
-                    })?;
-                stored.object.status.last_heartbeat = Some(now);
-                stored.object.status.healthy_received =
-                    healthy_received(&stored.object.status.healthy_received, &report, now);
-                stored.object.status.report = report.clone();
-                stored.object.metadata.resource_version = version.clone();
-                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
-                let mut events = Vec::new();
-                for (node_event, seq) in node_events.iter().zip(&seqs) {
-                    let event = self.new_event(
-                        *seq,
-                        node_event.time,
-                        node_event.kind,
-                        &node_event.reason,
-                        &format!("node/{name}"),
-                        match &node_event.component {
-                            Some(component) => format!("{component}: {}", node_event.message),
-                            None => node_event.message.clone(),
-                        },
-                        Some(name.to_string()),
-                        node_event.desired_state.clone(),
-                        node_event.revision,
-                    )?;
-                    txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
-                    events.push(event);
-                }
-                Ok((stored.object, events))
-            })?;
+        let (object, events) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
+            let mut stored = node_in(txn, name)?;
+            stored.object.status.last_heartbeat = Some(now);
+            stored.object.status.healthy_received =
+                healthy_received(&stored.object.status.healthy_received, &report, now);
+            stored.object.status.report = report.clone();
+            stored.object.metadata.resource_version = version.clone();
+            txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+            let mut events = Vec::new();
+            for (node_event, seq) in node_events.iter().zip(&seqs) {
+                let event = self.new_event(
+                    *seq,
+                    node_event.time,
+                    node_event.kind,
+                    &node_event.reason,
+                    &format!("node/{name}"),
+                    match &node_event.component {
+                        Some(component) => format!("{component}: {}", node_event.message),
+                        None => node_event.message.clone(),
+                    },
+                    Some(name.to_string()),
+                    node_event.desired_state.clone(),
+                    node_event.revision,
+                )?;
+                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                events.push(event);
+            }
+            Ok((stored.object, events))
+        })?;
         // The node forgets its events once they are acknowledged, so those must be on disk.
         // A plain heartbeat is not flushed: the next one replaces it anyway.
         if !events.is_empty() {
@@ -999,54 +1002,49 @@ impl Controller {
             .collect();
         let version = self.store.next_version()?.to_string();
         let seq = self.store.next_version()?;
-        let (node, event) =
-            transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
-                let mut stored: StoredNode = get_json(txn, Table::Nodes, name.as_bytes())?
-                    .ok_or_else(|| ApiError::NotFound {
-                        kind: "Node",
-                        name: name.to_string(),
-                    })?;
-                let (reason, message) = if cordon {
-                    stored.object.status.cordoned = Some(Cordon {
-                        since: now,
-                        by: actor.to_string(),
-                        revisions: keep.clone(),
-                    });
-                    let kept = if keep.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        keep.iter()
-                            .map(|(s, r)| format!("{s}@{r}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    };
-                    (
-                        "NodeCordoned",
-                        format!("cordoned by {actor}: takes no new revision, keeps {kept}"),
-                    )
+        let (node, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
+            let mut stored = node_in(txn, name)?;
+            let (reason, message) = if cordon {
+                stored.object.status.cordoned = Some(Cordon {
+                    since: now,
+                    by: actor.to_string(),
+                    revisions: keep.clone(),
+                });
+                let kept = if keep.is_empty() {
+                    "nothing".to_string()
                 } else {
-                    stored.object.status.cordoned = None;
-                    (
-                        "NodeUncordoned",
-                        format!("uncordoned by {actor}: follows its rollouts again"),
-                    )
+                    keep.iter()
+                        .map(|(s, r)| format!("{s}@{r}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 };
-                stored.object.metadata.resource_version = version.clone();
-                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
-                let event = self.new_event(
-                    seq,
-                    now,
-                    EventType::Normal,
-                    reason,
-                    &format!("node/{name}"),
-                    message,
-                    Some(name.to_string()),
-                    None,
-                    None,
-                )?;
-                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
-                Ok((stored.object, event))
-            })?;
+                (
+                    "NodeCordoned",
+                    format!("cordoned by {actor}: takes no new revision, keeps {kept}"),
+                )
+            } else {
+                stored.object.status.cordoned = None;
+                (
+                    "NodeUncordoned",
+                    format!("uncordoned by {actor}: follows its rollouts again"),
+                )
+            };
+            stored.object.metadata.resource_version = version.clone();
+            txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+            let event = self.new_event(
+                seq,
+                now,
+                EventType::Normal,
+                reason,
+                &format!("node/{name}"),
+                message,
+                Some(name.to_string()),
+                None,
+                None,
+            )?;
+            txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+            Ok((stored.object, event))
+        })?;
         self.store.flush()?;
         self.bump_epoch();
         let node = self.decorate(node, now)?;
@@ -1072,13 +1070,7 @@ impl Controller {
         let now = SystemTime::now();
         let seq = self.store.next_version()?;
         let (node, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
-            let stored: StoredNode =
-                get_json(txn, Table::Nodes, name.as_bytes())?.ok_or_else(|| {
-                    ApiError::NotFound {
-                        kind: "Node",
-                        name: name.to_string(),
-                    }
-                })?;
+            let stored = node_in(txn, name)?;
             txn.delete(Table::Nodes, name.as_bytes())?;
             for key in &assignments {
                 txn.delete(Table::Assignments, key)?;

@@ -300,17 +300,8 @@ impl Nodelet {
         heartbeat_seconds: u64,
         extra_args: Vec<String>,
     ) -> Self {
-        std::fs::create_dir_all(root).unwrap();
-        let mut node = Nodelet {
-            proc: None,
-            name: name.into(),
-            root: root.to_path_buf(),
-            server: server.into(),
-            labels: labels.into(),
-            heartbeat_seconds,
-            extra_args,
-            netns: None,
-        };
+        let mut node = Self::unstarted(server, name, labels, root, extra_args);
+        node.heartbeat_seconds = heartbeat_seconds;
         node.restart();
         node
     }
@@ -324,8 +315,21 @@ impl Nodelet {
         root: &Path,
         extra_args: Vec<String>,
     ) -> Self {
+        let mut node = Self::unstarted(server, name, labels, root, extra_args);
+        node.netns = Some(netns.to_string());
+        node.restart();
+        node
+    }
+
+    fn unstarted(
+        server: &str,
+        name: &str,
+        labels: &str,
+        root: &Path,
+        extra_args: Vec<String>,
+    ) -> Self {
         std::fs::create_dir_all(root).unwrap();
-        let mut node = Nodelet {
+        Nodelet {
             proc: None,
             name: name.into(),
             root: root.to_path_buf(),
@@ -333,10 +337,8 @@ impl Nodelet {
             labels: labels.into(),
             heartbeat_seconds: 1,
             extra_args,
-            netns: Some(netns.to_string()),
-        };
-        node.restart();
-        node
+            netns: None,
+        }
     }
 
     pub fn restart(&mut self) {
