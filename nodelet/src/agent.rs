@@ -713,18 +713,9 @@ impl Agent {
                     .unwrap_or_default();
                 self.reset_probes(&name);
                 let _ = self.save();
-                if !self.let_go(&name, &before, None) {
-                    self.event(
-                        EventType::Normal,
-                        "Unassigned",
-                        "no longer assigned to this node; nothing it pinned is left unmanaged"
-                            .into(),
-                        Some(&name),
-                        None,
-                        None,
-                    );
-                }
+                self.let_go(&name, &before, None);
             }
+            self.sweep_conflicts();
         }
         self.check_disk();
         self.schedule_probes();
@@ -1282,15 +1273,16 @@ impl Agent {
     /// Reports the components `name` stopped pinning on this node: its spec went from
     /// `before` to `after`, or (`after` None) it is no longer assigned. Only those that no
     /// DesiredState of the assignment manages now are called unmanaged; one that two of them
-    /// pin is reported as in conflict. Returns whether an event was recorded.
+    /// pin is reported as in conflict, and remembered until the conflict is over
+    /// (`sweep_conflicts`).
     fn let_go(
-        &self,
+        &mut self,
         name: &str,
         before: &[Component],
         after: Option<&manifests::DesiredStateSpec>,
-    ) -> bool {
+    ) {
         let Some(assignment) = &self.assignment else {
-            return false;
+            return;
         };
         let left = before
             .iter()
@@ -1301,13 +1293,47 @@ impl Agent {
             None => "no longer assigned to this node",
             Some(_) => "not in its assigned spec any more",
         };
-        match standing.event(why) {
-            Some((kind, reason, message)) => {
-                self.event(kind, reason, message, Some(name), None, None);
-                true
-            }
-            None => false,
+        if let Some((kind, reason, message)) = standing.event(why, after.is_none()) {
+            self.event(kind, reason, message, Some(name), None, None);
         }
+        if !standing.in_conflict.is_empty() {
+            for (component, _) in standing.in_conflict {
+                self.state.conflicted.insert(component, name.to_string());
+            }
+            let _ = self.save();
+        }
+    }
+
+    /// Components let go of in a conflict, once the conflict is over: managed again by a
+    /// DesiredState (nothing to say), or by none (reported unmanaged, left as installed).
+    fn sweep_conflicts(&mut self) {
+        let Some(assignment) = &self.assignment else {
+            return;
+        };
+        let mut over = Vec::new();
+        for (component, owner) in &self.state.conflicted {
+            let standing = LetGo::of([component.as_str()], assignment, owner);
+            if standing.in_conflict.is_empty() {
+                over.push((component.clone(), owner.clone(), standing));
+            }
+        }
+        if over.is_empty() {
+            return;
+        }
+        for (component, owner, standing) in over {
+            self.state.conflicted.remove(&component);
+            if !standing.unmanaged.is_empty() {
+                self.event(
+                    EventType::Normal,
+                    "Unmanaged",
+                    format!("{component} left as installed: the conflict over it is over and no DesiredState on this node manages it now"),
+                    Some(&owner),
+                    None,
+                    Some(&component),
+                );
+            }
+        }
+        let _ = self.save();
     }
 
     /// Every touched step is back (or one could not be put back): record how it ended.
@@ -1699,8 +1725,9 @@ impl LetGo {
     }
 
     /// The event that says so, if there is anything to say: `Unmanaged` names only the
-    /// components nobody manages; a conflict alone is a `Conflict` warning.
-    fn event(&self, why: &str) -> Option<(EventType, &'static str, String)> {
+    /// components nobody manages; a conflict alone is a `Conflict` warning; a DesiredState
+    /// that is `gone` with nothing left unmanaged is `Unassigned`.
+    fn event(&self, why: &str, gone: bool) -> Option<(EventType, &'static str, String)> {
         let mut parts = Vec::new();
         if !self.unmanaged.is_empty() {
             parts.push(format!(
@@ -1719,18 +1746,24 @@ impl LetGo {
                 owners.join(" and ")
             ));
         }
-        if parts.is_empty() {
+        let (kind, reason) = if !self.unmanaged.is_empty() {
+            (EventType::Normal, "Unmanaged")
+        } else if !self.in_conflict.is_empty() {
+            (EventType::Warning, "Conflict")
+        } else if gone {
+            (EventType::Normal, "Unassigned")
+        } else {
             return None;
-        }
+        };
         for (component, owner) in &self.elsewhere {
             parts.push(format!("{component} stays managed by {owner}"));
         }
-        let message = format!("{why}: {}", parts.join("; "));
-        Some(if self.unmanaged.is_empty() {
-            (EventType::Warning, "Conflict", message)
+        let message = if parts.is_empty() {
+            why.to_string()
         } else {
-            (EventType::Normal, "Unmanaged", message)
-        })
+            format!("{why}: {}", parts.join("; "))
+        };
+        Some((kind, reason, message))
     }
 }
 
@@ -2352,7 +2385,9 @@ mod tests {
                 elsewhere: vec![("x".into(), "b".into())],
             }
         );
-        let (kind, reason, message) = standing.event("no longer assigned to this node").unwrap();
+        let (kind, reason, message) = standing
+            .event("no longer assigned to this node", true)
+            .unwrap();
         assert_eq!((kind, reason), (EventType::Normal, "Unmanaged"));
         assert_eq!(
             message,
@@ -2360,19 +2395,38 @@ mod tests {
              y is in conflict: pinned by b and c, applied by neither until one lets go of it; x stays managed by b"
         );
 
-        // Only taken over: nothing to say (the caller says the DesiredState went).
-        assert_eq!(LetGo::of(["x"], &now, "a").event("gone"), None);
+        // Only taken over: nothing to say about a spec; a DesiredState that went says so.
+        let taken = LetGo::of(["x"], &now, "a");
+        assert_eq!(
+            taken.event("not in its assigned spec any more", false),
+            None
+        );
+        assert_eq!(
+            taken.event("no longer assigned to this node", true),
+            Some((
+                EventType::Normal,
+                "Unassigned",
+                "no longer assigned to this node: x stays managed by b".to_string()
+            ))
+        );
         // Only in conflict: a Conflict warning, no Unmanaged.
         let (kind, reason, message) = LetGo::of(["y"], &now, "b")
-            .event("not in its assigned spec any more")
+            .event("not in its assigned spec any more", false)
             .unwrap();
         assert_eq!((kind, reason), (EventType::Warning, "Conflict"));
         assert!(
             !message.contains("unmanaged") && message.contains("y is in conflict"),
             "{message}"
         );
-        // A component still in the owner's own spec was not let go of.
+        // A component back in the owner's own spec was not let go of (a conflict that ended
+        // when the other DesiredState went).
         assert_eq!(LetGo::of(["x"], &now, "b"), LetGo::default());
+        // A conflict that ended with nobody pinning the component: now it is unmanaged.
+        let after = assignment(vec![assigned("c", 4, &["w"])], &[]);
+        assert_eq!(
+            LetGo::of(["y"], &after, "b").unmanaged,
+            vec!["y".to_string()]
+        );
     }
 
     #[test]

@@ -200,6 +200,11 @@ pub struct NodeState {
     pub failed_revisions: BTreeMap<String, BTreeSet<u64>>,
     /// Components managed before, by name: what they were pinned to (to notice removals from manifests).
     pub managed: BTreeMap<String, Component>,
+    /// Components a DesiredState let go of because another one pins them too (a conflict),
+    /// by name → that DesiredState: once the conflict is over and nobody pins them, they are
+    /// reported unmanaged.
+    #[serde(default)]
+    pub conflicted: BTreeMap<String, String>,
 }
 
 /// The state directory's files.
