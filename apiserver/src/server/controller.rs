@@ -809,8 +809,11 @@ impl Controller {
                     &node_event.reason,
                     &format!("node/{name}"),
                     match &node_event.component {
-                        Some(component) => format!("{component}: {}", node_event.message),
-                        None => node_event.message.clone(),
+                        // "demo: demo 1.2.0 failed" would say the name twice.
+                        Some(component) if !node_event.message.starts_with(component.as_str()) => {
+                            format!("{component}: {}", node_event.message)
+                        }
+                        _ => node_event.message.clone(),
                     },
                     Some(name.to_string()),
                     node_event.desired_state.clone(),
