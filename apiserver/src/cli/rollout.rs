@@ -77,8 +77,26 @@ fn exit_of(phase: RolloutPhase) -> u8 {
 enum Seen {
     /// Its rollout, as stored (it may be finished).
     Rollout(Box<RolloutObject>),
-    /// A newer revision's rollout replaced it.
-    Superseded(u64),
+    /// A newer revision's rollout replaced the object; how this one ended, from its events
+    /// (Complete, RolledBack, Aborted, or Superseded when it never ended).
+    Replaced(u64, RolloutPhase),
+}
+
+/// How revision `revision`'s rollout ended, from the events, once a newer one replaced it.
+fn ended(client: &Client, name: &str, revision: u64) -> Result<RolloutPhase, CliError> {
+    let events: Vec<Event> =
+        client.get(&format!("/api/v1/events?object=rollout/{name}&limit=10000"))?;
+    Ok(events
+        .iter()
+        .rev()
+        .filter(|e| e.revision == Some(revision) && e.object == format!("rollout/{name}"))
+        .find_map(|e| match e.reason.as_str() {
+            "RolloutComplete" => Some(RolloutPhase::Complete),
+            "RolledBack" => Some(RolloutPhase::RolledBack),
+            "RolloutAborted" => Some(RolloutPhase::Aborted),
+            _ => None,
+        })
+        .unwrap_or(RolloutPhase::Superseded))
 }
 
 /// Reads the rollout of exactly `revision`: never an older one.
@@ -97,8 +115,14 @@ fn look(client: &Client, name: &str, revision: u64) -> Result<Option<Seen>, CliE
         client.get_optional(&format!("/api/v1/rollouts/{name}"))?;
     Ok(match rollout {
         Some(r) if r.spec.revision == revision => Some(Seen::Rollout(Box::new(r))),
-        Some(r) if r.spec.revision > revision => Some(Seen::Superseded(r.spec.revision)),
-        _ if state.status.revision > revision => Some(Seen::Superseded(state.status.revision)),
+        Some(r) if r.spec.revision > revision => Some(Seen::Replaced(
+            r.spec.revision,
+            ended(client, name, revision)?,
+        )),
+        _ if state.status.revision > revision => Some(Seen::Replaced(
+            state.status.revision,
+            ended(client, name, revision)?,
+        )),
         // Stored before the server created rollouts with their revisions: the controller
         // creates it within a tick.
         _ => None,
@@ -120,9 +144,17 @@ fn follow(
     loop {
         let seen = look(client, name, revision)?;
         let (text, phase, rollout) = match &seen {
-            Some(Seen::Superseded(newer)) => (
+            Some(Seen::Replaced(newer, RolloutPhase::Superseded)) => (
                 format!("rollout/{name}: revision {revision} Superseded by revision {newer}\n"),
                 Some(RolloutPhase::Superseded),
+                None,
+            ),
+            Some(Seen::Replaced(newer, phase)) => (
+                format!(
+                    "rollout/{name}: revision {revision} {} (revision {newer} is rolling out now)\n",
+                    phase.as_str()
+                ),
+                Some(*phase),
                 None,
             ),
             Some(Seen::Rollout(rollout)) => {

@@ -156,6 +156,20 @@ pub fn step(
     nodes: &[NodeView],
     now: SystemTime,
 ) -> Option<Update> {
+    decide(state, current, nodes, now, None)
+}
+
+/// `step`, judging deadlines only from `judge_from` on: an apiserver that was down longer
+/// than a deadline has heard from no node yet when it starts, and must not fail them all
+/// for its own silence.
+pub fn decide(
+    state: &DesiredStateObject,
+    current: Option<&RolloutObject>,
+    nodes: &[NodeView],
+    now: SystemTime,
+    judge_from: Option<SystemTime>,
+) -> Option<Update> {
+    let judge = judge_from.is_none_or(|t| now >= t);
     let revision = state.status.revision;
     let last_good = state.status.last_good_revision;
     match current {
@@ -163,6 +177,9 @@ pub fn step(
         // were created with their revision): start one now.
         None if revision > last_good => plan(state, &pending(state, now), nodes, now, true),
         None => None,
+        // A rollout newer than the DesiredState this decision was handed: the snapshot is
+        // stale (an apply committed meanwhile). Never step backwards.
+        Some(r) if r.spec.revision > revision => None,
         Some(r) if r.spec.revision != revision => {
             if revision <= last_good {
                 return None;
@@ -189,7 +206,7 @@ pub fn step(
             RolloutPhase::Progressing if r.spec.plan.is_empty() => {
                 plan(state, r, nodes, now, false)
             }
-            RolloutPhase::Progressing => progress(state, r, nodes, now),
+            RolloutPhase::Progressing => progress(state, r, nodes, now, judge),
             _ => None,
         },
     }
@@ -221,6 +238,13 @@ fn plan(
             labels: n.labels.clone(),
         })
         .collect();
+    if !group.is_empty() && group.iter().all(|n| failed.contains_key(&n.name)) {
+        // Every node of the group failed it (within a generous maxFailures): nothing is left
+        // to try it on. Waiting would never end.
+        let mut next = rollout.clone();
+        next.spec.revision = revision;
+        return Some(abort(state, next, failed.clone(), group.len(), now));
+    }
     let allowed = spec.max_unavailable.allowed(group.len());
     let waiting = if group.is_empty() {
         Some((
@@ -304,9 +328,9 @@ fn progress(
     rollout: &RolloutObject,
     nodes: &[NodeView],
     now: SystemTime,
+    judge: bool,
 ) -> Option<Update> {
     let revision = state.status.revision;
-    let last_good = state.status.last_good_revision;
     let spec = &state.spec.rollout;
     let group: BTreeSet<&str> = selected(state, nodes)
         .iter()
@@ -314,17 +338,22 @@ fn progress(
         .collect();
     let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let current_wave = rollout.status.current_wave;
-    let Some(wave_started) = rollout.status.wave_started else {
-        // The wave waits for unavailable nodes (or their budget): try to begin it again.
-        return begin_wave(state, rollout, nodes, now, current_wave);
+    // None: the current wave waits to begin (unavailable nodes past the budget). The waves
+    // before it are judged all the same: a canary that reverts while a later wave waits
+    // stops the rollout before that wave is ever assigned.
+    let wave_started = rollout.status.wave_started;
+    let judged = if wave_started.is_some() {
+        current_wave + 1
+    } else {
+        current_wave
     };
-    let healthy_by = after(wave_started, spec.healthy_deadline_seconds);
+    let healthy_by = wave_started.and_then(|t| after(t, spec.healthy_deadline_seconds));
     let proven_by = healthy_by.and_then(|t| after(t, spec.bake_seconds));
 
     let mut failed = rollout.status.failed_nodes.clone();
     let mut baked_now = 0u64;
     let mut wave_baked = true;
-    for (index, wave) in rollout.spec.plan.iter().enumerate().take(current_wave + 1) {
+    for (index, wave) in rollout.spec.plan.iter().enumerate().take(judged) {
         for node_name in &wave.nodes {
             let Some(node) = by_name
                 .get(node_name.as_str())
@@ -361,9 +390,15 @@ fn progress(
             if index != current_wave {
                 continue;
             }
+            // Evidence from before the wave began is not about this wave (a DesiredState
+            // deleted and created again restarts its revision numbers).
             let heard_healthy = node
                 .healthy_received
-                .filter(|(r, _)| *r == revision && phase == Some(ComponentPhase::Healthy))
+                .filter(|(r, at)| {
+                    *r == revision
+                        && phase == Some(ComponentPhase::Healthy)
+                        && wave_started.is_some_and(|started| *at >= started)
+                })
                 .map(|(_, at)| at);
             let baked = heard_healthy
                 .and_then(|at| after(at, spec.bake_seconds))
@@ -374,6 +409,9 @@ fn progress(
                 continue;
             }
             wave_baked = false;
+            if !judge {
+                continue; // just restarted: the nodes have not been heard from yet
+            }
             let overdue = match heard_healthy {
                 None => healthy_by.is_some_and(|t| now > t).then(|| {
                     format!(
@@ -399,31 +437,7 @@ fn progress(
     next.status.failed_nodes = failed.clone();
     let allowed = spec.max_failures.allowed(group.len());
     if failed.len() > allowed {
-        next.status.phase = if spec.auto_revert {
-            RolloutPhase::RolledBack
-        } else {
-            RolloutPhase::Aborted
-        };
-        next.status.finished = Some(now);
-        next.status.message = format!("{} failed node(s), {allowed} allowed", failed.len());
-        let mut update = Update::of(next).event(
-            EventType::Warning,
-            "RolloutAborted",
-            format!(
-                "revision {revision} aborted in wave {}: {}",
-                current_wave + 1,
-                list(&failed)
-            ),
-        );
-        if spec.auto_revert {
-            update = update.event(
-                EventType::Warning,
-                "RolledBack",
-                format!("every node of the rollout goes back to revision {last_good}"),
-            );
-            update.clear_assignments = true;
-        }
-        return Some(update);
+        return Some(abort(state, next, failed, group.len(), now));
     }
     if next.status.failed_nodes != rollout.status.failed_nodes {
         let newly: BTreeMap<String, String> = failed
@@ -440,17 +454,22 @@ fn progress(
             format!("within the failure budget ({allowed}): {}", list(&newly)),
         ));
     }
+    if wave_started.is_none() {
+        // The wave waits for unavailable nodes (or their budget): try to begin it again.
+        return begin_wave(state, &next, nodes, now, current_wave);
+    }
     if !wave_baked {
         return None;
     }
     next.status.baked_nodes = next.status.baked_nodes.saturating_add(baked_now);
+    if next.status.baked_nodes == 0 {
+        // The wave's nodes left, failed within budget or were unavailable, and no earlier
+        // wave baked: nothing has proven the revision, so no larger wave may take it. Plan
+        // again over the nodes there are now, with a new first node as the canary.
+        next.spec.plan = vec![];
+        return plan(state, &next, nodes, now, true);
+    }
     if current_wave + 1 >= rollout.spec.plan.len() {
-        if next.status.baked_nodes == 0 {
-            // Every node of the plan left, failed within budget or was unavailable: nothing
-            // proves the revision. Plan again over the nodes there are now.
-            next.spec.plan = vec![];
-            return plan(state, &next, nodes, now, true);
-        }
         next.status.phase = RolloutPhase::Complete;
         next.status.current_wave = rollout.spec.plan.len();
         next.status.finished = Some(now);
@@ -474,6 +493,48 @@ fn progress(
         );
     }
     Some(update)
+}
+
+/// Aborts: Aborted, or RolledBack with every assignment removed (`autoRevert`).
+fn abort(
+    state: &DesiredStateObject,
+    mut next: RolloutObject,
+    failed: BTreeMap<String, String>,
+    group_size: usize,
+    now: SystemTime,
+) -> Update {
+    let spec = &state.spec.rollout;
+    let revision = state.status.revision;
+    let allowed = spec.max_failures.allowed(group_size);
+    next.status.failed_nodes = failed.clone();
+    next.status.phase = if spec.auto_revert {
+        RolloutPhase::RolledBack
+    } else {
+        RolloutPhase::Aborted
+    };
+    next.status.finished = Some(now);
+    next.status.message = format!("{} failed node(s), {allowed} allowed", failed.len());
+    let wave = next.status.current_wave + 1;
+    let mut update = Update::of(next).event(
+        EventType::Warning,
+        "RolloutAborted",
+        format!(
+            "revision {revision} aborted in wave {wave}: {}",
+            list(&failed)
+        ),
+    );
+    if spec.auto_revert {
+        update = update.event(
+            EventType::Warning,
+            "RolledBack",
+            format!(
+                "every node of the rollout goes back to revision {}",
+                state.status.last_good_revision
+            ),
+        );
+        update.clear_assignments = true;
+    }
+    update
 }
 
 /// Starts wave `index`: assigns the revision to its available nodes, or waits (the wave not
@@ -957,5 +1018,98 @@ mod tests {
         assert_ne!(update.rollout.status.phase, RolloutPhase::Complete);
         assert_eq!(update.last_good, None);
         assert_eq!(update.events[0].1, "WaitingForNodes");
+    }
+    #[test]
+    fn a_canary_that_reverts_while_a_later_wave_waits_stops_the_rollout_before_that_wave() {
+        let state = state(2, 1);
+        let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 1);
+        report(&mut nodes[0], 2, ComponentPhase::Healthy, 11);
+        let off = find(&nodes, &rollout.spec.plan[1].nodes[0]);
+        nodes[off].ready = false;
+        let waiting = step(&state, Some(&rollout), &nodes, at(11))
+            .unwrap()
+            .rollout;
+        assert_eq!(waiting.status.wave_started, None);
+        // The canary reverts while wave 2 waits; then the blocking node is deleted.
+        report(&mut nodes[0], 2, ComponentPhase::Reverted, 20);
+        nodes.remove(off);
+        let update = step(&state, Some(&waiting), &nodes, at(21)).unwrap();
+        assert_eq!(update.rollout.status.phase, RolloutPhase::RolledBack);
+        assert!(
+            update.assign.is_empty(),
+            "wave 2 is never assigned: {update:?}"
+        );
+    }
+
+    #[test]
+    fn a_wave_that_proved_nothing_is_planned_again_instead_of_growing() {
+        let state = state(2, 1);
+        let mut nodes: Vec<NodeView> = (0..4).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        // The canary is relabelled away before it baked: wave 2 must not start on nothing.
+        nodes[0].labels.insert("role".into(), "db".into());
+        let update = step(&state, Some(&rollout), &nodes, at(1)).unwrap();
+        assert_eq!(update.rollout.status.current_wave, 0);
+        assert_eq!(update.assign.len(), 1, "a new canary, alone: {update:?}");
+        assert_eq!(update.events[0].1, "RolloutStarted");
+    }
+
+    #[test]
+    fn every_node_failed_within_a_generous_budget_aborts_instead_of_waiting_forever() {
+        let mut state = state(2, 1);
+        state.spec.rollout.max_failures = FailureBudget::Percent(100);
+        let mut nodes = vec![node("n0", true)];
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        report(&mut nodes[0], 2, ComponentPhase::Reverted, 2);
+        let failed = step(&state, Some(&rollout), &nodes, at(2)).unwrap().rollout;
+        let update = step(&state, Some(&failed), &nodes, at(3)).unwrap();
+        let update = if update.rollout.status.phase == RolloutPhase::Progressing {
+            step(&state, Some(&update.rollout), &nodes, at(4)).unwrap()
+        } else {
+            update
+        };
+        assert_eq!(
+            update.rollout.status.phase,
+            RolloutPhase::RolledBack,
+            "{update:?}"
+        );
+    }
+
+    #[test]
+    fn a_stale_desired_state_never_steps_a_rollout_backwards() {
+        let nodes: Vec<NodeView> = (0..2).map(|i| node(&format!("n{i}"), i == 0)).collect();
+        let newer = pending(&state(3, 1), at(0));
+        assert_eq!(step(&state(2, 1), Some(&newer), &nodes, at(1)), None);
+    }
+
+    #[test]
+    fn deadlines_wait_for_the_nodes_to_be_heard_after_a_restart() {
+        let state = state(2, 1);
+        let nodes = vec![node("n0", true)];
+        let rollout = started(&state, &nodes, at(0)).rollout;
+        // Long past the deadline, but the apiserver just started: nobody is judged yet.
+        assert_eq!(
+            decide(&state, Some(&rollout), &nodes, at(500), Some(at(505))),
+            None
+        );
+        let update = decide(&state, Some(&rollout), &nodes, at(506), Some(at(505))).unwrap();
+        assert_eq!(update.rollout.status.phase, RolloutPhase::RolledBack);
+    }
+
+    #[test]
+    fn healthy_evidence_from_before_the_wave_does_not_count() {
+        let state = state(1, 0);
+        let mut nodes = vec![node("n0", true), node("n1", false)];
+        // An earlier incarnation of the DesiredState left a Healthy report at revision 1.
+        report(&mut nodes[0], 1, ComponentPhase::Healthy, 0);
+        let rollout = started(&state, &nodes, at(100)).rollout;
+        nodes[0].last_report = Some(at(101));
+        assert_eq!(
+            step(&state, Some(&rollout), &nodes, at(101)),
+            None,
+            "not baked on old evidence"
+        );
     }
 }

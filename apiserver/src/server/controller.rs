@@ -7,7 +7,7 @@
 //! are told.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use manifests::wire::*;
@@ -134,7 +134,13 @@ struct Live {
 }
 
 /// The apiserver's object logic.
+///
+/// Its locks are taken with `unwrap_or_else(PoisonError::into_inner)`: a rollout decision
+/// that panics is caught (one DesiredState's problem), and must not poison every later
+/// request through a lock it held.
 pub struct Controller {
+    /// When this process started: deadlines are judged only after nodes could report.
+    started: SystemTime,
     store: Arc<dyn Store>,
     config: ControllerConfig,
     changes: broadcast::Sender<Change>,
@@ -194,6 +200,7 @@ impl Controller {
         let (changes, _) = broadcast::channel(4096);
         let (epoch, _) = watch::channel(0);
         let controller = Arc::new(Controller {
+            started: SystemTime::now(),
             store,
             config,
             changes,
@@ -216,7 +223,10 @@ impl Controller {
             .iter()
             .map(|(name, at)| (name.clone(), controller.fresh(*at, now)))
             .collect();
-        let mut live = controller.live.lock().expect("not poisoned");
+        let mut live = controller
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         live.ready = ready;
         live.heartbeats = heartbeats;
         drop(live);
@@ -262,7 +272,10 @@ impl Controller {
 
     /// Reloads the cache of DesiredStates, revisions in use and assignments from the store.
     pub fn refresh(&self) -> Result<(), StoreError> {
-        let _one_at_a_time = self.refreshing.lock().expect("not poisoned");
+        let _one_at_a_time = self
+            .refreshing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut cache = Cache::default();
         for (key, value) in self.store.scan_prefix(Table::DesiredStates, b"")? {
             let object: DesiredStateObject = decode(Table::DesiredStates, &key, &value)?;
@@ -291,7 +304,11 @@ impl Controller {
         for per_node in cache.assignments.values() {
             wanted.extend(per_node.iter().map(|(s, r)| (s.clone(), *r)));
         }
-        let old = self.cache.read().expect("not poisoned").clone();
+        let old = self
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         for (state, revision) in wanted {
             if revision == 0 || cache.revisions.contains_key(&(state.clone(), revision)) {
                 continue;
@@ -315,12 +332,15 @@ impl Controller {
                 cache.revisions.insert((state, revision), revision_object);
             }
         }
-        *self.cache.write().expect("not poisoned") = Arc::new(cache);
+        *self.cache.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(cache);
         Ok(())
     }
 
     fn cache(&self) -> Arc<Cache> {
-        self.cache.read().expect("not poisoned").clone()
+        self.cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     // ---- DesiredStates ------------------------------------------------------
@@ -481,6 +501,11 @@ impl Controller {
                 let name = &object.metadata.name;
                 let previous: Option<RolloutObject> =
                     get_json(txn, Table::Rollouts, name.as_bytes())?;
+                // A pause holds across a new revision, as `kubectl rollout pause` does: the
+                // operator stopped the group for a reason.
+                let paused = previous
+                    .as_ref()
+                    .is_some_and(|r| r.status.phase == RolloutPhase::Paused);
                 if let Some(old) = previous.filter(|r| !r.status.phase.is_terminal()) {
                     let event = self.new_event(
                         seq,
@@ -503,6 +528,13 @@ impl Controller {
                 }
                 let mut rollout = crate::rollout::pending(object, now);
                 rollout.metadata.resource_version = version.clone();
+                if paused {
+                    rollout.status.phase = RolloutPhase::Paused;
+                    rollout.status.message = format!(
+                        "paused, as the rollout it replaced was: `shoal rollout resume {name}` starts revision {}",
+                        revision.revision
+                    );
+                }
                 txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
                 rollouts.push(rollout);
                 let _ = change;
@@ -830,7 +862,7 @@ impl Controller {
             self.store.flush()?;
         }
         if let Some(host) = &report.host {
-            let mut live = self.live.lock().expect("not poisoned");
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             let history = live.host_history.entry(name.to_string()).or_default();
             history.push_back(HostSample {
                 time: now,
@@ -841,7 +873,7 @@ impl Controller {
             }
         }
         let was_ready = {
-            let mut live = self.live.lock().expect("not poisoned");
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             live.heartbeats.insert(name.to_string(), now);
             live.ready.insert(name.to_string(), true)
         };
@@ -881,7 +913,7 @@ impl Controller {
         if let Some(history) = self
             .live
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .host_history
             .get(&node.metadata.name)
         {
@@ -926,7 +958,7 @@ impl Controller {
         // every two seconds was a visible share of the apiserver's CPU.
         let mut flipped = Vec::new();
         {
-            let mut live = self.live.lock().expect("not poisoned");
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             let states: Vec<(String, bool)> = live
                 .heartbeats
                 .iter()
@@ -997,16 +1029,35 @@ impl Controller {
             return self.get_node(name);
         }
         let now = SystemTime::now();
-        let keep: BTreeMap<String, u64> = self
-            .assignment_for(&stored.object)
-            .states
-            .iter()
-            .map(|s| (s.name.clone(), s.revision))
-            .collect();
+        let states: Vec<String> = self.cache().states.keys().cloned().collect();
         let version = self.store.next_version()?.to_string();
         let seq = self.store.next_version()?;
         let (node, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
             let mut stored = node_in(txn, name)?;
+            // What it is assigned now, read in this transaction: a wave that starts
+            // meanwhile either lands before (and is kept) or conflicts and retries.
+            let mut keep = BTreeMap::new();
+            for state_name in &states {
+                let Some(state) = get_json::<DesiredStateObject>(
+                    txn,
+                    Table::DesiredStates,
+                    state_name.as_bytes(),
+                )?
+                else {
+                    continue;
+                };
+                if !state.spec.selector.matches(&stored.object.metadata.labels) {
+                    continue;
+                }
+                let key = store::assignment_key(name, state_name);
+                let revision = match txn.get(Table::Assignments, &key)? {
+                    Some(bytes) => decode::<u64>(Table::Assignments, &key, &bytes)?,
+                    None => state.status.last_good_revision,
+                };
+                if revision > 0 {
+                    keep.insert(state_name.clone(), revision);
+                }
+            }
             let (reason, message) = if cordon {
                 stored.object.status.cordoned = Some(Cordon {
                     since: now,
@@ -1059,17 +1110,14 @@ impl Controller {
     /// Forgets a node: its record, its token and its assignments. A nodelet that comes back
     /// must join again.
     pub fn delete_node(&self, name: &str, actor: &str) -> Result<NodeObject, ApiError> {
+        // Every DesiredState's key, not only those the cache shows assigned: a wave that
+        // started since the cache was built must not leave a row for a rejoining namesake.
         let assignments: Vec<Vec<u8>> = self
             .cache()
-            .assignments
-            .get(name)
-            .map(|per_node| {
-                per_node
-                    .keys()
-                    .map(|state| store::assignment_key(name, state))
-                    .collect()
-            })
-            .unwrap_or_default();
+            .states
+            .keys()
+            .map(|state| store::assignment_key(name, state))
+            .collect();
         let now = SystemTime::now();
         let seq = self.store.next_version()?;
         let (node, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
@@ -1095,7 +1143,7 @@ impl Controller {
         self.store.flush()?;
         self.refresh()?;
         {
-            let mut live = self.live.lock().expect("not poisoned");
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             live.heartbeats.remove(name);
             live.ready.remove(name);
             live.host_history.remove(name);
@@ -1351,7 +1399,10 @@ impl Controller {
 
     /// One rollout.
     pub fn get_rollout(&self, name: &str) -> Result<RolloutObject, ApiError> {
-        let _visible = self.rollout_gate.read().expect("not poisoned");
+        let _visible = self
+            .rollout_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let bytes = self
             .store
             .get(Table::Rollouts, name.as_bytes())?
@@ -1364,7 +1415,10 @@ impl Controller {
 
     /// Every rollout, by name.
     pub fn list_rollouts(&self) -> Result<Vec<RolloutObject>, ApiError> {
-        let _visible = self.rollout_gate.read().expect("not poisoned");
+        let _visible = self
+            .rollout_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         self.store
             .scan_prefix(Table::Rollouts, b"")?
             .into_iter()
@@ -1463,9 +1517,9 @@ impl Controller {
                     })
                     .collect();
                 crate::rollout::NodeView {
-                    // A node that never reported is not "NotReady during its wave": the
-                    // wave's deadline judges it instead.
-                    ready: node.status.last_heartbeat.is_none() || self.is_ready(&node, now),
+                    // A node that registered and never reported is not available: a wave
+                    // goes on without it (within maxUnavailable) or waits for it.
+                    ready: self.is_ready(&node, now),
                     cordoned: node.status.cordoned.is_some(),
                     last_report: node.status.last_heartbeat,
                     healthy_received,
@@ -1488,7 +1542,7 @@ impl Controller {
         for state in states {
             let name = state.metadata.name.clone();
             let due = {
-                let live = self.live.lock().expect("not poisoned");
+                let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                 live.rollout_backoff
                     .get(&name)
                     .is_none_or(|b| now >= b.retry_at)
@@ -1501,7 +1555,7 @@ impl Controller {
             }));
             let error = match outcome {
                 Ok(Ok(())) => {
-                    let mut live = self.live.lock().expect("not poisoned");
+                    let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                     if live.rollout_backoff.remove(&name).is_some() {
                         tracing::info!(desired_state = %name, "rollout decisions work again");
                     }
@@ -1518,11 +1572,11 @@ impl Controller {
                 ),
             };
             let (failures, delay) = {
-                let mut live = self.live.lock().expect("not poisoned");
+                let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                 let backoff = live.rollout_backoff.entry(name.clone()).or_default();
                 backoff.failures = backoff.failures.saturating_add(1);
                 // 1 s, 2 s, 4 s … up to 5 minutes.
-                let delay = Duration::from_secs(1u64 << backoff.failures.min(9))
+                let delay = Duration::from_secs(1u64 << (backoff.failures - 1).min(9))
                     .min(Duration::from_secs(300));
                 backoff.retry_at = now + delay;
                 (backoff.failures, delay)
@@ -1567,7 +1621,12 @@ impl Controller {
             return Ok(());
         }
         let nodes = self.node_views(name, now)?;
-        if let Some(update) = crate::rollout::step(state, current.as_ref(), &nodes, now) {
+        // After a restart, nodes get a heartbeat's grace to be heard before deadlines count:
+        // an outage of the apiserver is not the nodes' silence.
+        let judge_from = self.started + self.config.ready_grace;
+        if let Some(update) =
+            crate::rollout::decide(state, current.as_ref(), &nodes, now, Some(judge_from))
+        {
             self.write_rollout(
                 name,
                 current
@@ -1599,7 +1658,30 @@ impl Controller {
             .collect();
         let mut rollout = update.rollout.clone();
         rollout.metadata.resource_version = version.clone();
-        let visible = self.rollout_gate.write().expect("not poisoned");
+        // Rolled back: a cordoned node pinned to the aborted revision (or to any revision
+        // that never became good) goes back to the last good one like every other node.
+        let rolled_back = update.clear_assignments
+            && update.last_good.is_none()
+            && rollout.status.phase == RolloutPhase::RolledBack;
+        let pinned: Vec<String> = if rolled_back {
+            self.list_nodes_raw()?
+                .into_iter()
+                .filter(|n| {
+                    n.object.status.cordoned.as_ref().is_some_and(|c| {
+                        c.revisions
+                            .get(name)
+                            .is_some_and(|r| *r > rollout.spec.from_revision)
+                    })
+                })
+                .map(|n| n.object.metadata.name)
+                .collect()
+        } else {
+            vec![]
+        };
+        let visible = self
+            .rollout_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let events = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
             // Another writer (pause, undo) got there first: decide again next tick.
             let stored: Option<RolloutObject> = get_json(txn, Table::Rollouts, name.as_bytes())?;
@@ -1610,13 +1692,30 @@ impl Controller {
                 });
             }
             // Deleted since the tick read it: a rollout must not outlive its DesiredState.
-            if txn.get(Table::DesiredStates, name.as_bytes())?.is_none() {
+            // Applied since: the decision was about an older revision.
+            let state: Option<DesiredStateObject> =
+                get_json(txn, Table::DesiredStates, name.as_bytes())?;
+            if state.is_none_or(|s| s.status.revision != rollout.spec.revision) {
                 return Err(ApiError::Conflict {
-                    message: "DesiredState deleted meanwhile".into(),
+                    message: "DesiredState deleted or applied meanwhile".into(),
                     hint: String::new(),
                 });
             }
             txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
+            for node_name in &pinned {
+                if let Some(mut node) =
+                    get_json::<StoredNode>(txn, Table::Nodes, node_name.as_bytes())?
+                {
+                    if let Some(cordon) = &mut node.object.status.cordoned {
+                        match rollout.spec.from_revision {
+                            0 => cordon.revisions.remove(name),
+                            good => cordon.revisions.insert(name.to_string(), good),
+                        };
+                    }
+                    node.object.metadata.resource_version = version.clone();
+                    txn.put(Table::Nodes, node_name.as_bytes(), encode(&node))?;
+                }
+            }
             if update.clear_assignments {
                 for key in &existing_assignments {
                     txn.delete(Table::Assignments, key)?;
@@ -2271,8 +2370,8 @@ mod tests {
             manifest("c", "db", &[("shared", "3.0-1")]),
         );
         c.apply(inputs(&both), false).unwrap();
-        register(&c, "web-1", "web");
-        register(&c, "db-1", "db");
+        heard(&c, "web-1", "web");
+        heard(&c, "db-1", "db");
         // The rollout controller assigns the first wave (here: each group's only node).
         c.reconcile_rollouts(SystemTime::now()).unwrap();
 
@@ -2652,6 +2751,12 @@ mod tests {
         .unwrap();
     }
 
+    /// Registers a node that has reported once (a node never heard from takes no wave).
+    fn heard(c: &Controller, name: &str, role: &str) {
+        register(c, name, role);
+        c.report(name, NodeReport::default()).unwrap();
+    }
+
     fn assigned(c: &Controller, node: &str, state: &str) -> Option<u64> {
         c.assignment(node)
             .unwrap()
@@ -2664,7 +2769,7 @@ mod tests {
     #[test]
     fn a_revision_has_its_pending_rollout_at_once_and_it_can_be_paused_before_planning() {
         let c = controller();
-        register(&c, "n1", "web");
+        heard(&c, "n1", "web");
         let result = apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
         let rollout = c.get_rollout("web").unwrap();
         assert_eq!(rollout.spec.revision, result.revision);
@@ -2685,7 +2790,7 @@ mod tests {
     #[test]
     fn bakes_count_from_when_the_server_received_healthy() {
         let c = controller();
-        register(&c, "n1", "web");
+        heard(&c, "n1", "web");
         let yaml = manifest("web", "web", &[("tool", "1.0")]).replace(
             "  components:",
             "  rollout: {waves: ['100%'], bakeSeconds: 1000}\n  components:",
@@ -2744,7 +2849,7 @@ mod tests {
     #[test]
     fn a_cordoned_node_keeps_its_revision_and_a_deleted_node_is_forgotten() {
         let c = controller();
-        register(&c, "n1", "web");
+        heard(&c, "n1", "web");
         apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
         c.reconcile_rollouts(SystemTime::now()).unwrap();
         assert_eq!(assigned(&c, "n1", "web"), Some(1));
@@ -2779,10 +2884,85 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_holds_across_a_new_revision() {
+        let c = controller();
+        heard(&c, "n1", "web");
+        apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
+        c.set_rollout_paused("web", true).unwrap();
+        apply(&c, &manifest("web", "web", &[("tool", "2.0")]));
+        let rollout = c.get_rollout("web").unwrap();
+        assert_eq!(
+            (rollout.spec.revision, rollout.status.phase),
+            (2, RolloutPhase::Paused)
+        );
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        assert_eq!(assigned(&c, "n1", "web"), None);
+    }
+
+    #[test]
+    fn a_cordoned_node_pinned_to_an_aborted_revision_goes_back_with_the_others() {
+        let c = controller();
+        heard(&c, "n1", "web");
+        let quick = |version: &str| {
+            manifest("web", "web", &[("tool", version)]).replace(
+                "  components:",
+                "  rollout: {waves: ['100%'], bakeSeconds: 0}\n  components:",
+            )
+        };
+        apply(&c, &quick("1.0"));
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        healthy(&c, "n1", "web", 1, SystemTime::now());
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        assert_eq!(
+            c.get_desired_state("web")
+                .unwrap()
+                .status
+                .last_good_revision,
+            1
+        );
+        apply(&c, &quick("2.0"));
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        assert_eq!(assigned(&c, "n1", "web"), Some(2));
+        c.set_cordon("n1", true, "ops").unwrap();
+        c.report(
+            "n1",
+            NodeReport {
+                applied: vec![AppliedState {
+                    desired_state: "web".into(),
+                    revision: 2,
+                    phase: ComponentPhase::Reverted,
+                    commit: None,
+                    healthy_since: None,
+                }],
+                ..NodeReport::default()
+            },
+        )
+        .unwrap();
+        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        let rollout = c.get_rollout("web").unwrap();
+        assert_eq!(
+            rollout.status.phase,
+            RolloutPhase::RolledBack,
+            "{rollout:?}"
+        );
+        assert_eq!(
+            assigned(&c, "n1", "web"),
+            Some(1),
+            "back to the last good revision"
+        );
+        let cordon = c.get_node("n1").unwrap().status.cordoned.unwrap();
+        assert_eq!(
+            cordon.revisions.get("web"),
+            Some(&1),
+            "and still cordoned there"
+        );
+    }
+
+    #[test]
     fn one_broken_rollout_does_not_stop_the_others() {
         let c = controller();
-        register(&c, "n1", "web");
-        register(&c, "n2", "db");
+        heard(&c, "n1", "web");
+        heard(&c, "n2", "db");
         apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
         apply(&c, &manifest("db", "db", &[("pg", "1.0")]));
         // web's rollout record is unreadable: its decisions fail, db's go on.
