@@ -122,8 +122,18 @@ impl Default for Backoff {
     }
 }
 
+/// Events one node report may carry; the rest are dropped (and that is recorded). A nodelet
+/// sends at most 100 per report.
+pub const MAX_EVENTS_PER_REPORT: usize = 200;
+
+/// The fewest events any node may keep, however many nodes share the retention.
+const MIN_NODE_EVENT_SHARE: usize = 20;
+
 #[derive(Default)]
 struct Live {
+    /// Sequence numbers of the stored events about each node, oldest first: a node's share
+    /// of the retention is enforced from here without scanning the events.
+    node_events: HashMap<String, VecDeque<u64>>,
     /// DesiredStates whose rollout decision failed, and when to try again.
     rollout_backoff: HashMap<String, Backoff>,
     host_history: HashMap<String, VecDeque<HostSample>>,
@@ -223,12 +233,20 @@ impl Controller {
             .iter()
             .map(|(name, at)| (name.clone(), controller.fresh(*at, now)))
             .collect();
+        let mut node_events: HashMap<String, VecDeque<u64>> = HashMap::new();
+        for (key, value) in controller.store.scan_prefix(Table::Events, b"")? {
+            let event: Event = decode(Table::Events, &key, &value)?;
+            if let Some(node) = event.node {
+                node_events.entry(node).or_default().push_back(event.seq);
+            }
+        }
         let mut live = controller
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         live.ready = ready;
         live.heartbeats = heartbeats;
+        live.node_events = node_events;
         drop(live);
         Ok(controller)
     }
@@ -821,7 +839,23 @@ impl Controller {
     /// Stores a node's heartbeat report and turns its events into Events.
     pub fn report(&self, name: &str, mut report: NodeReport) -> Result<(), ApiError> {
         let now = SystemTime::now();
-        let node_events = std::mem::take(&mut report.events);
+        let mut node_events = std::mem::take(&mut report.events);
+        if node_events.len() > MAX_EVENTS_PER_REPORT {
+            // A flood (or a forgery) keeps its newest events and says what it lost.
+            let sent = node_events.len();
+            node_events.drain(..sent - MAX_EVENTS_PER_REPORT);
+            node_events.push(NodeEvent {
+                time: now,
+                kind: EventType::Warning,
+                reason: "EventsDropped".into(),
+                message: format!(
+                    "the node sent {sent} events in one report; kept the newest {MAX_EVENTS_PER_REPORT}"
+                ),
+                desired_state: None,
+                revision: None,
+                component: None,
+            });
+        }
         let version = self.store.next_version()?.to_string();
         let seqs = self.seqs(node_events.len())?;
         let (object, events) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
@@ -1147,6 +1181,8 @@ impl Controller {
             live.heartbeats.remove(name);
             live.ready.remove(name);
             live.host_history.remove(name);
+            // Its history stays (it is about what happened) and ages out with the rest.
+            live.node_events.remove(name);
         }
         self.bump_epoch();
         self.publish(Kind::Node, ChangeType::Deleted, name, &node);
@@ -1333,16 +1369,48 @@ impl Controller {
                 event,
             );
         }
+        // Each node's share of the retention: one node's flood evicts its own history only.
+        let over_share: Vec<Vec<u8>> = {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let nodes = live.node_events.len().max(live.heartbeats.len()).max(1);
+            let share = (self.config.event_retention / nodes).max(MIN_NODE_EVENT_SHARE);
+            let mut drop = Vec::new();
+            for event in events {
+                let Some(node) = &event.node else { continue };
+                let queue = live.node_events.entry(node.clone()).or_default();
+                queue.push_back(event.seq);
+                while queue.len() > share {
+                    if let Some(seq) = queue.pop_front() {
+                        drop.push(seq.to_be_bytes().to_vec());
+                    }
+                }
+            }
+            drop
+        };
+        if !over_share.is_empty() {
+            self.store.remove_keys(Table::Events, &over_share)?;
+        }
         let count = self.store.len(Table::Events)?;
         if count > self.config.event_retention {
             let excess = count - self.config.event_retention;
-            let oldest: Vec<Vec<u8>> = self
-                .store
-                .scan_from(Table::Events, b"", excess)?
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
-            self.store.remove_keys(Table::Events, &oldest)?;
+            let oldest = self.store.scan_from(Table::Events, b"", excess)?;
+            {
+                let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+                for (key, value) in &oldest {
+                    if let Ok(Event {
+                        node: Some(node),
+                        seq,
+                        ..
+                    }) = decode::<Event>(Table::Events, key, value)
+                    {
+                        if let Some(queue) = live.node_events.get_mut(&node) {
+                            queue.retain(|s| *s != seq);
+                        }
+                    }
+                }
+            }
+            let keys: Vec<Vec<u8>> = oldest.into_iter().map(|(k, _)| k).collect();
+            self.store.remove_keys(Table::Events, &keys)?;
         }
         Ok(())
     }
@@ -2620,6 +2688,66 @@ mod tests {
         assert_eq!(c.events(after, 100, None).unwrap().len(), 2);
         assert_eq!(c.events(0, 1, None).unwrap().len(), 1);
         assert_eq!(c.events(0, 100, Some("desiredstate/t3")).unwrap().len(), 1);
+    }
+
+    fn node_event(reason: &str, i: usize) -> NodeEvent {
+        NodeEvent {
+            time: SystemTime::now(),
+            kind: EventType::Normal,
+            reason: reason.into(),
+            message: format!("event {i}"),
+            desired_state: None,
+            revision: None,
+            component: None,
+        }
+    }
+
+    #[test]
+    fn a_flooding_node_evicts_only_its_own_history() {
+        let c = controller_with(ControllerConfig {
+            event_retention: 100,
+            ..ControllerConfig::default()
+        });
+        for name in ["quiet", "loud", "other"] {
+            heard(&c, name, "web");
+        }
+        let report = |name: &str, events: Vec<NodeEvent>| {
+            c.report(
+                name,
+                NodeReport {
+                    events,
+                    ..NodeReport::default()
+                },
+            )
+            .unwrap()
+        };
+        report("quiet", (0..5).map(|i| node_event("Drift", i)).collect());
+        for round in 0..5 {
+            report(
+                "loud",
+                (0..1000)
+                    .map(|i| node_event("Forged", round * 1000 + i))
+                    .collect(),
+            );
+        }
+        let about = |node: &str| c.events(0, 10_000, Some(&format!("node/{node}"))).unwrap();
+        let quiet = about("quiet");
+        assert_eq!(
+            quiet.iter().filter(|e| e.reason == "Drift").count(),
+            5,
+            "{quiet:?}"
+        );
+        let loud = about("loud");
+        assert!(
+            loud.len() <= 100 / 3,
+            "{} events kept for the flooder",
+            loud.len()
+        );
+        let last = loud.last().unwrap();
+        assert_eq!(last.reason, "EventsDropped", "{last:?}");
+        assert!(last.message.contains("sent 1000 events"), "{last:?}");
+        assert!(about("other").iter().any(|e| e.reason == "Registered"));
+        assert!(c.store().len(Table::Events).unwrap() <= 100);
     }
 
     fn ready(c: &Controller, name: &str) -> ConditionStatus {
