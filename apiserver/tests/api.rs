@@ -964,6 +964,32 @@ fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() {
     );
     nothing_new("malformed YAML");
 
+    // Deeply nested flow collections (200 KB) and a flat flood of items: refused before the
+    // YAML parser sees them, which would take seconds and hundreds of MB.
+    let nested = format!(
+        "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: deep}}\nspec: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let body = server.apply("", &nested, None).error(400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("nested deeper than 64 levels"),
+        "{body}"
+    );
+    let flood = format!(
+        "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: flood}}\nspec: [{}1]\n",
+        "1,".repeat(60_000)
+    );
+    let body = server.apply("", &flood, None).error(400);
+    assert!(
+        body["error"].as_str().unwrap().contains("more than 50000"),
+        "{body}"
+    );
+    nothing_new("hostile YAML");
+
     // Unknown field: 422 with details and the field path.
     let typo =
         manifest("typo", "web", &[("nginx", "1.0-1")]).replace("matchLabels:", "matchLabel:");

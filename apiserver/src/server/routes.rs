@@ -687,29 +687,33 @@ async fn apply(
 ) -> Result<Json<manifests::wire::ApplyResponse>, ApiError> {
     let actor = caller.operator()?.to_string();
     let bytes = body(raw, &state)?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| {
-        ApiError::bad_request("the body is not UTF-8 text", "send YAML or JSON manifests")
-    })?;
-    let loaded = manifests::parse_str("<request>", text);
-    if !loaded.is_ok() {
-        return Err(ApiError::from_diagnostics(loaded.diagnostics));
-    }
-    let inputs = loaded
-        .objects
-        .into_iter()
-        .map(|parsed| ApplyInput {
-            object: parsed.object,
-            source: RevisionSource {
-                kind: "apply".into(),
-                actor: Some(actor.clone()),
-                ..RevisionSource::default()
-            },
-        })
-        .collect();
     let controller = state.controller.clone();
-    let response = tokio::task::spawn_blocking(move || controller.apply(inputs, q.dry_run))
-        .await
-        .expect("apply does not panic")?;
+    // Parsing is CPU work bounded by the parser's budget, not I/O: on the blocking pool, so
+    // a large or hostile body never stalls the async workers that answer everyone else.
+    let response = tokio::task::spawn_blocking(move || {
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
+            ApiError::bad_request("the body is not UTF-8 text", "send YAML or JSON manifests")
+        })?;
+        let loaded = manifests::parse_str("<request>", text);
+        if !loaded.is_ok() {
+            return Err(ApiError::from_diagnostics(loaded.diagnostics));
+        }
+        let inputs = loaded
+            .objects
+            .into_iter()
+            .map(|parsed| ApplyInput {
+                object: parsed.object,
+                source: RevisionSource {
+                    kind: "apply".into(),
+                    actor: Some(actor.clone()),
+                    ..RevisionSource::default()
+                },
+            })
+            .collect();
+        controller.apply(inputs, q.dry_run)
+    })
+    .await
+    .expect("apply does not panic")?;
     if !response.dry_run {
         for result in &response.results {
             state.metrics.count_apply(match result.action {
