@@ -2383,3 +2383,52 @@ fn a_single_node_rollout_completes_on_healthy_reports_and_rolls_back_on_a_revert
         .ok(200);
     assert_eq!(rollout_events(&again), history);
 }
+
+// ---- the edge: connections that abuse the server ------------------------------
+
+#[test]
+fn a_slowloris_connection_is_closed_while_everyone_else_is_served() {
+    use std::io::{Read, Write};
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &[]);
+    let address = server.url.trim_start_matches("http://").to_string();
+    let mut slow = std::net::TcpStream::connect(&address).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut byte = 0usize;
+    // Headers at a few bytes a second, never finished: the server must hang up within its
+    // header-read timeout (10 s), and answer others meanwhile.
+    let closed = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the slow connection was never closed"
+        );
+        let header = format!("X-Slow-{byte}: a\r\n");
+        byte += 1;
+        if slow.write_all(header.as_bytes()).is_err() {
+            break started.elapsed();
+        }
+        let mut buffer = [0u8; 256];
+        match slow.read(&mut buffer) {
+            Ok(0) => break started.elapsed(),
+            Ok(_) => {} // a 408 or similar, then the close
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break started.elapsed(),
+        }
+        assert_eq!(
+            server.get("/healthz", None).status,
+            200,
+            "others are served"
+        );
+    };
+    assert!(
+        closed >= Duration::from_secs(5),
+        "closed after {closed:?}: too eager for a slow link"
+    );
+    eprintln!("slowloris connection closed after {closed:?}");
+}

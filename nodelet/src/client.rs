@@ -60,6 +60,10 @@ impl HttpClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(2)
+            // The apiserver closes an HTTP/1 connection that sends no request head for 10 s
+            // (its slowloris guard). Let go of idle ones first, so a heartbeat never races
+            // the server's close on a connection it is about to reuse.
+            .pool_idle_timeout(Duration::from_secs(8))
             .build()
             .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
         Ok(HttpClient {

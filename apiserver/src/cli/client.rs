@@ -63,6 +63,9 @@ impl Client {
         let http = Http::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
+            // Under the apiserver's 10 s header-read timeout: a watch that waits never
+            // reuses a connection the server is closing.
+            .pool_idle_timeout(Duration::from_secs(8))
             .build()
             .map_err(|e| {
                 CliError::new(

@@ -169,22 +169,38 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     let service = app.into_make_service();
     let served = match tls {
         Some(tls) => {
-            axum_server::from_tcp_rustls(listener, tls)
-                .handle(handle)
-                .serve(service)
-                .await
+            let mut server = axum_server::from_tcp_rustls(listener, tls);
+            harden(server.http_builder());
+            server.handle(handle).serve(service).await
         }
         None => {
-            axum_server::from_tcp(listener)
-                .handle(handle)
-                .serve(service)
-                .await
+            let mut server = axum_server::from_tcp(listener);
+            harden(server.http_builder());
+            server.handle(handle).serve(service).await
         }
     };
     served.map_err(|e| format!("server failed: {e}"))?;
     store.flush().map_err(|e| e.to_string())?;
     tracing::info!("apiserver stopped");
     Ok(())
+}
+
+/// A client has this long to send a request's headers: a slowloris connection (headers at
+/// a byte a second) is closed, not kept for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection-level timeouts: headers must arrive within `HEADER_READ_TIMEOUT` (HTTP/1), and
+/// an HTTP/2 peer that stops answering pings is dropped.
+fn harden(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>) {
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
 }
 
 async fn shutdown_signal() {
