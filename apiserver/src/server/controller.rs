@@ -511,7 +511,7 @@ impl Controller {
             }
             let mut rollouts = Vec::new();
             let mut seqs = seqs[inputs.len()..].iter().copied();
-            for (change, object, revision) in &written {
+            for (_, object, revision) in &written {
                 let seq = seqs.next().expect("one per input");
                 let Some(revision) = revision else { continue };
                 // The rollout exists from the moment its revision does, so `rollout status
@@ -555,7 +555,6 @@ impl Controller {
                 }
                 txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
                 rollouts.push(rollout);
-                let _ = change;
             }
             Ok((results, written, events, rollouts))
         });
