@@ -184,7 +184,9 @@ fn follow(
                     output,
                 ),
             }
-        } else if output == Output::Table && text != last {
+        } else if output == Output::Table
+            && (redraw && text != last || without_age(&text) != without_age(&last))
+        {
             if redraw && last_lines > 0 {
                 // Up over the last drawing and clear to the end of the screen.
                 print!("\x1b[{last_lines}A\x1b[J");
@@ -236,6 +238,17 @@ pub fn wait_for_all(
         worst = worst.max(code);
     }
     Ok(worst)
+}
+
+/// The status text without its "(started 25s ago)": a log (not a terminal) gets a new
+/// drawing when something changed, not every second.
+fn without_age(text: &str) -> String {
+    match (text.find(" (started "), text.find(" ago)\n")) {
+        (Some(start), Some(end)) if start < end => {
+            format!("{}{}", &text[..start], &text[end + 5..])
+        }
+        _ => text.to_string(),
+    }
 }
 
 fn render_status(rollout: &RolloutObject, nodes: &[NodeObject]) -> String {
@@ -543,4 +556,18 @@ pub fn plan(client: &Client, files: &[PathBuf], output: Output) -> Result<u8, Cl
         _ => print_structured(&planned, output),
     }
     Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod age_tests {
+    #[test]
+    fn the_age_is_left_out_of_the_comparison() {
+        let a = "rollout/web: revision 1 → 2, Progressing (started 3s ago)\n  wave 1 of 2\n";
+        let b = "rollout/web: revision 1 → 2, Progressing (started 4s ago)\n  wave 1 of 2\n";
+        assert_eq!(super::without_age(a), super::without_age(b));
+        assert_eq!(
+            super::without_age(a),
+            "rollout/web: revision 1 → 2, Progressing\n  wave 1 of 2\n"
+        );
+    }
 }
