@@ -333,18 +333,7 @@ impl Controller {
             }
             let revision_object = match old.revisions.get(&(state.clone(), revision)) {
                 Some(cached) => Some(cached.clone()),
-                None => self
-                    .store
-                    .get(Table::Revisions, &store::revision_key(&state, revision))?
-                    .map(|bytes| {
-                        decode::<Revision>(
-                            Table::Revisions,
-                            &store::revision_key(&state, revision),
-                            &bytes,
-                        )
-                    })
-                    .transpose()?
-                    .map(Arc::new),
+                None => self.stored_revision(&state, revision)?.map(Arc::new),
             };
             if let Some(revision_object) = revision_object {
                 cache.revisions.insert((state, revision), revision_object);
@@ -791,25 +780,21 @@ impl Controller {
                 object: object.clone(),
             };
             txn.put(Table::Nodes, request.name.as_bytes(), encode(&stored))?;
-            let event = self.new_event(
+            let event = self.put_node_event(
+                txn,
                 seq,
                 now,
-                EventType::Normal,
                 if reregistered {
                     "Reregistered"
                 } else {
                     "Registered"
                 },
-                &format!("node/{}", request.name),
+                &request.name,
                 format!(
                     "joined with token `{join_token}`, labels {}",
                     format_labels(&request.labels)
                 ),
-                Some(request.name.clone()),
-                None,
-                None,
             )?;
-            txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
             Ok((object, event))
         })?;
         // The node keeps only the token: losing its hash in a crash would lock the node out.
@@ -1118,18 +1103,7 @@ impl Controller {
             };
             stored.object.metadata.resource_version = version.clone();
             txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
-            let event = self.new_event(
-                seq,
-                now,
-                EventType::Normal,
-                reason,
-                &format!("node/{name}"),
-                message,
-                Some(name.to_string()),
-                None,
-                None,
-            )?;
-            txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+            let event = self.put_node_event(txn, seq, now, reason, name, message)?;
             Ok((stored.object, event))
         })?;
         self.store.flush()?;
@@ -1159,18 +1133,14 @@ impl Controller {
             for key in &assignments {
                 txn.delete(Table::Assignments, key)?;
             }
-            let event = self.new_event(
+            let event = self.put_node_event(
+                txn,
                 seq,
                 now,
-                EventType::Normal,
                 "NodeDeleted",
-                &format!("node/{name}"),
+                name,
                 format!("deleted by {actor}: its token no longer works; a nodelet that comes back must join again"),
-                Some(name.to_string()),
-                None,
-                None,
             )?;
-            txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
             Ok((stored.object, event))
         })?;
         self.store.flush()?;
@@ -1219,9 +1189,10 @@ impl Controller {
             let revision_object = match cache.revisions.get(&(state_name.clone(), revision)) {
                 Some(cached) => cached.clone(),
                 // Only a cordoned node keeps a revision the cache may not hold.
+                // An unreadable one is skipped like a missing one: the node keeps what it runs.
                 None => match self.stored_revision(state_name, revision) {
-                    Some(stored) => Arc::new(stored),
-                    None => continue,
+                    Ok(Some(stored)) => Arc::new(stored),
+                    _ => continue,
                 },
             };
             states.push(AssignedState {
@@ -1284,10 +1255,13 @@ impl Controller {
         assignment
     }
 
-    fn stored_revision(&self, name: &str, revision: u64) -> Option<Revision> {
+    /// One revision as stored, if it exists.
+    fn stored_revision(&self, name: &str, revision: u64) -> Result<Option<Revision>, StoreError> {
         let key = store::revision_key(name, revision);
-        let bytes = self.store.get(Table::Revisions, &key).ok()??;
-        decode(Table::Revisions, &key, &bytes).ok()
+        self.store
+            .get(Table::Revisions, &key)?
+            .map(|bytes| decode(Table::Revisions, &key, &bytes))
+            .transpose()
     }
 
     // ---- Events -------------------------------------------------------------
@@ -1322,6 +1296,31 @@ impl Controller {
             desired_state,
             revision,
         })
+    }
+
+    /// Writes a Normal event about node `node` inside a transaction.
+    fn put_node_event(
+        &self,
+        txn: &mut dyn Txn,
+        seq: u64,
+        now: SystemTime,
+        reason: &str,
+        node: &str,
+        message: String,
+    ) -> Result<Event, StoreError> {
+        let event = self.new_event(
+            seq,
+            now,
+            EventType::Normal,
+            reason,
+            &format!("node/{node}"),
+            message,
+            Some(node.to_string()),
+            None,
+            None,
+        )?;
+        txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+        Ok(event)
     }
 
     /// Records one event on its own.
@@ -1922,20 +1921,13 @@ impl Controller {
             }
             None => state.status.revision.saturating_sub(1),
         };
-        let revision = self
-            .store
-            .get(Table::Revisions, &store::revision_key(name, target))?
-            .map(|bytes| {
-                decode::<Revision>(Table::Revisions, &store::revision_key(name, target), &bytes)
-            })
-            .transpose()?
-            .ok_or_else(|| {
-                ApiError::invalid_field(
-                    "toRevision",
-                    format!("DesiredState `{name}` has no revision {target}"),
-                    "list them with `shoal rollout history NAME`",
-                )
-            })?;
+        let revision = self.stored_revision(name, target)?.ok_or_else(|| {
+            ApiError::invalid_field(
+                "toRevision",
+                format!("DesiredState `{name}` has no revision {target}"),
+                "list them with `shoal rollout history NAME`",
+            )
+        })?;
         let manifest = DesiredState {
             api_version: API_VERSION.into(),
             kind: KIND_DESIRED_STATE.into(),

@@ -168,23 +168,20 @@ impl Apiserver {
     }
 
     pub fn apply(&self, yaml: &str) -> serde_json::Value {
-        let response = Self::client()
-            .post(format!("{}/api/v1/apply", self.url))
-            .bearer_auth(OPERATOR)
-            .body(yaml.to_string())
-            .send()
-            .unwrap();
-        let status = response.status();
-        let body: serde_json::Value = response.json().unwrap();
-        assert!(status.is_success(), "apply failed: {body}");
-        body
+        self.post_body("/api/v1/apply", yaml.to_string())
     }
 
     /// POSTs an empty body to `path` (e.g. `/api/v1/rollouts/NAME/undo`), as the operator.
     pub fn post(&self, path: &str) -> serde_json::Value {
+        self.post_body(path, String::new())
+    }
+
+    /// POSTs `body` to `path` as the operator; the reply must be a success.
+    fn post_body(&self, path: &str, body: String) -> serde_json::Value {
         let response = Self::client()
             .post(format!("{}{path}", self.url))
             .bearer_auth(OPERATOR)
+            .body(body)
             .send()
             .unwrap();
         let status = response.status();
