@@ -12,9 +12,14 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "apiserver", version)]
 struct Args {
-    /// Data directory (created if missing).
+    /// Data directory (created if missing): the store (unless --store says otherwise) and
+    /// git sync's checkout.
     #[arg(long)]
     data: PathBuf,
+    /// Keep the store in PostgreSQL instead of the data directory:
+    /// postgres://user:password@host:port/database. Several apiservers may share one.
+    #[arg(long, env = "SHOAL_STORE", hide_env_values = true)]
+    store: Option<String>,
     /// Address to listen on (port 0 picks a free port, printed at start).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -94,6 +99,7 @@ fn main() -> ExitCode {
     let config = ServerConfig {
         git,
         data: args.data,
+        store: args.store,
         listen: args.listen,
         tokens: args.tokens,
         tls: args.tls_cert.zip(args.tls_key),

@@ -229,8 +229,8 @@ impl GitSync {
             let message = format!("commit {short} ({subject}) not applied: {} problem(s); commit {} stays in force\n{first}", problems.len(), self.status().applied_commit.as_deref().map_or("none", |c| &c[..c.len().min(12)]));
             let controller = self.controller.clone();
             let event_message = message.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                controller.record_event(
+            let _ = controller
+                .record_event(
                     std::time::SystemTime::now(),
                     EventType::Warning,
                     "GitSyncFailed",
@@ -240,8 +240,7 @@ impl GitSync {
                     None,
                     None,
                 )
-            })
-            .await;
+                .await;
             let mut status = self.status.lock().expect("not poisoned");
             status.error = Some(message.clone());
             status.problems = problems;
@@ -249,8 +248,8 @@ impl GitSync {
         }
         let controller = self.controller.clone();
         let keep = names.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
-            controller.apply(inputs, false)?;
+        let result = async move {
+            controller.apply(inputs, false).await?;
             // Prune: objects git sync created that this commit no longer has.
             for state in controller.list_desired_states()? {
                 let ours = state
@@ -260,13 +259,14 @@ impl GitSync {
                     .map(String::as_str)
                     == Some(GIT_SYNC);
                 if ours && !keep.contains(&state.metadata.name) {
-                    controller.delete_desired_state(&state.metadata.name, None)?;
+                    controller
+                        .delete_desired_state(&state.metadata.name, None)
+                        .await?;
                 }
             }
-            Ok(())
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+            Ok::<(), ApiError>(())
+        }
+        .await;
         let mut status = self.status.lock().expect("not poisoned");
         match result {
             Ok(()) => {
@@ -285,8 +285,12 @@ impl GitSync {
     /// Polls every interval, and at once when `wake` is notified (the webhook).
     pub async fn run(self: Arc<Self>, wake: Arc<tokio::sync::Notify>) {
         loop {
-            if let Err(e) = self.sync().await {
-                tracing::warn!(error = %e, repo = %self.config.repo, "git sync did not apply");
+            // With replicas on one store, the leader alone syncs (a webhook that reaches a
+            // follower waits for the leader's next poll).
+            if self.controller.leader_epoch().is_some() {
+                if let Err(e) = self.sync().await {
+                    tracing::warn!(error = %e, repo = %self.config.repo, "git sync did not apply");
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.interval) => {}

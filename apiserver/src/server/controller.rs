@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use manifests::wire::*;
 use manifests::{DesiredState, API_VERSION, KIND_DESIRED_STATE};
@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 
 use super::error::ApiError;
-use crate::store::{self, decode, encode, transact, Store, StoreError, Table, Txn};
+use super::lease::{self, Lease, LEADER};
+use crate::store::{self, decode, encode, Applied, Feed, Store, StoreError, Table, Txn, TxnError};
 
 /// Tunables of the controller.
 #[derive(Debug, Clone)]
@@ -28,6 +29,9 @@ pub struct ControllerConfig {
     pub ready_grace: Duration,
     /// Host metrics samples kept per node (in memory).
     pub host_history: usize,
+    /// How long the leader lease lasts unrenewed (a store shared by several apiservers):
+    /// a replica takes over within about this long after the leader dies.
+    pub lease_duration: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -36,6 +40,7 @@ impl Default for ControllerConfig {
             event_retention: 10_000,
             ready_grace: Duration::from_secs(40),
             host_history: 60,
+            lease_duration: Duration::from_secs(10),
         }
     }
 }
@@ -104,6 +109,12 @@ struct Cache {
     revisions: HashMap<(String, u64), Arc<Revision>>,
     /// node → DesiredState → revision, as the rollout controller assigned.
     assignments: HashMap<String, BTreeMap<String, u64>>,
+    /// Rollouts, read from here with the assignments they made: a client that sees a wave
+    /// started also sees its assignments. One that does not decode is that rollout's
+    /// problem: it stays here as its error.
+    rollouts: BTreeMap<String, Result<Arc<RolloutObject>, StoreError>>,
+    /// The store revision this cache reflects.
+    revision: u64,
 }
 
 /// A DesiredState whose rollout decision keeps failing.
@@ -141,6 +152,41 @@ struct Live {
     ready: HashMap<String, bool>,
     /// Last heartbeat per node: the sweep reads this instead of decoding every node record.
     heartbeats: HashMap<String, SystemTime>,
+    /// A digest of what of each node decides its assignment (labels, cordon): a node write
+    /// that changes it wakes the long polls, a heartbeat does not.
+    shapes: HashMap<String, u64>,
+}
+
+/// This replica's part in leader election.
+#[derive(Default)]
+struct LeaseState {
+    observed: Option<lease::Observed>,
+    /// Our epoch while we lead, and until when we may act on it.
+    held: Option<(u64, Instant)>,
+    /// When this replica last became leader.
+    since: Option<SystemTime>,
+}
+
+fn node_shape(node: &NodeObject) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&(&node.metadata.labels, &node.status.cordoned))
+        .expect("nodes serialize")
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// This replica's name in the leader lease: host, process and a random tag (a restarted
+/// process is another replica).
+fn replica_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "apiserver".into());
+    format!(
+        "{host}/{}/{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// The apiserver's object logic.
@@ -151,17 +197,19 @@ struct Live {
 pub struct Controller {
     /// When this process started: deadlines are judged only after nodes could report.
     started: SystemTime,
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     config: ControllerConfig,
     changes: broadcast::Sender<Change>,
     epoch: watch::Sender<u64>,
     cache: RwLock<Arc<Cache>>,
-    /// Held for writing from a rollout decision's commit until the cache shows it, and for
-    /// reading by rollout reads: a client that sees a wave started also sees its assignments.
-    rollout_gate: RwLock<()>,
     /// One refresh at a time: two interleaved ones could store the older scan last.
     refreshing: Mutex<()>,
     live: Mutex<Live>,
+    /// The store revision the feed handler has applied to everything derived from it
+    /// (cache, heartbeats, watchers): a writer waits for its commit to get here.
+    processed: watch::Sender<u64>,
+    identity: String,
+    lease: Mutex<LeaseState>,
 }
 
 /// Why an apply transaction stopped: a real error, or a dry run that must not commit.
@@ -200,15 +248,45 @@ fn node_in(txn: &dyn Txn, name: &str) -> Result<StoredNode, ApiError> {
     })
 }
 
+/// Applies the store's change feed to a controller until either is dropped.
+async fn follow_feed(controller: std::sync::Weak<Controller>, mut feed: broadcast::Receiver<Feed>) {
+    loop {
+        let item = feed.recv().await;
+        let Some(controller) = controller.upgrade() else {
+            return;
+        };
+        match item {
+            Ok(Feed::Batch(applied)) => {
+                // One batch's trouble (a panic deriving state from it) must not stop the feed.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    controller.on_batch(&applied)
+                }));
+                if outcome.is_err() {
+                    tracing::error!(
+                        revision = applied.revision,
+                        "deriving state from a batch panicked"
+                    );
+                    controller.resync();
+                }
+            }
+            Ok(Feed::Reset(_)) | Err(broadcast::error::RecvError::Lagged(_)) => controller.resync(),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 impl Controller {
     /// A controller over `store`; loads its cache.
-    pub fn new(store: Arc<dyn Store>, config: ControllerConfig) -> Result<Arc<Self>, StoreError> {
+    pub fn new(store: Arc<Store>, config: ControllerConfig) -> Result<Arc<Self>, StoreError> {
         let (changes, _) = broadcast::channel(4096);
         let (epoch, _) = watch::channel(0);
+        // Subscribed before the first read: no change can fall between the two.
+        let feed = store.subscribe();
+        let (processed, _) = watch::channel(store.revision());
         let controller = Arc::new(Controller {
             started: SystemTime::now(),
             store,
@@ -216,16 +294,22 @@ impl Controller {
             changes,
             epoch,
             cache: RwLock::new(Arc::new(Cache::default())),
-            rollout_gate: RwLock::new(()),
             refreshing: Mutex::new(()),
             live: Mutex::new(Live::default()),
+            processed,
+            identity: replica_identity(),
+            lease: Mutex::new(LeaseState::default()),
         });
         controller.refresh()?;
         // Readiness as it stands at start: transitions are reported from here on.
         let now = SystemTime::now();
         // A node that never reported has no readiness to turn; its first heartbeat is no transition.
-        let heartbeats: HashMap<String, SystemTime> = controller
-            .list_nodes_raw()?
+        let nodes = controller.list_nodes_raw()?;
+        let shapes = nodes
+            .iter()
+            .map(|n| (n.object.metadata.name.clone(), node_shape(&n.object)))
+            .collect();
+        let heartbeats: HashMap<String, SystemTime> = nodes
             .into_iter()
             .filter_map(|n| Some((n.object.metadata.name, n.object.status.last_heartbeat?)))
             .collect();
@@ -234,7 +318,7 @@ impl Controller {
             .map(|(name, at)| (name.clone(), controller.fresh(*at, now)))
             .collect();
         let mut node_events: HashMap<String, VecDeque<u64>> = HashMap::new();
-        for (key, value) in controller.store.scan_prefix(Table::Events, b"")? {
+        for (key, value) in controller.store.scan_prefix(Table::Events, b"") {
             let event: Event = decode(Table::Events, &key, &value)?;
             if let Some(node) = event.node {
                 node_events.entry(node).or_default().push_back(event.seq);
@@ -247,13 +331,324 @@ impl Controller {
         live.ready = ready;
         live.heartbeats = heartbeats;
         live.node_events = node_events;
+        live.shapes = shapes;
         drop(live);
+        tokio::spawn(follow_feed(Arc::downgrade(&controller), feed));
         Ok(controller)
     }
 
+    /// Runs a transaction and waits until everything derived from the store (the cache,
+    /// heartbeats, watchers, long polls) shows it: a client reads its own writes.
+    async fn transact<T, E>(
+        &self,
+        f: impl Fn(&mut dyn Txn) -> Result<T, E>,
+    ) -> Result<(T, u64), TxnError<E>> {
+        let (value, revision) = self.store.transact(f).await?;
+        self.caught_up(revision).await;
+        Ok((value, revision))
+    }
+
+    /// Waits until the feed handler has applied `revision`.
+    async fn caught_up(&self, revision: u64) {
+        let mut processed = self.processed.subscribe();
+        let reached = tokio::time::timeout(
+            Duration::from_secs(10),
+            processed.wait_for(|r| *r >= revision),
+        )
+        .await;
+        if !matches!(reached, Ok(Ok(_))) {
+            tracing::error!(
+                revision,
+                "the change feed handler fell behind; answering anyway"
+            );
+        }
+    }
+
+    /// Applies one committed batch to everything derived from the store, and tells
+    /// watchers and long polls. The only place derived state changes, for this replica's
+    /// commits and every other replica's alike.
+    fn on_batch(&self, applied: &Applied) {
+        let now = SystemTime::now();
+        let watching = self.changes.receiver_count() > 0;
+        let mut refresh = false;
+        let mut wake = false;
+        for change in &applied.changes {
+            match change.table {
+                Table::DesiredStates | Table::Assignments | Table::Rollouts => {
+                    refresh = true;
+                    wake = true;
+                }
+                Table::Revisions => refresh = true,
+                Table::Nodes | Table::Events | Table::Leases => {}
+            }
+        }
+        let before = self.cache();
+        if refresh && before.revision < applied.last {
+            if let Err(error) = self.refresh() {
+                tracing::error!(%error, "cannot rebuild the cache from the store");
+            }
+        }
+        for change in &applied.changes {
+            let name = String::from_utf8_lossy(&change.key).into_owned();
+            match change.table {
+                Table::DesiredStates if watching => {
+                    let (kind, bytes) = match (&change.value, &change.previous) {
+                        (Some(value), None) => (ChangeType::Added, value),
+                        (Some(value), Some(_)) => (ChangeType::Modified, value),
+                        (None, Some(previous)) => (ChangeType::Deleted, previous),
+                        (None, None) => continue,
+                    };
+                    if let Ok(object) =
+                        decode::<DesiredStateObject>(Table::DesiredStates, &change.key, bytes)
+                    {
+                        let object = match self.list_nodes_raw() {
+                            Ok(nodes) if kind != ChangeType::Deleted => {
+                                with_selected(&object, &nodes)
+                            }
+                            _ => object,
+                        };
+                        self.publish(Kind::DesiredState, kind, &name, &object);
+                    }
+                }
+                Table::Rollouts if watching => {
+                    if let Some(Ok(rollout)) = change
+                        .value
+                        .as_ref()
+                        .map(|v| decode::<RolloutObject>(Table::Rollouts, &change.key, v))
+                    {
+                        self.publish(Kind::Rollout, ChangeType::Modified, &name, &rollout);
+                    }
+                }
+                Table::Nodes => wake |= self.on_node_change(&name, change, now, watching),
+                Table::Events => {
+                    let Some(Ok(event)) = change
+                        .value
+                        .as_ref()
+                        .map(|v| decode::<Event>(Table::Events, &change.key, v))
+                    else {
+                        continue;
+                    };
+                    if let Some(node) = &event.node {
+                        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+                        let queue = live.node_events.entry(node.clone()).or_default();
+                        // Sequence numbers arrive in order: the newest goes last.
+                        if queue.back().is_none_or(|last| *last < event.seq) {
+                            queue.push_back(event.seq);
+                        }
+                    }
+                    if watching {
+                        self.publish(
+                            Kind::Event,
+                            ChangeType::Added,
+                            &event.seq.to_string(),
+                            &event,
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        if wake {
+            self.bump_epoch();
+        }
+        self.processed.send_replace(applied.last);
+    }
+
+    /// A node record written or removed: heartbeats, readiness and watchers follow.
+    /// Returns whether its assignment may have changed.
+    fn on_node_change(
+        &self,
+        name: &str,
+        change: &store::Changed,
+        now: SystemTime,
+        watching: bool,
+    ) -> bool {
+        match &change.value {
+            Some(bytes) => {
+                let Ok(stored) = decode::<StoredNode>(Table::Nodes, &change.key, bytes) else {
+                    return false;
+                };
+                let shape = node_shape(&stored.object);
+                let reshaped = {
+                    let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(at) = stored.object.status.last_heartbeat {
+                        live.heartbeats.insert(name.to_string(), at);
+                    }
+                    live.shapes.insert(name.to_string(), shape) != Some(shape)
+                };
+                if watching {
+                    if let Ok(object) = self.decorate(stored.object, now) {
+                        let kind = if change.previous.is_none() {
+                            ChangeType::Added
+                        } else {
+                            ChangeType::Modified
+                        };
+                        self.publish(Kind::Node, kind, name, &object);
+                    }
+                }
+                reshaped
+            }
+            None => {
+                {
+                    let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+                    live.heartbeats.remove(name);
+                    live.ready.remove(name);
+                    live.host_history.remove(name);
+                    live.shapes.remove(name);
+                    // Its history stays (it is about what happened) and ages out with the rest.
+                    live.node_events.remove(name);
+                }
+                if watching {
+                    if let Some(Ok(stored)) = change
+                        .previous
+                        .as_ref()
+                        .map(|v| decode::<StoredNode>(Table::Nodes, &change.key, v))
+                    {
+                        self.publish(Kind::Node, ChangeType::Deleted, name, &stored.object);
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Rebuilds everything derived from the store after the feed could not be followed
+    /// (this replica fell too far behind).
+    fn resync(&self) {
+        tracing::warn!("rebuilding derived state from the store after missing changes");
+        if let Err(error) = self.refresh() {
+            tracing::error!(%error, "cannot rebuild the cache from the store");
+        }
+        if let Ok(nodes) = self.list_nodes_raw() {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            for node in nodes {
+                let name = node.object.metadata.name.clone();
+                live.shapes.insert(name.clone(), node_shape(&node.object));
+                if let Some(at) = node.object.status.last_heartbeat {
+                    live.heartbeats.insert(name, at);
+                }
+            }
+        }
+        self.bump_epoch();
+        self.processed.send_replace(self.store.revision());
+    }
+
+    // ---- Leader election ------------------------------------------------------
+
+    /// Whether this replica leads, and its fencing epoch. With a store no other process
+    /// writes, this replica is the only one and always leads (epoch 0, never fenced).
+    pub fn leader_epoch(&self) -> Option<u64> {
+        if !self.store.is_shared() {
+            return Some(0);
+        }
+        let state = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        state
+            .held
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(epoch, _)| epoch)
+    }
+
+    /// This replica's name in the leader lease.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// When this replica became leader (its start, with a store of its own).
+    fn leading_since(&self) -> SystemTime {
+        if !self.store.is_shared() {
+            return self.started;
+        }
+        let state = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        state.since.unwrap_or(self.started).max(self.started)
+    }
+
+    /// One round of leader election; the server runs it every third of the lease duration.
+    pub async fn lease_tick(&self) -> Result<(), ApiError> {
+        if !self.store.is_shared() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let duration = self.config.lease_duration;
+        // A record that does not decode is no lease: it is overwritten.
+        let read = |bytes: Option<Vec<u8>>| {
+            bytes.and_then(|b| decode::<Lease>(Table::Leases, LEADER, &b).ok())
+        };
+        let record = read(self.store.get(Table::Leases, LEADER).map(|b| b.to_vec()));
+        let decision = {
+            let mut state = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+            state.observed = lease::observe(state.observed.take(), record.as_ref(), started);
+            lease::decide(
+                record.as_ref(),
+                state.observed.as_ref(),
+                &self.identity,
+                started,
+                SystemTime::now(),
+                duration,
+            )
+        };
+        let (expected, next) = match decision {
+            lease::Decision::Follow { holder } => {
+                let mut state = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+                if state.held.take().is_some() {
+                    tracing::warn!(%holder, "this replica no longer leads");
+                }
+                return Ok(());
+            }
+            lease::Decision::Write { expected, lease } => (expected, lease),
+        };
+        let outcome = self
+            .transact(|txn| {
+                if read(txn.get(Table::Leases, LEADER)?) != expected {
+                    return Err(ApiError::Conflict {
+                        message: "the lease changed meanwhile".into(),
+                        hint: String::new(),
+                    });
+                }
+                txn.put(Table::Leases, LEADER, encode(&next))?;
+                Ok(())
+            })
+            .await;
+        let mut state = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        match outcome {
+            Ok(_) => {
+                let was = state.held.map(|(epoch, _)| epoch);
+                state.held = Some((next.epoch, lease::acts_until(started, duration)));
+                if was != Some(next.epoch) {
+                    state.since = Some(SystemTime::now());
+                    tracing::info!(epoch = next.epoch, identity = %self.identity, "this replica leads");
+                }
+                Ok(())
+            }
+            // Another replica wrote it first: look again next tick.
+            Err(TxnError::Aborted(_)) => Ok(()),
+            Err(TxnError::Store(error)) => {
+                if state.held.is_some_and(|(_, until)| Instant::now() >= until) {
+                    state.held = None;
+                    tracing::warn!(%error, "cannot renew the leader lease; this replica stops leading");
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Inside a leader's transaction: refuses it unless the lease still names this replica
+    /// with `epoch` (fencing: a deposed leader's decisions never land).
+    fn fence(&self, txn: &dyn Txn, epoch: u64) -> Result<(), ApiError> {
+        if !self.store.is_shared() {
+            return Ok(());
+        }
+        match get_json::<Lease>(txn, Table::Leases, LEADER)? {
+            Some(lease) if lease.holder == self.identity && lease.epoch == epoch => Ok(()),
+            _ => Err(ApiError::Conflict {
+                message: "this replica no longer leads".into(),
+                hint: String::new(),
+            }),
+        }
+    }
+
     /// The store.
-    pub fn store(&self) -> &dyn Store {
-        self.store.as_ref()
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The configuration.
@@ -294,14 +689,22 @@ impl Controller {
             .refreshing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut cache = Cache::default();
-        for (key, value) in self.store.scan_prefix(Table::DesiredStates, b"")? {
+        let mut cache = Cache {
+            revision: self.store.revision(),
+            ..Cache::default()
+        };
+        for (key, value) in self.store.scan_prefix(Table::Rollouts, b"") {
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let object = decode::<RolloutObject>(Table::Rollouts, &key, &value).map(Arc::new);
+            cache.rollouts.insert(name, object);
+        }
+        for (key, value) in self.store.scan_prefix(Table::DesiredStates, b"") {
             let object: DesiredStateObject = decode(Table::DesiredStates, &key, &value)?;
             cache
                 .states
                 .insert(object.metadata.name.clone(), Arc::new(object));
         }
-        for (key, value) in self.store.scan_prefix(Table::Assignments, b"")? {
+        for (key, value) in self.store.scan_prefix(Table::Assignments, b"") {
             let Some(split) = key.iter().position(|b| *b == 0) else {
                 continue;
             };
@@ -339,7 +742,11 @@ impl Controller {
                 cache.revisions.insert((state, revision), revision_object);
             }
         }
-        *self.cache.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(cache);
+        let mut current = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        // A refresh that read an older view than the one shown must not replace it.
+        if current.revision <= cache.revision {
+            *current = Arc::new(cache);
+        }
         Ok(())
     }
 
@@ -353,15 +760,19 @@ impl Controller {
     // ---- DesiredStates ------------------------------------------------------
 
     /// Stores every manifest in one transaction. With `dry_run`, reports what would happen and stores nothing.
-    pub fn apply(&self, inputs: Vec<ApplyInput>, dry_run: bool) -> Result<ApplyResponse, ApiError> {
+    pub async fn apply(
+        &self,
+        inputs: Vec<ApplyInput>,
+        dry_run: bool,
+    ) -> Result<ApplyResponse, ApiError> {
         for input in &inputs {
             self.check_artifact_reuse(&input.object)?;
         }
-        let version = self.store.next_version()?.to_string();
-        // An Applied event per manifest, and a Superseded one where a rollout is replaced.
-        let seqs = self.seqs(inputs.len() * 2)?;
         let now = SystemTime::now();
-        let outcome = transact(self.store.as_ref(), |txn| -> Result<_, ApplyStop> {
+        let outcome = self.transact(|txn| -> Result<_, ApplyStop> {
+            let version = txn.revision().to_string();
+            // An Applied event per manifest, and a Superseded one where a rollout is replaced.
+            let seqs: Vec<u64> = (0..inputs.len() * 2).map(|_| txn.next_id()).collect();
             let mut results = Vec::new();
             let mut written: Vec<(ChangeType, DesiredStateObject, Option<Revision>)> = Vec::new();
             for input in &inputs {
@@ -546,8 +957,9 @@ impl Controller {
                 rollouts.push(rollout);
             }
             Ok((results, written, events, rollouts))
-        });
-        let (results, written, events, rollouts) = match outcome {
+        })
+        .await;
+        let ((results, written, events, _rollouts), revision) = match outcome {
             Ok(done) => done,
             Err(store::TxnError::Aborted(ApplyStop::DryRun(results))) => {
                 return Ok(ApplyResponse {
@@ -560,21 +972,9 @@ impl Controller {
         };
         if !written.is_empty() {
             // Durable before anyone is told: sled itself only flushes every 200 ms.
-            self.store.flush()?;
-            self.refresh()?;
-            self.bump_epoch();
-            for (change, object, _) in &written {
-                self.publish(Kind::DesiredState, *change, &object.metadata.name, object);
-            }
-            for rollout in &rollouts {
-                self.publish(
-                    Kind::Rollout,
-                    ChangeType::Modified,
-                    &rollout.metadata.name,
-                    rollout,
-                );
-            }
-            self.after_events(&events)?;
+            self.store.flush().await?;
+            self.caught_up(revision).await;
+            self.after_events(&events).await?;
         }
         Ok(ApplyResponse { dry_run, results })
     }
@@ -596,7 +996,7 @@ impl Controller {
         }
         for (key, value) in self
             .store
-            .scan_prefix(Table::Revisions, &store::revision_prefix(name))?
+            .scan_prefix(Table::Revisions, &store::revision_prefix(name))
         {
             let revision: Revision = decode(Table::Revisions, &key, &value)?;
             for earlier in &revision.spec.components {
@@ -627,14 +1027,11 @@ impl Controller {
     }
 
     /// Removes a DesiredState, its revisions and assignments. Nodes stop managing its components.
-    pub fn delete_desired_state(
+    pub async fn delete_desired_state(
         &self,
         name: &str,
         expected_version: Option<&str>,
     ) -> Result<DesiredStateObject, ApiError> {
-        let revisions = self
-            .store
-            .scan_prefix(Table::Revisions, &store::revision_prefix(name))?;
         let assignments: Vec<Vec<u8>> = self
             .cache()
             .assignments
@@ -643,8 +1040,9 @@ impl Controller {
             .map(|(node, _)| store::assignment_key(node, name))
             .collect();
         let now = SystemTime::now();
-        let seq = self.store.next_version()?;
-        let (object, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
+        let ((object, event), _) = self.transact(|txn| -> Result<_, ApiError> {
+            let seq = txn.next_id();
+            let revisions = txn.scan_prefix(Table::Revisions, &store::revision_prefix(name))?;
             let object: DesiredStateObject = get_json(txn, Table::DesiredStates, name.as_bytes())?
                 .ok_or_else(|| ApiError::NotFound {
                     kind: "DesiredState",
@@ -682,12 +1080,10 @@ impl Controller {
             )?;
             txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
             Ok((object, event))
-        })?;
-        self.store.flush()?;
-        self.refresh()?;
-        self.bump_epoch();
-        self.publish(Kind::DesiredState, ChangeType::Deleted, name, &object);
-        self.after_events(&[event])?;
+        })
+        .await?;
+        self.store.flush().await?;
+        self.after_events(&[event]).await?;
         Ok(object)
     }
 
@@ -721,7 +1117,7 @@ impl Controller {
             });
         }
         self.store
-            .scan_prefix(Table::Revisions, &store::revision_prefix(name))?
+            .scan_prefix(Table::Revisions, &store::revision_prefix(name))
             .into_iter()
             .map(|(k, v)| decode(Table::Revisions, &k, &v).map_err(ApiError::from))
             .collect()
@@ -730,7 +1126,7 @@ impl Controller {
     // ---- Nodes --------------------------------------------------------------
 
     /// Registers (or re-registers) a node and issues a fresh node token.
-    pub fn register(
+    pub async fn register(
         &self,
         request: RegisterRequest,
         join_token: &str,
@@ -756,52 +1152,53 @@ impl Controller {
         let secret: [u8; 32] = rand::random();
         let token = format!("{}:{}", request.name, hex::encode(secret));
         let token_sha256 = sha256_hex(&token);
-        let version = self.store.next_version()?.to_string();
-        let seq = self.store.next_version()?;
         let now = SystemTime::now();
-        let (node, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
-            let existing: Option<StoredNode> =
-                get_json(txn, Table::Nodes, request.name.as_bytes())?;
-            let reregistered = existing.is_some();
-            let mut object = existing.map(|n| n.object).unwrap_or_else(|| NodeObject {
-                metadata: ObjectInfo {
-                    name: request.name.clone(),
-                    labels: BTreeMap::new(),
-                    resource_version: String::new(),
-                    creation_timestamp: Some(now),
-                },
-                status: NodeStatus::default(),
-            });
-            object.metadata.labels = request.labels.clone();
-            object.metadata.resource_version = version.clone();
-            let stored = StoredNode {
-                token_sha256: token_sha256.clone(),
-                joined_with: join_token.to_string(),
-                object: object.clone(),
-            };
-            txn.put(Table::Nodes, request.name.as_bytes(), encode(&stored))?;
-            let event = self.put_node_event(
-                txn,
-                seq,
-                now,
-                if reregistered {
-                    "Reregistered"
-                } else {
-                    "Registered"
-                },
-                &request.name,
-                format!(
-                    "joined with token `{join_token}`, labels {}",
-                    format_labels(&request.labels)
-                ),
-            )?;
-            Ok((object, event))
-        })?;
+        let ((node, event), _) = self
+            .transact(|txn| -> Result<_, ApiError> {
+                let version = txn.revision().to_string();
+                let seq = txn.next_id();
+                let existing: Option<StoredNode> =
+                    get_json(txn, Table::Nodes, request.name.as_bytes())?;
+                let reregistered = existing.is_some();
+                let mut object = existing.map(|n| n.object).unwrap_or_else(|| NodeObject {
+                    metadata: ObjectInfo {
+                        name: request.name.clone(),
+                        labels: BTreeMap::new(),
+                        resource_version: String::new(),
+                        creation_timestamp: Some(now),
+                    },
+                    status: NodeStatus::default(),
+                });
+                object.metadata.labels = request.labels.clone();
+                object.metadata.resource_version = version.clone();
+                let stored = StoredNode {
+                    token_sha256: token_sha256.clone(),
+                    joined_with: join_token.to_string(),
+                    object: object.clone(),
+                };
+                txn.put(Table::Nodes, request.name.as_bytes(), encode(&stored))?;
+                let event = self.put_node_event(
+                    txn,
+                    seq,
+                    now,
+                    if reregistered {
+                        "Reregistered"
+                    } else {
+                        "Registered"
+                    },
+                    &request.name,
+                    format!(
+                        "joined with token `{join_token}`, labels {}",
+                        format_labels(&request.labels)
+                    ),
+                )?;
+                Ok((object, event))
+            })
+            .await?;
         // The node keeps only the token: losing its hash in a crash would lock the node out.
-        self.store.flush()?;
-        self.bump_epoch();
-        self.publish(Kind::Node, ChangeType::Added, &request.name, &node);
-        self.after_events(&[event])?;
+        self.store.flush().await?;
+        let _ = node;
+        self.after_events(&[event]).await?;
         Ok(RegisterResponse {
             name: request.name,
             token,
@@ -821,7 +1218,7 @@ impl Controller {
     }
 
     /// Stores a node's heartbeat report and turns its events into Events.
-    pub fn report(&self, name: &str, mut report: NodeReport) -> Result<(), ApiError> {
+    pub async fn report(&self, name: &str, mut report: NodeReport) -> Result<(), ApiError> {
         let now = SystemTime::now();
         let mut node_events = std::mem::take(&mut report.events);
         if node_events.len() > MAX_EVENTS_PER_REPORT {
@@ -840,44 +1237,48 @@ impl Controller {
                 component: None,
             });
         }
-        let version = self.store.next_version()?.to_string();
-        let seqs = self.seqs(node_events.len())?;
-        let (object, events) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
-            let mut stored = node_in(txn, name)?;
-            stored.object.status.last_heartbeat = Some(now);
-            stored.object.status.healthy_received =
-                healthy_received(&stored.object.status.healthy_received, &report, now);
-            stored.object.status.report = report.clone();
-            stored.object.metadata.resource_version = version.clone();
-            txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
-            let mut events = Vec::new();
-            for (node_event, seq) in node_events.iter().zip(&seqs) {
-                let event = self.new_event(
-                    *seq,
-                    node_event.time,
-                    node_event.kind,
-                    &node_event.reason,
-                    &format!("node/{name}"),
-                    match &node_event.component {
-                        // "demo: demo 1.2.0 failed" would say the name twice.
-                        Some(component) if !node_event.message.starts_with(component.as_str()) => {
-                            format!("{component}: {}", node_event.message)
-                        }
-                        _ => node_event.message.clone(),
-                    },
-                    Some(name.to_string()),
-                    node_event.desired_state.clone(),
-                    node_event.revision,
-                )?;
-                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
-                events.push(event);
-            }
-            Ok((stored.object, events))
-        })?;
+        let ((object, events), _) = self
+            .transact(|txn| -> Result<_, ApiError> {
+                let version = txn.revision().to_string();
+                let seqs: Vec<u64> = node_events.iter().map(|_| txn.next_id()).collect();
+                let mut stored = node_in(txn, name)?;
+                stored.object.status.last_heartbeat = Some(now);
+                stored.object.status.healthy_received =
+                    healthy_received(&stored.object.status.healthy_received, &report, now);
+                stored.object.status.report = report.clone();
+                stored.object.metadata.resource_version = version.clone();
+                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+                let mut events = Vec::new();
+                for (node_event, seq) in node_events.iter().zip(&seqs) {
+                    let event = self.new_event(
+                        *seq,
+                        node_event.time,
+                        node_event.kind,
+                        &node_event.reason,
+                        &format!("node/{name}"),
+                        match &node_event.component {
+                            // "demo: demo 1.2.0 failed" would say the name twice.
+                            Some(component)
+                                if !node_event.message.starts_with(component.as_str()) =>
+                            {
+                                format!("{component}: {}", node_event.message)
+                            }
+                            _ => node_event.message.clone(),
+                        },
+                        Some(name.to_string()),
+                        node_event.desired_state.clone(),
+                        node_event.revision,
+                    )?;
+                    txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                    events.push(event);
+                }
+                Ok((stored.object, events))
+            })
+            .await?;
         // The node forgets its events once they are acknowledged, so those must be on disk.
         // A plain heartbeat is not flushed: the next one replaces it anyway.
         if !events.is_empty() {
-            self.store.flush()?;
+            self.store.flush().await?;
         }
         if let Some(host) = &report.host {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
@@ -895,20 +1296,19 @@ impl Controller {
             live.heartbeats.insert(name.to_string(), now);
             live.ready.insert(name.to_string(), true)
         };
-        if was_ready == Some(false) {
-            self.node_readiness_event(name, true, now)?;
+        // Readiness events are the leader's to raise (a follower's view of who was NotReady
+        // is its own); the leader's sweep notices a node heard by another replica.
+        if was_ready == Some(false) && self.leader_epoch().is_some() {
+            self.node_readiness_event(name, true, now).await?;
         }
-        if self.changes.receiver_count() > 0 {
-            let object = self.decorate(object, now)?;
-            self.publish(Kind::Node, ChangeType::Modified, name, &object);
-        }
-        self.after_events(&events)?;
+        let _ = object;
+        self.after_events(&events).await?;
         Ok(())
     }
 
     fn list_nodes_raw(&self) -> Result<Vec<StoredNode>, StoreError> {
         self.store
-            .scan_prefix(Table::Nodes, b"")?
+            .scan_prefix(Table::Nodes, b"")
             .into_iter()
             .map(|(k, v)| decode(Table::Nodes, &k, &v))
             .collect()
@@ -943,7 +1343,7 @@ impl Controller {
     /// A node's stored record, if it is registered.
     fn find_node(&self, name: &str) -> Result<Option<StoredNode>, StoreError> {
         self.store
-            .get(Table::Nodes, name.as_bytes())?
+            .get(Table::Nodes, name.as_bytes())
             .map(|bytes| decode(Table::Nodes, name.as_bytes(), &bytes))
             .transpose()
     }
@@ -971,7 +1371,7 @@ impl Controller {
     }
 
     /// Reports nodes whose readiness changed since the last sweep; run periodically.
-    pub fn sweep_readiness(&self, now: SystemTime) -> Result<(), ApiError> {
+    pub async fn sweep_readiness(&self, now: SystemTime) -> Result<(), ApiError> {
         // From the in-memory heartbeat times: with 10,000 nodes, decoding every record
         // every two seconds was a visible share of the apiserver's CPU.
         let mut flipped = Vec::new();
@@ -983,18 +1383,24 @@ impl Controller {
                 .map(|(name, at)| (name.clone(), self.fresh(*at, now)))
                 .collect();
             for (name, ready) in states {
-                if live.ready.insert(name.clone(), ready) != Some(ready) {
+                // A node seen for the first time (its first heartbeat, or one another
+                // replica heard) turns nothing.
+                if live.ready.insert(name.clone(), ready) == Some(!ready) {
                     flipped.push((name, ready));
                 }
             }
         }
+        // Every replica tracks readiness; only the leader reports its transitions.
+        if self.leader_epoch().is_none() {
+            return Ok(());
+        }
         for (name, ready) in flipped {
-            self.node_readiness_event(&name, ready, now)?;
+            self.node_readiness_event(&name, ready, now).await?;
         }
         Ok(())
     }
 
-    fn node_readiness_event(
+    async fn node_readiness_event(
         &self,
         name: &str,
         ready: bool,
@@ -1025,7 +1431,8 @@ impl Controller {
             Some(name.to_string()),
             None,
             None,
-        )?;
+        )
+        .await?;
         if self.changes.receiver_count() > 0 {
             if let Ok(node) = self.get_node(name) {
                 self.publish(Kind::Node, ChangeType::Modified, name, &node);
@@ -1036,7 +1443,7 @@ impl Controller {
 
     /// Cordons a node (it takes no new revision and keeps the ones it is assigned now) or
     /// uncordons it. Idempotent, like `kubectl cordon`.
-    pub fn set_cordon(
+    pub async fn set_cordon(
         &self,
         name: &str,
         cordon: bool,
@@ -1048,75 +1455,75 @@ impl Controller {
         }
         let now = SystemTime::now();
         let states: Vec<String> = self.cache().states.keys().cloned().collect();
-        let version = self.store.next_version()?.to_string();
-        let seq = self.store.next_version()?;
-        let (node, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
-            let mut stored = node_in(txn, name)?;
-            // What it is assigned now, read in this transaction: a wave that starts
-            // meanwhile either lands before (and is kept) or conflicts and retries.
-            let mut keep = BTreeMap::new();
-            for state_name in &states {
-                let Some(state) = get_json::<DesiredStateObject>(
-                    txn,
-                    Table::DesiredStates,
-                    state_name.as_bytes(),
-                )?
-                else {
-                    continue;
-                };
-                if !state.spec.selector.matches(&stored.object.metadata.labels) {
-                    continue;
+        let ((node, event), _) = self
+            .transact(|txn| -> Result<_, ApiError> {
+                let version = txn.revision().to_string();
+                let seq = txn.next_id();
+                let mut stored = node_in(txn, name)?;
+                // What it is assigned now, read in this transaction: a wave that starts
+                // meanwhile either lands before (and is kept) or conflicts and retries.
+                let mut keep = BTreeMap::new();
+                for state_name in &states {
+                    let Some(state) = get_json::<DesiredStateObject>(
+                        txn,
+                        Table::DesiredStates,
+                        state_name.as_bytes(),
+                    )?
+                    else {
+                        continue;
+                    };
+                    if !state.spec.selector.matches(&stored.object.metadata.labels) {
+                        continue;
+                    }
+                    let key = store::assignment_key(name, state_name);
+                    let revision = match txn.get(Table::Assignments, &key)? {
+                        Some(bytes) => decode::<u64>(Table::Assignments, &key, &bytes)?,
+                        None => state.status.last_good_revision,
+                    };
+                    if revision > 0 {
+                        keep.insert(state_name.clone(), revision);
+                    }
                 }
-                let key = store::assignment_key(name, state_name);
-                let revision = match txn.get(Table::Assignments, &key)? {
-                    Some(bytes) => decode::<u64>(Table::Assignments, &key, &bytes)?,
-                    None => state.status.last_good_revision,
-                };
-                if revision > 0 {
-                    keep.insert(state_name.clone(), revision);
-                }
-            }
-            let (reason, message) = if cordon {
-                stored.object.status.cordoned = Some(Cordon {
-                    since: now,
-                    by: actor.to_string(),
-                    revisions: keep.clone(),
-                });
-                let kept = if keep.is_empty() {
-                    "nothing".to_string()
+                let (reason, message) = if cordon {
+                    stored.object.status.cordoned = Some(Cordon {
+                        since: now,
+                        by: actor.to_string(),
+                        revisions: keep.clone(),
+                    });
+                    let kept = if keep.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        keep.iter()
+                            .map(|(s, r)| format!("{s}@{r}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    (
+                        "NodeCordoned",
+                        format!("cordoned by {actor}: takes no new revision, keeps {kept}"),
+                    )
                 } else {
-                    keep.iter()
-                        .map(|(s, r)| format!("{s}@{r}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    stored.object.status.cordoned = None;
+                    (
+                        "NodeUncordoned",
+                        format!("uncordoned by {actor}: follows its rollouts again"),
+                    )
                 };
-                (
-                    "NodeCordoned",
-                    format!("cordoned by {actor}: takes no new revision, keeps {kept}"),
-                )
-            } else {
-                stored.object.status.cordoned = None;
-                (
-                    "NodeUncordoned",
-                    format!("uncordoned by {actor}: follows its rollouts again"),
-                )
-            };
-            stored.object.metadata.resource_version = version.clone();
-            txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
-            let event = self.put_node_event(txn, seq, now, reason, name, message)?;
-            Ok((stored.object, event))
-        })?;
-        self.store.flush()?;
-        self.bump_epoch();
+                stored.object.metadata.resource_version = version.clone();
+                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+                let event = self.put_node_event(txn, seq, now, reason, name, message)?;
+                Ok((stored.object, event))
+            })
+            .await?;
+        self.store.flush().await?;
         let node = self.decorate(node, now)?;
-        self.publish(Kind::Node, ChangeType::Modified, name, &node);
-        self.after_events(&[event])?;
+        self.after_events(&[event]).await?;
         Ok(node)
     }
 
     /// Forgets a node: its record, its token and its assignments. A nodelet that comes back
     /// must join again.
-    pub fn delete_node(&self, name: &str, actor: &str) -> Result<NodeObject, ApiError> {
+    pub async fn delete_node(&self, name: &str, actor: &str) -> Result<NodeObject, ApiError> {
         // Every DesiredState's key, not only those the cache shows assigned: a wave that
         // started since the cache was built must not leave a row for a rejoining namesake.
         let assignments: Vec<Vec<u8>> = self
@@ -1126,8 +1533,8 @@ impl Controller {
             .map(|state| store::assignment_key(name, state))
             .collect();
         let now = SystemTime::now();
-        let seq = self.store.next_version()?;
-        let (node, event) = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
+        let ((node, event), _) = self.transact(|txn| -> Result<_, ApiError> {
+            let seq = txn.next_id();
             let stored = node_in(txn, name)?;
             txn.delete(Table::Nodes, name.as_bytes())?;
             for key in &assignments {
@@ -1142,20 +1549,10 @@ impl Controller {
                 format!("deleted by {actor}: its token no longer works; a nodelet that comes back must join again"),
             )?;
             Ok((stored.object, event))
-        })?;
-        self.store.flush()?;
-        self.refresh()?;
-        {
-            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-            live.heartbeats.remove(name);
-            live.ready.remove(name);
-            live.host_history.remove(name);
-            // Its history stays (it is about what happened) and ages out with the rest.
-            live.node_events.remove(name);
-        }
-        self.bump_epoch();
-        self.publish(Kind::Node, ChangeType::Deleted, name, &node);
-        self.after_events(&[event])?;
+        })
+        .await?;
+        self.store.flush().await?;
+        self.after_events(&[event]).await?;
         Ok(node)
     }
 
@@ -1259,18 +1656,12 @@ impl Controller {
     fn stored_revision(&self, name: &str, revision: u64) -> Result<Option<Revision>, StoreError> {
         let key = store::revision_key(name, revision);
         self.store
-            .get(Table::Revisions, &key)?
+            .get(Table::Revisions, &key)
             .map(|bytes| decode(Table::Revisions, &key, &bytes))
             .transpose()
     }
 
     // ---- Events -------------------------------------------------------------
-
-    /// Sequence numbers for events, taken before a transaction: sled cannot hand out
-    /// ids inside one (it would wait for the transaction's own lock).
-    fn seqs(&self, count: usize) -> Result<Vec<u64>, StoreError> {
-        (0..count).map(|_| self.store.next_version()).collect()
-    }
 
     #[allow(clippy::too_many_arguments)]
     fn new_event(
@@ -1325,7 +1716,7 @@ impl Controller {
 
     /// Records one event on its own.
     #[allow(clippy::too_many_arguments)]
-    pub fn record_event(
+    pub async fn record_event(
         &self,
         time: SystemTime,
         kind: EventType,
@@ -1336,36 +1727,30 @@ impl Controller {
         desired_state: Option<String>,
         revision: Option<u64>,
     ) -> Result<Event, ApiError> {
-        let seq = self.store.next_version()?;
-        let event = self.new_event(
-            seq,
-            time,
-            kind,
-            reason,
-            object,
-            message,
-            node,
-            desired_state,
-            revision,
-        )?;
-        transact(self.store.as_ref(), |txn| {
-            txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))
-        })?;
-        self.after_events(std::slice::from_ref(&event))?;
+        let (event, _) = self
+            .transact(|txn| {
+                let event = self.new_event(
+                    txn.next_id(),
+                    time,
+                    kind,
+                    reason,
+                    object,
+                    message.clone(),
+                    node.clone(),
+                    desired_state.clone(),
+                    revision,
+                )?;
+                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                Ok::<_, StoreError>(event)
+            })
+            .await?;
+        self.after_events(std::slice::from_ref(&event)).await?;
         Ok(event)
     }
 
-    fn after_events(&self, events: &[Event]) -> Result<(), StoreError> {
+    async fn after_events(&self, events: &[Event]) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
-        }
-        for event in events {
-            self.publish(
-                Kind::Event,
-                ChangeType::Added,
-                &event.seq.to_string(),
-                event,
-            );
         }
         // Each node's share of the retention: one node's flood evicts its own history only.
         let over_share: Vec<Vec<u8>> = {
@@ -1373,10 +1758,10 @@ impl Controller {
             let nodes = live.node_events.len().max(live.heartbeats.len()).max(1);
             let share = (self.config.event_retention / nodes).max(MIN_NODE_EVENT_SHARE);
             let mut drop = Vec::new();
+            // The feed handler queued these events already (the writer waited for it).
             for event in events {
                 let Some(node) = &event.node else { continue };
                 let queue = live.node_events.entry(node.clone()).or_default();
-                queue.push_back(event.seq);
                 while queue.len() > share {
                     if let Some(seq) = queue.pop_front() {
                         drop.push(seq.to_be_bytes().to_vec());
@@ -1386,12 +1771,12 @@ impl Controller {
             drop
         };
         if !over_share.is_empty() {
-            self.store.remove_keys(Table::Events, &over_share)?;
+            self.store.remove_keys(Table::Events, &over_share).await?;
         }
-        let count = self.store.len(Table::Events)?;
+        let count = self.store.len(Table::Events);
         if count > self.config.event_retention {
             let excess = count - self.config.event_retention;
-            let oldest = self.store.scan_from(Table::Events, b"", excess)?;
+            let oldest = self.store.scan_from(Table::Events, b"", excess);
             {
                 let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                 for (key, value) in &oldest {
@@ -1408,7 +1793,7 @@ impl Controller {
                 }
             }
             let keys: Vec<Vec<u8>> = oldest.into_iter().map(|(k, _)| k).collect();
-            self.store.remove_keys(Table::Events, &keys)?;
+            self.store.remove_keys(Table::Events, &keys).await?;
         }
         Ok(())
     }
@@ -1425,7 +1810,7 @@ impl Controller {
         // Filtering happens after the scan, so read in pages until enough match.
         let mut cursor = start.to_vec();
         loop {
-            let page = self.store.scan_from(Table::Events, &cursor, 1000)?;
+            let page = self.store.scan_from(Table::Events, &cursor, 1000);
             let done = page.len() < 1000;
             for (key, value) in &page {
                 let event: Event = decode(Table::Events, key, value)?;
@@ -1465,31 +1850,26 @@ impl Controller {
 
     /// One rollout.
     pub fn get_rollout(&self, name: &str) -> Result<RolloutObject, ApiError> {
-        let _visible = self
-            .rollout_gate
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        let bytes = self
-            .store
-            .get(Table::Rollouts, name.as_bytes())?
-            .ok_or_else(|| ApiError::NotFound {
+        // From the cache, which shows a rollout only together with the assignments it made.
+        match self.cache().rollouts.get(name) {
+            Some(Ok(rollout)) => Ok(RolloutObject::clone(rollout)),
+            Some(Err(e)) => Err(ApiError::Store(e.clone())),
+            None => Err(ApiError::NotFound {
                 kind: "Rollout",
                 name: name.to_string(),
-            })?;
-        Ok(decode(Table::Rollouts, name.as_bytes(), &bytes)?)
+            }),
+        }
     }
 
     /// Every rollout, by name.
     pub fn list_rollouts(&self) -> Result<Vec<RolloutObject>, ApiError> {
-        let _visible = self
-            .rollout_gate
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.store
-            .scan_prefix(Table::Rollouts, b"")?
-            .into_iter()
-            .map(|(k, v)| decode(Table::Rollouts, &k, &v).map_err(ApiError::from))
-            .collect()
+        Ok(self
+            .cache()
+            .rollouts
+            .values()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| RolloutObject::clone(r))
+            .collect())
     }
 
     /// The rollout controller's view of every node for one DesiredState.
@@ -1603,7 +1983,12 @@ impl Controller {
     /// failure (an error, or a panic in its decision) is that DesiredState's problem: it is
     /// logged, raises a Warning event on it, and is retried with backoff, while every other
     /// DesiredState keeps rolling (kube-rs's `error_policy`).
-    pub fn reconcile_rollouts(&self, now: SystemTime) -> Result<(), ApiError> {
+    pub async fn reconcile_rollouts(&self, now: SystemTime) -> Result<(), ApiError> {
+        // Only the leader decides; its decisions carry its epoch, so a deposed leader's
+        // last decision is refused by the store.
+        let Some(epoch) = self.leader_epoch() else {
+            return Ok(());
+        };
         let states: Vec<Arc<DesiredStateObject>> = self.cache().states.values().cloned().collect();
         for state in states {
             let name = state.metadata.name.clone();
@@ -1616,9 +2001,10 @@ impl Controller {
             if !due {
                 continue;
             }
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.reconcile_one(&state, now)
-            }));
+            let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+                self.reconcile_one(&state, now, epoch),
+            ))
+            .await;
             let error = match outcome {
                 Ok(Ok(())) => {
                     let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1650,22 +2036,31 @@ impl Controller {
             tracing::error!(desired_state = %name, failures, error = %error, retry_in = ?delay, "rollout decision failed");
             // One event per failure streak, not one per retry.
             if failures == 1 {
-                let _ = self.record_event(
-                    now,
-                    EventType::Warning,
-                    "RolloutError",
-                    &format!("rollout/{name}"),
-                    format!("{error}; retried with backoff, other DesiredStates are not affected"),
-                    None,
-                    Some(name.clone()),
-                    Some(state.status.revision),
-                );
+                let _ = self
+                    .record_event(
+                        now,
+                        EventType::Warning,
+                        "RolloutError",
+                        &format!("rollout/{name}"),
+                        format!(
+                            "{error}; retried with backoff, other DesiredStates are not affected"
+                        ),
+                        None,
+                        Some(name.clone()),
+                        Some(state.status.revision),
+                    )
+                    .await;
             }
         }
         Ok(())
     }
 
-    fn reconcile_one(&self, state: &DesiredStateObject, now: SystemTime) -> Result<(), ApiError> {
+    async fn reconcile_one(
+        &self,
+        state: &DesiredStateObject,
+        now: SystemTime,
+        epoch: u64,
+    ) -> Result<(), ApiError> {
         let name = &state.metadata.name;
         let current = match self.get_rollout(name) {
             Ok(rollout) => Some(rollout),
@@ -1689,7 +2084,9 @@ impl Controller {
         let nodes = self.node_views(name, now)?;
         // After a restart, nodes get a heartbeat's grace to be heard before deadlines count:
         // an outage of the apiserver is not the nodes' silence.
-        let judge_from = self.started + self.config.ready_grace;
+        // Likewise after a takeover: nodes that talked to the old leader need a moment to
+        // find this one.
+        let judge_from = self.leading_since() + self.config.ready_grace;
         if let Some(update) =
             crate::rollout::decide(state, current.as_ref(), &nodes, now, Some(judge_from))
         {
@@ -1700,21 +2097,22 @@ impl Controller {
                     .map(|r| r.metadata.resource_version.clone()),
                 update,
                 now,
-            )?;
+                Some(epoch),
+            )
+            .await?;
         }
         Ok(())
     }
 
     /// Stores a rollout decision in one transaction: the rollout, assignments, last good revision, events.
-    fn write_rollout(
+    async fn write_rollout(
         &self,
         name: &str,
         expected: Option<String>,
         update: crate::rollout::Update,
         now: SystemTime,
+        fence: Option<u64>,
     ) -> Result<bool, ApiError> {
-        let version = self.store.next_version()?.to_string();
-        let seqs = self.seqs(update.events.len())?;
         let existing_assignments: Vec<Vec<u8>> = self
             .cache()
             .assignments
@@ -1722,13 +2120,12 @@ impl Controller {
             .filter(|(_, per_node)| per_node.contains_key(name))
             .map(|(node, _)| store::assignment_key(node, name))
             .collect();
-        let mut rollout = update.rollout.clone();
-        rollout.metadata.resource_version = version.clone();
+        let base_rollout = update.rollout.clone();
         // Rolled back: a cordoned node pinned to the aborted revision (or to any revision
         // that never became good) goes back to the last good one like every other node.
         let rolled_back = update.clear_assignments
             && update.last_good.is_none()
-            && rollout.status.phase == RolloutPhase::RolledBack;
+            && base_rollout.status.phase == RolloutPhase::RolledBack;
         let pinned: Vec<String> = if rolled_back {
             self.list_nodes_raw()?
                 .into_iter()
@@ -1736,7 +2133,7 @@ impl Controller {
                     n.object.status.cordoned.as_ref().is_some_and(|c| {
                         c.revisions
                             .get(name)
-                            .is_some_and(|r| *r > rollout.spec.from_revision)
+                            .is_some_and(|r| *r > base_rollout.spec.from_revision)
                     })
                 })
                 .map(|n| n.object.metadata.name)
@@ -1744,104 +2141,104 @@ impl Controller {
         } else {
             vec![]
         };
-        let visible = self
-            .rollout_gate
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        let events = transact(self.store.as_ref(), |txn| -> Result<_, ApiError> {
-            // Another writer (pause, undo) got there first: decide again next tick.
-            let stored: Option<RolloutObject> = get_json(txn, Table::Rollouts, name.as_bytes())?;
-            if stored.map(|r| r.metadata.resource_version) != expected {
-                return Err(ApiError::Conflict {
-                    message: "rollout changed meanwhile".into(),
-                    hint: String::new(),
-                });
-            }
-            // Deleted since the tick read it: a rollout must not outlive its DesiredState.
-            // Applied since: the decision was about an older revision.
-            let state: Option<DesiredStateObject> =
-                get_json(txn, Table::DesiredStates, name.as_bytes())?;
-            if state.is_none_or(|s| s.status.revision != rollout.spec.revision) {
-                return Err(ApiError::Conflict {
-                    message: "DesiredState deleted or applied meanwhile".into(),
-                    hint: String::new(),
-                });
-            }
-            txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
-            for node_name in &pinned {
-                if let Some(mut node) =
-                    get_json::<StoredNode>(txn, Table::Nodes, node_name.as_bytes())?
-                {
-                    if let Some(cordon) = &mut node.object.status.cordoned {
-                        match rollout.spec.from_revision {
-                            0 => cordon.revisions.remove(name),
-                            good => cordon.revisions.insert(name.to_string(), good),
-                        };
+        let events = self
+            .transact(|txn| -> Result<_, ApiError> {
+                if let Some(epoch) = fence {
+                    self.fence(txn, epoch)?;
+                }
+                let version = txn.revision().to_string();
+                let seqs: Vec<u64> = update.events.iter().map(|_| txn.next_id()).collect();
+                let mut rollout = base_rollout.clone();
+                rollout.metadata.resource_version = version.clone();
+                // Another writer (pause, undo) got there first: decide again next tick.
+                let stored: Option<RolloutObject> =
+                    get_json(txn, Table::Rollouts, name.as_bytes())?;
+                if stored.map(|r| r.metadata.resource_version) != expected {
+                    return Err(ApiError::Conflict {
+                        message: "rollout changed meanwhile".into(),
+                        hint: String::new(),
+                    });
+                }
+                // Deleted since the tick read it: a rollout must not outlive its DesiredState.
+                // Applied since: the decision was about an older revision.
+                let state: Option<DesiredStateObject> =
+                    get_json(txn, Table::DesiredStates, name.as_bytes())?;
+                if state.is_none_or(|s| s.status.revision != rollout.spec.revision) {
+                    return Err(ApiError::Conflict {
+                        message: "DesiredState deleted or applied meanwhile".into(),
+                        hint: String::new(),
+                    });
+                }
+                txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
+                for node_name in &pinned {
+                    if let Some(mut node) =
+                        get_json::<StoredNode>(txn, Table::Nodes, node_name.as_bytes())?
+                    {
+                        if let Some(cordon) = &mut node.object.status.cordoned {
+                            match rollout.spec.from_revision {
+                                0 => cordon.revisions.remove(name),
+                                good => cordon.revisions.insert(name.to_string(), good),
+                            };
+                        }
+                        node.object.metadata.resource_version = version.clone();
+                        txn.put(Table::Nodes, node_name.as_bytes(), encode(&node))?;
                     }
-                    node.object.metadata.resource_version = version.clone();
-                    txn.put(Table::Nodes, node_name.as_bytes(), encode(&node))?;
                 }
-            }
-            if update.clear_assignments {
-                for key in &existing_assignments {
-                    txn.delete(Table::Assignments, key)?;
+                if update.clear_assignments {
+                    for key in &existing_assignments {
+                        txn.delete(Table::Assignments, key)?;
+                    }
                 }
-            }
-            for (node, revision) in &update.assign {
-                txn.put(
-                    Table::Assignments,
-                    &store::assignment_key(node, name),
-                    encode(revision),
-                )?;
-            }
-            if let Some(good) = update.last_good {
-                if let Some(mut state) =
-                    get_json::<DesiredStateObject>(txn, Table::DesiredStates, name.as_bytes())?
-                {
-                    state.status.last_good_revision = good;
-                    state.metadata.resource_version = version.clone();
-                    txn.put(Table::DesiredStates, name.as_bytes(), encode(&state))?;
+                for (node, revision) in &update.assign {
+                    txn.put(
+                        Table::Assignments,
+                        &store::assignment_key(node, name),
+                        encode(revision),
+                    )?;
                 }
-            }
-            let mut events = Vec::new();
-            for ((kind, reason, message), seq) in update.events.iter().zip(&seqs) {
-                let event = self.new_event(
-                    *seq,
-                    now,
-                    *kind,
-                    reason,
-                    &format!("rollout/{name}"),
-                    message.clone(),
-                    None,
-                    Some(name.to_string()),
-                    Some(rollout.spec.revision),
-                )?;
-                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
-                events.push(event);
-            }
-            Ok(events)
-        });
+                if let Some(good) = update.last_good {
+                    if let Some(mut state) =
+                        get_json::<DesiredStateObject>(txn, Table::DesiredStates, name.as_bytes())?
+                    {
+                        state.status.last_good_revision = good;
+                        state.metadata.resource_version = version.clone();
+                        txn.put(Table::DesiredStates, name.as_bytes(), encode(&state))?;
+                    }
+                }
+                let mut events = Vec::new();
+                for ((kind, reason, message), seq) in update.events.iter().zip(&seqs) {
+                    let event = self.new_event(
+                        *seq,
+                        now,
+                        *kind,
+                        reason,
+                        &format!("rollout/{name}"),
+                        message.clone(),
+                        None,
+                        Some(name.to_string()),
+                        Some(rollout.spec.revision),
+                    )?;
+                    txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                    events.push(event);
+                }
+                Ok((events, rollout))
+            })
+            .await;
         let events = match events {
             Err(store::TxnError::Aborted(ApiError::Conflict { .. })) => return Ok(false),
-            other => other?,
+            other => other?.0 .0,
         };
-        self.store.flush()?;
-        self.refresh()?;
-        drop(visible);
-        self.bump_epoch();
-        self.publish(Kind::Rollout, ChangeType::Modified, name, &rollout);
-        // Counting selected nodes reads every node: only for watchers that will see it.
-        if update.last_good.is_some() && self.changes.receiver_count() > 0 {
-            if let Ok(state) = self.get_desired_state(name) {
-                self.publish(Kind::DesiredState, ChangeType::Modified, name, &state);
-            }
-        }
-        self.after_events(&events)?;
+        self.store.flush().await?;
+        self.after_events(&events).await?;
         Ok(true)
     }
 
     /// Pause or resume a rollout (operator verbs).
-    pub fn set_rollout_paused(&self, name: &str, paused: bool) -> Result<RolloutObject, ApiError> {
+    pub async fn set_rollout_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<RolloutObject, ApiError> {
         let current = self.get_rollout(name)?;
         // A rollout is paused before its first wave as well as during one (`apply` then
         // `rollout pause` at once); resumed, an unplanned one is planned on the next tick.
@@ -1889,12 +2286,15 @@ impl Controller {
                 format!("revision {}", current.spec.revision),
             )],
         };
-        let written = self.write_rollout(
-            name,
-            Some(current.metadata.resource_version.clone()),
-            update,
-            SystemTime::now(),
-        )?;
+        let written = self
+            .write_rollout(
+                name,
+                Some(current.metadata.resource_version.clone()),
+                update,
+                SystemTime::now(),
+                None,
+            )
+            .await?;
         if !written {
             return Err(ApiError::Conflict {
                 message: format!("rollout `{name}` changed while pausing or resuming it"),
@@ -1905,7 +2305,7 @@ impl Controller {
     }
 
     /// Rolls back by applying an earlier revision's spec as a new revision (`undo`).
-    pub fn undo(
+    pub async fn undo(
         &self,
         name: &str,
         to_revision: Option<u64>,
@@ -1952,6 +2352,7 @@ impl Controller {
             }],
             false,
         )
+        .await
     }
 
     // ---- Summary ------------------------------------------------------------
@@ -2030,7 +2431,7 @@ fn healthy_received(
         .map(|a| {
             let kept = before
                 .get(&a.desired_state)
-                .filter(|h| h.revision == a.revision && h.node_since == a.healthy_since)
+                .filter(|h| h.revision == a.revision && same_millis(h.node_since, a.healthy_since))
                 .copied();
             let mark = kept.unwrap_or(HealthyReceived {
                 revision: a.revision,
@@ -2040,6 +2441,19 @@ fn healthy_received(
             (a.desired_state.clone(), mark)
         })
         .collect()
+}
+
+/// Equal at the wire's resolution (RFC 3339 with milliseconds): a time read back from the
+/// store is compared with one that has not been through it yet.
+fn same_millis(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
+    let millis = |t: Option<SystemTime>| {
+        t.map(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        })
+    };
+    millis(a) == millis(b)
 }
 
 /// A stored DesiredState with the number of nodes its selector picks among `nodes`.
@@ -2187,14 +2601,13 @@ pub fn conditions(node: &NodeObject, assignment: &NodeAssignment, ready: bool) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
 
-    fn controller_with(config: ControllerConfig) -> Arc<Controller> {
-        Controller::new(Arc::new(MemoryStore::new()), config).expect("controller")
+    async fn controller_with(config: ControllerConfig) -> Arc<Controller> {
+        Controller::new(Store::memory().await, config).expect("controller")
     }
 
-    fn controller() -> Arc<Controller> {
-        controller_with(ControllerConfig::default())
+    async fn controller() -> Arc<Controller> {
+        controller_with(ControllerConfig::default()).await
     }
 
     /// A DesiredState selecting `role=<role>` that pins each `(component, version)` as a package.
@@ -2235,14 +2648,14 @@ mod tests {
         )
     }
 
-    fn apply(c: &Controller, yaml: &str) -> ApplyResult {
-        let response = c.apply(inputs(yaml), false).expect("apply");
+    async fn apply(c: &Controller, yaml: &str) -> ApplyResult {
+        let response = c.apply(inputs(yaml), false).await.expect("apply");
         assert!(!response.dry_run);
         assert_eq!(response.results.len(), 1);
         response.results[0].clone()
     }
 
-    fn register(c: &Controller, name: &str, role: &str) -> RegisterResponse {
+    async fn register(c: &Controller, name: &str, role: &str) -> RegisterResponse {
         c.register(
             RegisterRequest {
                 name: name.into(),
@@ -2250,6 +2663,7 @@ mod tests {
             },
             "join",
         )
+        .await
         .expect("register")
     }
 
@@ -2261,28 +2675,28 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn apply_numbers_revisions_and_reports_what_happened() {
-        let c = controller();
+    #[tokio::test]
+    async fn apply_numbers_revisions_and_reports_what_happened() {
+        let c = controller().await;
         let v1 = manifest("web", "web", &[("nginx", "1.0-1")]);
-        let created = apply(&c, &v1);
+        let created = apply(&c, &v1).await;
         assert_eq!(created.action, ApplyAction::Created);
         assert_eq!(created.revision, 1);
 
-        let again = apply(&c, &v1);
+        let again = apply(&c, &v1).await;
         assert_eq!(again.action, ApplyAction::Unchanged);
         assert_eq!(again.revision, 1);
         assert_eq!(again.resource_version, created.resource_version);
 
         let v2 = manifest("web", "web", &[("nginx", "1.1-1")]);
-        let configured = apply(&c, &v2);
+        let configured = apply(&c, &v2).await;
         assert_eq!(configured.action, ApplyAction::Configured);
         assert_eq!(configured.revision, 2);
         assert_ne!(configured.resource_version, created.resource_version);
 
         // Labels alone: a new resourceVersion, but no new revision.
         let labelled = v2.replacen("metadata:\n", "metadata:\n  labels: {team: a}\n", 1);
-        let relabelled = apply(&c, &labelled);
+        let relabelled = apply(&c, &labelled).await;
         assert_eq!(relabelled.action, ApplyAction::Configured);
         assert_eq!(relabelled.revision, 2);
         assert_ne!(relabelled.resource_version, configured.resource_version);
@@ -2321,37 +2735,40 @@ mod tests {
         );
 
         // Deleting removes the revisions too; re-creating starts again at 1.
-        c.delete_desired_state("web", None).unwrap();
+        c.delete_desired_state("web", None).await.unwrap();
         assert!(matches!(c.revisions("web"), Err(ApiError::NotFound { .. })));
         assert!(c
             .store()
             .scan_prefix(Table::Revisions, &store::revision_prefix("web"))
-            .unwrap()
             .is_empty());
-        assert_eq!(apply(&c, &v2).revision, 1);
+        assert_eq!(apply(&c, &v2).await.revision, 1);
     }
 
-    #[test]
-    fn stale_resource_versions_conflict_and_change_nothing() {
-        let c = controller();
+    #[tokio::test]
+    async fn stale_resource_versions_conflict_and_change_nothing() {
+        let c = controller().await;
         let v1 = manifest("web", "web", &[("nginx", "1.0-1")]);
-        let first = apply(&c, &v1);
+        let first = apply(&c, &v1).await;
         let v2 = manifest("web", "web", &[("nginx", "1.1-1")]);
-        let second = apply(&c, &with_resource_version(&v2, &first.resource_version));
+        let second = apply(&c, &with_resource_version(&v2, &first.resource_version)).await;
         assert_eq!(second.revision, 2);
 
         // first.resource_version is stale now.
         let v3 = manifest("web", "web", &[("nginx", "1.2-1")]);
-        let stale = c.apply(
-            inputs(&with_resource_version(&v3, &first.resource_version)),
-            false,
-        );
+        let stale = c
+            .apply(
+                inputs(&with_resource_version(&v3, &first.resource_version)),
+                false,
+            )
+            .await;
         assert!(matches!(stale, Err(ApiError::Conflict { .. })), "{stale:?}");
         assert_eq!(c.get_desired_state("web").unwrap().status.revision, 2);
 
         // A resourceVersion for an object that does not exist is a conflict too, not a create.
         let ghost = manifest("ghost", "web", &[("tool", "1.0-1")]);
-        let result = c.apply(inputs(&with_resource_version(&ghost, "12345")), false);
+        let result = c
+            .apply(inputs(&with_resource_version(&ghost, "12345")), false)
+            .await;
         assert!(
             matches!(result, Err(ApiError::Conflict { .. })),
             "{result:?}"
@@ -2364,24 +2781,27 @@ mod tests {
             manifest("fresh", "web", &[("tool2", "1.0-1")]),
             with_resource_version(&v3, &first.resource_version)
         );
-        let result = c.apply(inputs(&bundle), false);
+        let result = c.apply(inputs(&bundle), false).await;
         assert!(
             matches!(result, Err(ApiError::Conflict { .. })),
             "{result:?}"
         );
         assert!(c.get_desired_state("fresh").is_err());
-        assert_eq!(c.store().len(Table::DesiredStates).unwrap(), 1);
-        assert_eq!(c.store().len(Table::Revisions).unwrap(), 2);
+        assert_eq!(c.store().len(Table::DesiredStates), 1);
+        assert_eq!(c.store().len(Table::Revisions), 2);
 
         // Delete checks the version as well.
-        let stale = c.delete_desired_state("web", Some(&first.resource_version));
+        let stale = c
+            .delete_desired_state("web", Some(&first.resource_version))
+            .await;
         assert!(matches!(stale, Err(ApiError::Conflict { .. })), "{stale:?}");
         assert!(c.get_desired_state("web").is_ok());
         c.delete_desired_state("web", Some(&second.resource_version))
+            .await
             .unwrap();
         assert!(c.get_desired_state("web").is_err());
         assert!(matches!(
-            c.delete_desired_state("web", None),
+            c.delete_desired_state("web", None).await,
             Err(ApiError::NotFound { .. })
         ));
         assert_eq!(
@@ -2390,21 +2810,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn dry_run_reports_and_stores_nothing() {
-        let c = controller();
+    #[tokio::test]
+    async fn dry_run_reports_and_stores_nothing() {
+        let c = controller().await;
         let v1 = manifest("web", "web", &[("nginx", "1.0-1")]);
-        let dry = c.apply(inputs(&v1), true).unwrap();
+        let dry = c.apply(inputs(&v1), true).await.unwrap();
         assert!(dry.dry_run);
         assert_eq!(dry.results[0].action, ApplyAction::Created);
         for table in Table::ALL {
-            assert_eq!(c.store().len(table).unwrap(), 0, "{table:?}");
+            assert_eq!(c.store().len(table), 0, "{table:?}");
         }
         assert!(c.get_desired_state("web").is_err());
 
-        apply(&c, &v1);
+        apply(&c, &v1).await;
         let v2 = manifest("web", "web", &[("nginx", "1.1-1")]);
-        let dry = c.apply(inputs(&v2), true).unwrap();
+        let dry = c.apply(inputs(&v2), true).await.unwrap();
         assert!(dry.dry_run);
         assert_eq!(dry.results[0].action, ApplyAction::Configured);
         assert_eq!(dry.results[0].revision, 2);
@@ -2415,24 +2835,30 @@ mod tests {
         assert_eq!(reasons(&c), vec!["Applied"]);
 
         // A dry run still checks resourceVersions.
-        let stale = c.apply(inputs(&with_resource_version(&v2, "1")), true);
+        let read = stored.metadata.resource_version.parse::<u64>().unwrap();
+        let stale = c
+            .apply(
+                inputs(&with_resource_version(&v2, &(read + 1).to_string())),
+                true,
+            )
+            .await;
         assert!(matches!(stale, Err(ApiError::Conflict { .. })), "{stale:?}");
     }
 
-    #[test]
-    fn a_component_pinned_twice_is_a_conflict_applied_by_neither() {
-        let c = controller();
+    #[tokio::test]
+    async fn a_component_pinned_twice_is_a_conflict_applied_by_neither() {
+        let c = controller().await;
         let both = format!(
             "{}---\n{}---\n{}",
             manifest("a", "web", &[("shared", "1.0-1"), ("only-a", "1.0-1")]),
             manifest("b", "web", &[("only-b", "1.0-1"), ("shared", "2.0-1")]),
             manifest("c", "db", &[("shared", "3.0-1")]),
         );
-        c.apply(inputs(&both), false).unwrap();
-        heard(&c, "web-1", "web");
-        heard(&c, "db-1", "db");
+        c.apply(inputs(&both), false).await.unwrap();
+        heard(&c, "web-1", "web").await;
+        heard(&c, "db-1", "db").await;
         // The rollout controller assigns the first wave (here: each group's only node).
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
 
         let web = c.assignment("web-1").unwrap();
         assert_eq!(
@@ -2472,7 +2898,7 @@ mod tests {
 
         // Removing one side ends the conflict and changes the generation.
         let before = web.generation;
-        c.delete_desired_state("b", None).unwrap();
+        c.delete_desired_state("b", None).await.unwrap();
         let web = c.assignment("web-1").unwrap();
         assert!(web.conflicts.is_empty());
         assert_eq!(names(&web.states[0]), vec!["shared", "only-a"]);
@@ -2520,8 +2946,8 @@ mod tests {
         (c.status, c.reason.clone())
     }
 
-    #[test]
-    fn conditions_follow_the_report_the_assignment_and_readiness() {
+    #[tokio::test]
+    async fn conditions_follow_the_report_the_assignment_and_readiness() {
         use ConditionStatus::{False, True, Unknown};
         let empty = assignment_of(&[], vec![]);
 
@@ -2642,17 +3068,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn events_are_bounded_by_retention_keeping_the_newest() {
+    #[tokio::test]
+    async fn events_are_bounded_by_retention_keeping_the_newest() {
         let c = controller_with(ControllerConfig {
             event_retention: 3,
             ..ControllerConfig::default()
-        });
+        })
+        .await;
         for i in 0..6 {
-            apply(&c, &manifest(&format!("s{i}"), "web", &[("tool", "1.0-1")]));
+            apply(&c, &manifest(&format!("s{i}"), "web", &[("tool", "1.0-1")])).await;
         }
         let events = c.events(0, 100, None).unwrap();
-        assert_eq!(c.store().len(Table::Events).unwrap(), 3);
+        assert_eq!(c.store().len(Table::Events), 3);
         let objects: Vec<&str> = events.iter().map(|e| e.object.as_str()).collect();
         assert_eq!(
             objects,
@@ -2663,7 +3090,7 @@ mod tests {
         let bundle: Vec<String> = (0..5)
             .map(|i| manifest(&format!("t{i}"), "web", &[("tool", "1.0-1")]))
             .collect();
-        c.apply(inputs(&bundle.join("---\n")), false).unwrap();
+        c.apply(inputs(&bundle.join("---\n")), false).await.unwrap();
         let objects: Vec<String> = c
             .events(0, 100, None)
             .unwrap()
@@ -2693,33 +3120,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_flooding_node_evicts_only_its_own_history() {
+    #[tokio::test]
+    async fn a_flooding_node_evicts_only_its_own_history() {
         let c = controller_with(ControllerConfig {
             event_retention: 100,
             ..ControllerConfig::default()
-        });
+        })
+        .await;
         for name in ["quiet", "loud", "other"] {
-            heard(&c, name, "web");
+            heard(&c, name, "web").await;
         }
-        let report = |name: &str, events: Vec<NodeEvent>| {
-            c.report(
-                name,
-                NodeReport {
-                    events,
-                    ..NodeReport::default()
-                },
-            )
-            .unwrap()
+        let report = |name: &'static str, events: Vec<NodeEvent>| {
+            let c = c.clone();
+            async move {
+                c.report(
+                    name,
+                    NodeReport {
+                        events,
+                        ..NodeReport::default()
+                    },
+                )
+                .await
+                .unwrap()
+            }
         };
-        report("quiet", (0..5).map(|i| node_event("Drift", i)).collect());
+        report("quiet", (0..5).map(|i| node_event("Drift", i)).collect()).await;
         for round in 0..5 {
             report(
                 "loud",
                 (0..1000)
                     .map(|i| node_event("Forged", round * 1000 + i))
                     .collect(),
-            );
+            )
+            .await;
         }
         let about = |node: &str| c.events(0, 10_000, Some(&format!("node/{node}"))).unwrap();
         let quiet = about("quiet");
@@ -2738,24 +3171,25 @@ mod tests {
         assert_eq!(last.reason, "EventsDropped", "{last:?}");
         assert!(last.message.contains("sent 1000 events"), "{last:?}");
         assert!(about("other").iter().any(|e| e.reason == "Registered"));
-        assert!(c.store().len(Table::Events).unwrap() <= 100);
+        assert!(c.store().len(Table::Events) <= 100);
     }
 
     fn ready(c: &Controller, name: &str) -> ConditionStatus {
         status_of(&c.get_node(name).unwrap().status.conditions, "Ready").0
     }
 
-    #[test]
-    fn readiness_sweep_reports_each_transition_once() {
+    #[tokio::test]
+    async fn readiness_sweep_reports_each_transition_once() {
         let grace = Duration::from_secs(40);
         let c = controller_with(ControllerConfig {
             ready_grace: grace,
             ..ControllerConfig::default()
-        });
-        register(&c, "n1", "web");
-        register(&c, "quiet", "web");
+        })
+        .await;
+        register(&c, "n1", "web").await;
+        register(&c, "quiet", "web").await;
         assert_eq!(ready(&c, "n1"), ConditionStatus::Unknown);
-        c.report("n1", NodeReport::default()).unwrap();
+        c.report("n1", NodeReport::default()).await.unwrap();
         assert_eq!(ready(&c, "n1"), ConditionStatus::True);
         let heartbeat = c.get_node("n1").unwrap().status.last_heartbeat.unwrap();
         let readiness_events = |c: &Controller| -> Vec<(String, Option<String>)> {
@@ -2769,13 +3203,16 @@ mod tests {
 
         // Within the grace period nothing changes.
         c.sweep_readiness(heartbeat + grace - Duration::from_secs(1))
+            .await
             .unwrap();
         assert!(readiness_events(&c).is_empty());
 
         // Past it: one NodeNotReady, for the node that had heartbeats only.
         let late = heartbeat + grace + Duration::from_secs(1);
-        c.sweep_readiness(late).unwrap();
-        c.sweep_readiness(late + Duration::from_secs(5)).unwrap();
+        c.sweep_readiness(late).await.unwrap();
+        c.sweep_readiness(late + Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(
             readiness_events(&c),
             vec![("NodeNotReady".to_string(), Some("n1".to_string()))]
@@ -2785,9 +3222,9 @@ mod tests {
         assert_eq!(event.time, late);
 
         // Heartbeats return: one NodeReady, at once.
-        c.report("n1", NodeReport::default()).unwrap();
+        c.report("n1", NodeReport::default()).await.unwrap();
         assert_eq!(ready(&c, "n1"), ConditionStatus::True);
-        c.sweep_readiness(SystemTime::now()).unwrap();
+        c.sweep_readiness(SystemTime::now()).await.unwrap();
         assert_eq!(
             readiness_events(&c),
             vec![
@@ -2797,33 +3234,34 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_first_heartbeat_is_not_reported_as_resumed() {
-        let c = controller();
-        register(&c, "n1", "web");
+    #[tokio::test]
+    async fn a_first_heartbeat_is_not_reported_as_resumed() {
+        let c = controller().await;
+        register(&c, "n1", "web").await;
         // Sweeps before the first heartbeat (the server sweeps every 2 s) …
-        c.sweep_readiness(SystemTime::now()).unwrap();
+        c.sweep_readiness(SystemTime::now()).await.unwrap();
         c.sweep_readiness(SystemTime::now() + Duration::from_secs(3600))
+            .await
             .unwrap();
         // … do not turn the first heartbeat into "heartbeats resumed".
-        c.report("n1", NodeReport::default()).unwrap();
+        c.report("n1", NodeReport::default()).await.unwrap();
         assert_eq!(reasons(&c), vec!["Registered"]);
     }
 
-    #[test]
-    fn node_tokens_are_checked_and_rotated_on_registration() {
-        let c = controller();
-        let first = register(&c, "n1", "web");
+    #[tokio::test]
+    async fn node_tokens_are_checked_and_rotated_on_registration() {
+        let c = controller().await;
+        let first = register(&c, "n1", "web").await;
         assert!(first.token.starts_with("n1:"));
         assert!(c.node_token_matches("n1", &first.token).unwrap());
         assert!(!c.node_token_matches("n2", &first.token).unwrap());
         assert!(!c.node_token_matches("n1", "n1:00").unwrap());
         // Only the hash is stored.
-        let raw = c.store().get(Table::Nodes, b"n1").unwrap().unwrap();
+        let raw = c.store().get(Table::Nodes, b"n1").unwrap();
         let secret = first.token.split_once(':').unwrap().1;
         assert!(!String::from_utf8_lossy(&raw).contains(secret));
 
-        let second = register(&c, "n1", "db");
+        let second = register(&c, "n1", "db").await;
         assert!(c.node_token_matches("n1", &second.token).unwrap());
         assert!(!c.node_token_matches("n1", &first.token).unwrap());
         assert_eq!(
@@ -2838,22 +3276,24 @@ mod tests {
         assert_eq!(reasons(&c), vec!["Registered", "Reregistered"]);
 
         for bad in ["Bad_Name", "", "register-"] {
-            let result = c.register(
-                RegisterRequest {
-                    name: bad.into(),
-                    labels: BTreeMap::new(),
-                },
-                "join",
-            );
+            let result = c
+                .register(
+                    RegisterRequest {
+                        name: bad.into(),
+                        labels: BTreeMap::new(),
+                    },
+                    "join",
+                )
+                .await;
             assert!(
                 matches!(result, Err(ApiError::Invalid { .. })),
                 "{bad}: {result:?}"
             );
         }
-        assert_eq!(c.store().len(Table::Nodes).unwrap(), 1);
+        assert_eq!(c.store().len(Table::Nodes), 1);
     }
 
-    fn healthy(c: &Controller, node: &str, state: &str, revision: u64, since: SystemTime) {
+    async fn healthy(c: &Controller, node: &str, state: &str, revision: u64, since: SystemTime) {
         c.report(
             node,
             NodeReport {
@@ -2867,13 +3307,14 @@ mod tests {
                 ..NodeReport::default()
             },
         )
+        .await
         .unwrap();
     }
 
     /// Registers a node that has reported once (a node never heard from takes no wave).
-    fn heard(c: &Controller, name: &str, role: &str) {
-        register(c, name, role);
-        c.report(name, NodeReport::default()).unwrap();
+    async fn heard(c: &Controller, name: &str, role: &str) {
+        register(c, name, role).await;
+        c.report(name, NodeReport::default()).await.unwrap();
     }
 
     fn assigned(c: &Controller, node: &str, state: &str) -> Option<u64> {
@@ -2885,20 +3326,20 @@ mod tests {
             .map(|s| s.revision)
     }
 
-    #[test]
-    fn a_revision_has_its_pending_rollout_at_once_and_it_can_be_paused_before_planning() {
-        let c = controller();
-        heard(&c, "n1", "web");
-        let result = apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
+    #[tokio::test]
+    async fn a_revision_has_its_pending_rollout_at_once_and_it_can_be_paused_before_planning() {
+        let c = controller().await;
+        heard(&c, "n1", "web").await;
+        let result = apply(&c, &manifest("web", "web", &[("tool", "1.0")])).await;
         let rollout = c.get_rollout("web").unwrap();
         assert_eq!(rollout.spec.revision, result.revision);
         assert_eq!(rollout.status.phase, RolloutPhase::Pending);
-        let paused = c.set_rollout_paused("web", true).unwrap();
+        let paused = c.set_rollout_paused("web", true).await.unwrap();
         assert_eq!(paused.status.phase, RolloutPhase::Paused);
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         assert_eq!(assigned(&c, "n1", "web"), None, "paused: nothing assigned");
-        c.set_rollout_paused("web", false).unwrap();
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        c.set_rollout_paused("web", false).await.unwrap();
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         assert_eq!(
             c.get_rollout("web").unwrap().status.phase,
             RolloutPhase::Progressing
@@ -2906,21 +3347,21 @@ mod tests {
         assert_eq!(assigned(&c, "n1", "web"), Some(1), "the canary got it");
     }
 
-    #[test]
-    fn bakes_count_from_when_the_server_received_healthy() {
-        let c = controller();
-        heard(&c, "n1", "web");
+    #[tokio::test]
+    async fn bakes_count_from_when_the_server_received_healthy() {
+        let c = controller().await;
+        heard(&c, "n1", "web").await;
         let yaml = manifest("web", "web", &[("tool", "1.0")]).replace(
             "  components:",
             "  rollout: {waves: ['100%'], bakeSeconds: 1000}\n  components:",
         );
-        apply(&c, &yaml);
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        apply(&c, &yaml).await;
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         // The node's clock says it has been healthy for a day: irrelevant.
         let day_ago = SystemTime::now() - Duration::from_secs(86_400);
-        healthy(&c, "n1", "web", 1, day_ago);
+        healthy(&c, "n1", "web", 1, day_ago).await;
         let first = c.get_node("n1").unwrap().status.healthy_received["web"];
-        healthy(&c, "n1", "web", 1, day_ago);
+        healthy(&c, "n1", "web", 1, day_ago).await;
         assert_eq!(
             c.get_node("n1").unwrap().status.healthy_received["web"].at,
             first.at,
@@ -2928,6 +3369,7 @@ mod tests {
         );
         // Past the bake (1000 s), before healthyDeadlineSeconds + bakeSeconds (1600 s).
         c.reconcile_rollouts(SystemTime::now() + Duration::from_secs(1500))
+            .await
             .unwrap();
         assert_eq!(
             c.get_rollout("web").unwrap().status.phase,
@@ -2943,15 +3385,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_sha256_reused_under_another_version_is_refused() {
-        let c = controller();
+    #[tokio::test]
+    async fn a_sha256_reused_under_another_version_is_refused() {
+        let c = controller().await;
         let sha = "ab".repeat(32);
         let service = |version: &str| {
             format!("apiVersion: shoal/v1\nkind: DesiredState\nmetadata:\n  name: web\nspec:\n  selector: {{matchLabels: {{role: web}}}}\n  components:\n    - {{name: web, kind: service, version: {version}, artifact: {{url: 'http://h/web-{version}.tgz', sha256: '{sha}'}}, service: {{exec: [bin/web]}}}}\n")
         };
-        apply(&c, &service("1.0.0"));
-        let refused = c.apply(inputs(&service("1.2.0")), false).unwrap_err();
+        apply(&c, &service("1.0.0")).await;
+        let refused = c.apply(inputs(&service("1.2.0")), false).await.unwrap_err();
         let text = format!("{refused:?}");
         assert!(text.contains("did you forget to update sha256"), "{text}");
         assert!(
@@ -2965,17 +3407,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_cordoned_node_keeps_its_revision_and_a_deleted_node_is_forgotten() {
-        let c = controller();
-        heard(&c, "n1", "web");
-        apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+    #[tokio::test]
+    async fn a_cordoned_node_keeps_its_revision_and_a_deleted_node_is_forgotten() {
+        let c = controller().await;
+        heard(&c, "n1", "web").await;
+        apply(&c, &manifest("web", "web", &[("tool", "1.0")])).await;
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         assert_eq!(assigned(&c, "n1", "web"), Some(1));
-        c.set_cordon("n1", true, "ops").unwrap();
+        c.set_cordon("n1", true, "ops").await.unwrap();
         assert!(c.get_node("n1").unwrap().status.cordoned.is_some());
-        apply(&c, &manifest("web", "web", &[("tool", "2.0")]));
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        apply(&c, &manifest("web", "web", &[("tool", "2.0")])).await;
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         assert_eq!(
             assigned(&c, "n1", "web"),
             Some(1),
@@ -2986,14 +3428,14 @@ mod tests {
             rollout.status.message.contains("n1: cordoned"),
             "{rollout:?}"
         );
-        c.set_cordon("n1", false, "ops").unwrap();
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        c.set_cordon("n1", false, "ops").await.unwrap();
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         assert_eq!(
             assigned(&c, "n1", "web"),
             Some(2),
             "uncordoned: the waiting rollout goes on"
         );
-        c.delete_node("n1", "ops").unwrap();
+        c.delete_node("n1", "ops").await.unwrap();
         assert!(matches!(c.get_node("n1"), Err(ApiError::NotFound { .. })));
         assert!(!c.node_token_matches("n1", "anything").unwrap());
         let reasons = reasons(&c);
@@ -3002,36 +3444,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_pause_holds_across_a_new_revision() {
-        let c = controller();
-        heard(&c, "n1", "web");
-        apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
-        c.set_rollout_paused("web", true).unwrap();
-        apply(&c, &manifest("web", "web", &[("tool", "2.0")]));
+    #[tokio::test]
+    async fn a_pause_holds_across_a_new_revision() {
+        let c = controller().await;
+        heard(&c, "n1", "web").await;
+        apply(&c, &manifest("web", "web", &[("tool", "1.0")])).await;
+        c.set_rollout_paused("web", true).await.unwrap();
+        apply(&c, &manifest("web", "web", &[("tool", "2.0")])).await;
         let rollout = c.get_rollout("web").unwrap();
         assert_eq!(
             (rollout.spec.revision, rollout.status.phase),
             (2, RolloutPhase::Paused)
         );
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         assert_eq!(assigned(&c, "n1", "web"), None);
     }
 
-    #[test]
-    fn a_cordoned_node_pinned_to_an_aborted_revision_goes_back_with_the_others() {
-        let c = controller();
-        heard(&c, "n1", "web");
+    #[tokio::test]
+    async fn a_cordoned_node_pinned_to_an_aborted_revision_goes_back_with_the_others() {
+        let c = controller().await;
+        heard(&c, "n1", "web").await;
         let quick = |version: &str| {
             manifest("web", "web", &[("tool", version)]).replace(
                 "  components:",
                 "  rollout: {waves: ['100%'], bakeSeconds: 0}\n  components:",
             )
         };
-        apply(&c, &quick("1.0"));
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
-        healthy(&c, "n1", "web", 1, SystemTime::now());
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        apply(&c, &quick("1.0")).await;
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
+        healthy(&c, "n1", "web", 1, SystemTime::now()).await;
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         assert_eq!(
             c.get_desired_state("web")
                 .unwrap()
@@ -3039,10 +3481,10 @@ mod tests {
                 .last_good_revision,
             1
         );
-        apply(&c, &quick("2.0"));
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        apply(&c, &quick("2.0")).await;
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         assert_eq!(assigned(&c, "n1", "web"), Some(2));
-        c.set_cordon("n1", true, "ops").unwrap();
+        c.set_cordon("n1", true, "ops").await.unwrap();
         c.report(
             "n1",
             NodeReport {
@@ -3056,8 +3498,9 @@ mod tests {
                 ..NodeReport::default()
             },
         )
+        .await
         .unwrap();
-        c.reconcile_rollouts(SystemTime::now()).unwrap();
+        c.reconcile_rollouts(SystemTime::now()).await.unwrap();
         let rollout = c.get_rollout("web").unwrap();
         assert_eq!(
             rollout.status.phase,
@@ -3077,20 +3520,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn one_broken_rollout_does_not_stop_the_others() {
-        let c = controller();
-        heard(&c, "n1", "web");
-        heard(&c, "n2", "db");
-        apply(&c, &manifest("web", "web", &[("tool", "1.0")]));
-        apply(&c, &manifest("db", "db", &[("pg", "1.0")]));
+    #[tokio::test]
+    async fn one_broken_rollout_does_not_stop_the_others() {
+        let c = controller().await;
+        heard(&c, "n1", "web").await;
+        heard(&c, "n2", "db").await;
+        apply(&c, &manifest("web", "web", &[("tool", "1.0")])).await;
+        apply(&c, &manifest("db", "db", &[("pg", "1.0")])).await;
         // web's rollout record is unreadable: its decisions fail, db's go on.
-        transact(c.store(), |txn| {
-            txn.put(Table::Rollouts, b"web", b"{not json".to_vec())
-        })
-        .unwrap();
+        c.store()
+            .transact(|txn| txn.put(Table::Rollouts, b"web", b"{not json".to_vec()))
+            .await
+            .map_err(|_| ())
+            .unwrap();
+        c.refresh().unwrap();
         let now = SystemTime::now();
-        c.reconcile_rollouts(now).unwrap();
+        c.reconcile_rollouts(now).await.unwrap();
         assert_eq!(assigned(&c, "n2", "db"), Some(1));
         let errors: Vec<Event> = c
             .events(0, 100, Some("rollout/web"))
@@ -3101,7 +3546,9 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].kind, EventType::Warning);
         // Retried with backoff, one event per streak.
-        c.reconcile_rollouts(now + Duration::from_secs(5)).unwrap();
+        c.reconcile_rollouts(now + Duration::from_secs(5))
+            .await
+            .unwrap();
         let again = c
             .events(0, 100, Some("rollout/web"))
             .unwrap()
@@ -3111,13 +3558,14 @@ mod tests {
         assert_eq!(again, 1);
     }
 
-    #[test]
-    fn heartbeats_store_the_report_events_and_host_history() {
+    #[tokio::test]
+    async fn heartbeats_store_the_report_events_and_host_history() {
         let c = controller_with(ControllerConfig {
             host_history: 2,
             ..ControllerConfig::default()
-        });
-        register(&c, "n1", "web");
+        })
+        .await;
+        register(&c, "n1", "web").await;
         for cpu in [1.0, 2.0, 3.0] {
             c.report(
                 "n1",
@@ -3138,6 +3586,7 @@ mod tests {
                     ..NodeReport::default()
                 },
             )
+            .await
             .unwrap();
         }
         let node = c.get_node("n1").unwrap();
@@ -3158,7 +3607,7 @@ mod tests {
         );
         assert!(drift.last().unwrap().message.starts_with("nginx: "));
         assert!(matches!(
-            c.report("ghost", NodeReport::default()),
+            c.report("ghost", NodeReport::default()).await,
             Err(ApiError::NotFound { .. })
         ));
     }

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod controller;
 pub mod error;
+pub mod lease;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
@@ -15,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
 
-use crate::store::{SledStore, Store};
+use crate::store::{Backend, PostgresBackend, SledBackend, Store};
 use auth::Tokens;
 use controller::{Controller, ControllerConfig};
 use metrics::Metrics;
@@ -24,8 +25,10 @@ use routes::AppState;
 /// Everything `apiserver` is started with.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Data directory (sled).
+    /// Data directory (sled, and git sync's checkout).
     pub data: PathBuf,
+    /// A PostgreSQL URL to keep the store in instead of sled in `data`.
+    pub store: Option<String>,
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Tokens file; without one the server only listens on loopback.
@@ -74,8 +77,15 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
             Tokens::open()
         }
     };
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&config.data, config.cache_bytes).map_err(|e| e.to_string())?);
+    let backend: Arc<dyn Backend> = match &config.store {
+        Some(url) => PostgresBackend::connect(url)
+            .await
+            .map_err(|e| e.to_string())?,
+        None => Arc::new(
+            SledBackend::open(&config.data, config.cache_bytes).map_err(|e| e.to_string())?,
+        ),
+    };
+    let store = Store::open(backend).await.map_err(|e| e.to_string())?;
     let controller =
         Controller::new(store.clone(), config.controller.clone()).map_err(|e| e.to_string())?;
     let git_wake = Arc::new(tokio::sync::Notify::new());
@@ -105,11 +115,7 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tick.tick().await;
-            let controller = sweeper.clone();
-            let result =
-                tokio::task::spawn_blocking(move || controller.sweep_readiness(SystemTime::now()))
-                    .await;
-            if let Ok(Err(e)) = result {
+            if let Err(e) = sweeper.sweep_readiness(SystemTime::now()).await {
                 tracing::error!(error = %e, "readiness sweep failed");
             }
         }
@@ -134,18 +140,29 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         None => None,
     };
 
+    // Leader election, with a store other apiservers share: the leader alone runs the
+    // rollout controller, the readiness sweep's events and git sync.
+    if store.is_shared() {
+        let elector = controller.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(elector.config().lease_duration / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = elector.lease_tick().await {
+                    tracing::warn!(error = %e, "leader election failed; retrying");
+                }
+            }
+        });
+    }
+
     // The rollout controller: one decision per DesiredState per second, all state in the store.
     let rollouts = controller.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let controller = rollouts.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                controller.reconcile_rollouts(SystemTime::now())
-            })
-            .await;
-            if let Ok(Err(e)) = result {
+            if let Err(e) = rollouts.reconcile_rollouts(SystemTime::now()).await {
                 tracing::error!(error = %e, "rollout controller failed; retrying");
             }
         }
@@ -158,7 +175,7 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to find the port when --listen uses port 0.
     println!("apiserver listening on {scheme}://{bound}");
-    tracing::info!(%bound, data = %config.data.display(), "apiserver started");
+    tracing::info!(%bound, data = %config.data.display(), store = store.kind(), "apiserver started");
 
     let handle = axum_server::Handle::new();
     let shutdown = handle.clone();
@@ -180,7 +197,7 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         }
     };
     served.map_err(|e| format!("server failed: {e}"))?;
-    store.flush().map_err(|e| e.to_string())?;
+    store.flush().await.map_err(|e| e.to_string())?;
     tracing::info!("apiserver stopped");
     Ok(())
 }

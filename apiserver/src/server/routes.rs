@@ -235,10 +235,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    state
-        .controller
-        .store()
-        .len(crate::store::Table::DesiredStates)?;
+    state.controller.store().check()?;
     Ok("ok\n")
 }
 
@@ -423,11 +420,7 @@ async fn delete_node(
     Path(name): Path<String>,
 ) -> Result<Json<manifests::wire::NodeObject>, ApiError> {
     let actor = caller.operator()?.to_string();
-    let controller = state.controller.clone();
-    tokio::task::spawn_blocking(move || controller.delete_node(&name, &actor))
-        .await
-        .expect("node deletion does not panic")
-        .map(Json)
+    state.controller.delete_node(&name, &actor).await.map(Json)
 }
 
 async fn cordon_node(
@@ -453,10 +446,10 @@ async fn set_cordon(
     cordoned: bool,
 ) -> Result<Json<manifests::wire::NodeObject>, ApiError> {
     let actor = caller.operator()?.to_string();
-    let controller = state.controller.clone();
-    tokio::task::spawn_blocking(move || controller.set_cordon(&name, cordoned, &actor))
+    state
+        .controller
+        .set_cordon(&name, cordoned, &actor)
         .await
-        .expect("cordoning does not panic")
         .map(Json)
 }
 
@@ -483,10 +476,7 @@ async fn register(
             "choose another node name",
         ));
     }
-    let controller = state.controller.clone();
-    let response = tokio::task::spawn_blocking(move || controller.register(request, &via))
-        .await
-        .expect("register does not panic")?;
+    let response = state.controller.register(request, &via).await?;
     Ok((StatusCode::CREATED, Json(response)).into_response())
 }
 
@@ -499,7 +489,7 @@ async fn put_status(
     caller.the_node(&name)?;
     let bytes = body(raw, &state)?;
     let report: NodeReport = json_body(&bytes, "node report")?;
-    state.controller.report(&name, report)?;
+    state.controller.report(&name, report).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -588,10 +578,12 @@ async fn delete_desired_state(
     Query(q): Query<DeleteQuery>,
 ) -> Result<Json<manifests::wire::DesiredStateObject>, ApiError> {
     caller.operator()?;
-    Ok(Json(state.controller.delete_desired_state(
-        &name,
-        q.resource_version.as_deref(),
-    )?))
+    Ok(Json(
+        state
+            .controller
+            .delete_desired_state(&name, q.resource_version.as_deref())
+            .await?,
+    ))
 }
 
 async fn revisions(
@@ -687,10 +679,9 @@ async fn apply(
 ) -> Result<Json<manifests::wire::ApplyResponse>, ApiError> {
     let actor = caller.operator()?.to_string();
     let bytes = body(raw, &state)?;
-    let controller = state.controller.clone();
     // Parsing is CPU work bounded by the parser's budget, not I/O: on the blocking pool, so
     // a large or hostile body never stalls the async workers that answer everyone else.
-    let response = tokio::task::spawn_blocking(move || {
+    let inputs = tokio::task::spawn_blocking(move || {
         let text = std::str::from_utf8(&bytes).map_err(|_| {
             ApiError::bad_request("the body is not UTF-8 text", "send YAML or JSON manifests")
         })?;
@@ -709,11 +700,12 @@ async fn apply(
                     ..RevisionSource::default()
                 },
             })
-            .collect();
-        controller.apply(inputs, q.dry_run)
+            .collect::<Vec<_>>();
+        Ok::<_, ApiError>(inputs)
     })
     .await
-    .expect("apply does not panic")?;
+    .expect("parsing does not panic")?;
+    let response = state.controller.apply(inputs, q.dry_run).await?;
     if !response.dry_run {
         for result in &response.results {
             state.metrics.count_apply(match result.action {
@@ -740,21 +732,16 @@ async fn rollout_action(
     Query(q): Query<UndoQuery>,
 ) -> Result<Response, ApiError> {
     let actor = caller.operator()?.to_string();
-    let controller = state.controller.clone();
-    let result = tokio::task::spawn_blocking(move || -> Result<Response, ApiError> {
-        match action.as_str() {
-            "pause" => Ok(Json(controller.set_rollout_paused(&name, true)?).into_response()),
-            "resume" => Ok(Json(controller.set_rollout_paused(&name, false)?).into_response()),
-            "undo" => Ok(Json(controller.undo(&name, q.to_revision, &actor)?).into_response()),
-            other => Err(ApiError::NotFound {
-                kind: "Rollout action",
-                name: other.to_string(),
-            }),
-        }
-    })
-    .await
-    .expect("rollout actions do not panic");
-    result
+    let controller = &state.controller;
+    match action.as_str() {
+        "pause" => Ok(Json(controller.set_rollout_paused(&name, true).await?).into_response()),
+        "resume" => Ok(Json(controller.set_rollout_paused(&name, false).await?).into_response()),
+        "undo" => Ok(Json(controller.undo(&name, q.to_revision, &actor).await?).into_response()),
+        other => Err(ApiError::NotFound {
+            kind: "Rollout action",
+            name: other.to_string(),
+        }),
+    }
 }
 
 fn git_sync(state: &AppState) -> Result<&Arc<crate::gitsync::GitSync>, ApiError> {

@@ -1,20 +1,25 @@
-//! The sled backend: one tree per table, multi-tree transactions, a bounded page cache.
+//! The sled backend, the embedded default: one tree per table plus a `meta` tree holding
+//! the revision, written together in one multi-tree transaction.
 
 use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
+use tokio::sync::watch;
 
-use super::{Entry, Store, StoreError, Table, Txn, TxnError};
+use super::{Backend, Batch, Committed, Snapshot, StoreError, Table};
 
 /// Page cache for sled. Its default is 1 GiB; the apiserver has to fit beside
 /// everything else on an 8 GB ARM board, and its working set (manifests,
 /// node records) is far smaller than this.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// The sled-backed store.
-pub struct SledStore {
+const REVISION_KEY: &[u8] = b"revision";
+
+/// The sled-backed store. sled locks its directory, so this process is its only writer.
+pub struct SledBackend {
     db: sled::Db,
+    /// The table trees in `Table::ALL` order, then the meta tree.
     trees: Vec<sled::Tree>,
 }
 
@@ -22,7 +27,16 @@ fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-impl SledStore {
+fn revision_of(bytes: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        table: "meta",
+        key: "revision".into(),
+        reason: format!("{} bytes, not 8", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl SledBackend {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
@@ -36,144 +50,171 @@ impl SledStore {
                     dir.display()
                 ))
             })?;
-        let trees = Table::ALL
+        let mut trees = Table::ALL
             .iter()
             .map(|t| db.open_tree(t.name()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend)?;
-        Ok(SledStore { db, trees })
-    }
-
-    fn tree(&self, table: Table) -> &sled::Tree {
-        &self.trees[table.position()]
-    }
-}
-
-struct SledTxn<'a> {
-    trees: &'a [TransactionalTree],
-}
-
-fn txn_backend(e: sled::transaction::UnabortableTransactionError) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
-
-impl Txn for SledTxn<'_> {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.trees[table.position()]
-            .get(key)
-            .map_err(txn_backend)?
-            .map(|v| v.to_vec()))
-    }
-    fn put(&mut self, table: Table, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
-        self.trees[table.position()]
-            .insert(key, value)
-            .map_err(txn_backend)?;
-        Ok(())
-    }
-    fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
-        self.trees[table.position()]
-            .remove(key)
-            .map_err(txn_backend)?;
-        Ok(())
-    }
-}
-
-fn pairs(
-    iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-) -> Result<Vec<Entry>, StoreError> {
-    iter.map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend))
-        .collect()
-}
-
-impl Store for SledStore {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .tree(table)
-            .get(key)
-            .map_err(backend)?
-            .map(|v| v.to_vec()))
-    }
-
-    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
-        pairs(self.tree(table).scan_prefix(prefix))
-    }
-
-    fn scan_from(
-        &self,
-        table: Table,
-        start: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
-        pairs(self.tree(table).range(start.to_vec()..).take(limit))
-    }
-
-    fn last(&self, table: Table) -> Result<Option<Entry>, StoreError> {
-        Ok(self
-            .tree(table)
-            .last()
-            .map_err(backend)?
-            .map(|(k, v)| (k.to_vec(), v.to_vec())))
-    }
-
-    fn len(&self, table: Table) -> Result<usize, StoreError> {
-        Ok(self.tree(table).len())
-    }
-
-    fn remove_keys(&self, table: Table, keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(key.as_slice());
+        let meta = db.open_tree("meta").map_err(backend)?;
+        if meta.get(REVISION_KEY).map_err(backend)?.is_none() {
+            // A data directory from before the revision counter: its versions came from
+            // sled's id generator, which is persisted ahead of use, so starting above its
+            // next id keeps every new revision above every old one.
+            let start = db.generate_id().map_err(backend)? + 1;
+            meta.insert(REVISION_KEY, &start.to_be_bytes())
+                .map_err(backend)?;
+            db.flush().map_err(backend)?;
         }
-        self.tree(table).apply_batch(batch).map_err(backend)
+        trees.push(meta);
+        Ok(SledBackend { db, trees })
     }
 
-    fn next_version(&self) -> Result<u64, StoreError> {
-        // sled persists the id generator ahead of use, so ids stay increasing after a crash.
-        self.db.generate_id().map_err(backend).map(|id| id + 1)
+    fn meta(&self) -> &sled::Tree {
+        self.trees.last().expect("meta tree opened")
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for SledBackend {
+    fn kind(&self) -> &'static str {
+        "sled"
     }
 
-    fn transact_raw(
-        &self,
-        f: &dyn Fn(&mut dyn Txn) -> Result<(), String>,
-    ) -> Result<(), TxnError<String>> {
-        let result = Transactional::<String>::transaction(
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        // Only this process writes, and it loads before its first write: consistent.
+        let revision = match self.meta().get(REVISION_KEY).map_err(backend)? {
+            Some(bytes) => revision_of(&bytes)?,
+            None => 0,
+        };
+        let mut entries = Vec::new();
+        for (table, tree) in Table::ALL.iter().zip(&self.trees) {
+            for item in tree.iter() {
+                let (key, value) = item.map_err(backend)?;
+                entries.push((*table, key.to_vec(), value.to_vec()));
+            }
+        }
+        Ok(Snapshot { revision, entries })
+    }
+
+    async fn commit(&self, batch: &Batch) -> Result<Committed, StoreError> {
+        let result = Transactional::<Committed>::transaction(
             self.trees.as_slice(),
             |trees: &Vec<TransactionalTree>| {
-                let mut txn = SledTxn { trees };
-                match f(&mut txn) {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(ConflictableTransactionError::Abort(e)),
+                let meta = trees.last().expect("meta tree opened");
+                let current = meta
+                    .get(REVISION_KEY)?
+                    .map(|bytes| revision_of(&bytes))
+                    .transpose()
+                    .map_err(|_| ConflictableTransactionError::Abort(Committed::Conflict))?
+                    .unwrap_or(0);
+                if current + 1 != batch.revision {
+                    return Err(ConflictableTransactionError::Abort(Committed::Conflict));
                 }
+                for write in &batch.writes {
+                    let tree = &trees[write.table as usize];
+                    match &write.value {
+                        Some(value) => tree.insert(write.key.as_slice(), value.as_slice())?,
+                        None => tree.remove(write.key.as_slice())?,
+                    };
+                }
+                meta.insert(REVISION_KEY, &batch.last.to_be_bytes())?;
+                Ok(())
             },
         );
         match result {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Abort(e)) => Err(TxnError::Aborted(e)),
-            Err(TransactionError::Storage(e)) => Err(TxnError::Store(backend(e))),
+            Ok(()) => Ok(Committed::Done),
+            Err(TransactionError::Abort(outcome)) => Ok(outcome),
+            Err(TransactionError::Storage(e)) => Err(backend(e)),
         }
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(backend)
+    async fn changes_after(&self, _after: u64) -> Result<Option<Vec<Batch>>, StoreError> {
+        Ok(Some(Vec::new()))
+    }
+
+    fn news(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // On the blocking pool, and awaited to the end: sled's own `flush_async` leaves a
+        // worker holding the database (and its directory lock) after it resolves.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Backend(format!("flush: {e}")))?
+            .map(|_| ())
+            .map_err(backend)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::super::Store;
     use super::*;
 
-    #[test]
-    fn meets_the_store_contract_and_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = SledStore::open(dir.path(), DEFAULT_CACHE_BYTES).unwrap();
-            super::super::tests::contract(&store);
+    /// Opens `dir` again once the dropped database lets go of it: sled's flusher thread
+    /// holds the directory lock until its next tick.
+    fn reopen(dir: &Path) -> SledBackend {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledBackend::open(dir, DEFAULT_CACHE_BYTES) {
+                Ok(backend) => return backend,
+                Err(e)
+                    if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
         }
-        let store = SledStore::open(dir.path(), DEFAULT_CACHE_BYTES).unwrap();
+    }
+
+    #[tokio::test]
+    async fn meets_the_store_contract_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let revision = {
+            let backend = SledBackend::open(dir.path(), DEFAULT_CACHE_BYTES).unwrap();
+            let store = Store::open(Arc::new(backend)).await.unwrap();
+            super::super::tests::contract(&store).await;
+            store.revision()
+        };
+        let store = Store::open(Arc::new(reopen(dir.path()))).await.unwrap();
+        assert_eq!(store.revision(), revision);
         assert_eq!(
-            store.get(Table::Events, &7u64.to_be_bytes()).unwrap(),
-            Some(b"e".to_vec())
+            store.get(Table::Events, &7u64.to_be_bytes()).as_deref(),
+            Some(&b"e"[..])
         );
-        assert!(store.next_version().unwrap() > 2);
+        assert_eq!(store.len(Table::Revisions), 3);
+    }
+
+    #[tokio::test]
+    async fn a_data_directory_from_before_the_counter_continues_above_its_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_version = {
+            // What an older apiserver left: tables and sled's id generator, no meta tree.
+            let db = sled::open(dir.path()).unwrap();
+            let mut version = 0;
+            for _ in 0..5 {
+                version = db.generate_id().unwrap() + 1;
+            }
+            db.open_tree("nodes")
+                .unwrap()
+                .insert("old", &b"{}"[..])
+                .unwrap();
+            db.flush().unwrap();
+            version
+        };
+        let store = Store::open(Arc::new(reopen(dir.path()))).await.unwrap();
+        assert!(store.revision() > old_version);
+        assert!(store.get(Table::Nodes, b"old").is_some());
+        let (_, revision) = store
+            .transact(|txn| txn.put(Table::Nodes, b"new", b"{}".to_vec()))
+            .await
+            .map_err(|_| ())
+            .unwrap();
+        assert!(revision > old_version);
     }
 }
