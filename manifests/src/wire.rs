@@ -653,6 +653,27 @@ pub struct Summary {
     pub desired_states: u64,
     /// Rollouts per phase.
     pub rollouts_by_phase: BTreeMap<String, u64>,
+    /// The apiserver replica that answered, and who leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<ControlPlane>,
+}
+
+/// The apiserver replica that answered a summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlane {
+    /// This replica's name in the leader lease.
+    pub replica: String,
+    /// Whether this replica leads (runs the rollout controller, readiness events, git sync).
+    pub leading: bool,
+    /// The replica that holds the leader lease, as this one last read it (absent with a
+    /// store of its own: then it always leads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Where the store is: `sled`, `postgres` or `memory`.
+    pub store: String,
+    /// The newest store revision this replica has applied.
+    pub revision: u64,
 }
 
 /// Where a rollout is.

@@ -1,6 +1,8 @@
 //! The node's side of the node protocol, behind a trait so the agent can be driven without a network.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use manifests::wire::{
@@ -47,16 +49,37 @@ pub trait ApiClient: Send + Sync {
         -> Result<(), ClientError>;
 }
 
-/// The HTTP implementation.
+/// The HTTP implementation, over one apiserver or several replicas: a call goes to the
+/// replica that answered last and moves on to the next when that one cannot be reached.
 #[derive(Clone)]
 pub struct HttpClient {
-    base: String,
+    bases: Arc<Vec<String>>,
+    current: Arc<AtomicUsize>,
     http: reqwest::Client,
 }
 
+/// Whether an answer means "this replica cannot serve now, another may".
+fn unavailable(status: reqwest::StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
 impl HttpClient {
-    /// A client for the apiserver at `base`.
-    pub fn new(base: &str) -> Result<Self, String> {
+    /// A client for the apiserver at `servers`: URLs, each possibly several comma-separated.
+    pub fn new(servers: &[String]) -> Result<Self, String> {
+        let bases: Vec<String> = servers
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if bases.is_empty() {
+            return Err("no apiserver URL: pass --server URL (repeated or comma-separated for replicas) or set SHOAL_SERVER".into());
+        }
+        if let Some(bad) = bases.iter().find(|b| reqwest::Url::parse(b).is_err()) {
+            return Err(format!(
+                "--server {bad}: not a URL (expected https://HOST:PORT)"
+            ));
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(2)
@@ -67,9 +90,41 @@ impl HttpClient {
             .build()
             .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
         Ok(HttpClient {
-            base: base.trim_end_matches('/').to_string(),
+            bases: Arc::new(bases),
+            current: Arc::new(AtomicUsize::new(0)),
             http,
         })
+    }
+
+    /// Sends the request `build` makes for a replica, starting with the one that answered
+    /// last; the next replica is tried when one is unreachable or answers 502-504. Every
+    /// call of the node protocol may be repeated (a heartbeat or a read), so a timed-out
+    /// one is tried elsewhere too.
+    async fn send(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let count = self.bases.len();
+        let first = self.current.load(Ordering::Relaxed) % count;
+        let mut failures = Vec::new();
+        for step in 0..count {
+            let index = (first + step) % count;
+            let base = &self.bases[index];
+            match build(base).send().await {
+                Ok(response) if unavailable(response.status()) && step + 1 < count => {
+                    failures.push(format!("{base} answered {}", response.status()));
+                }
+                Ok(response) => {
+                    if index != first {
+                        tracing::info!(server = %base, "talking to another apiserver replica");
+                    }
+                    self.current.store(index, Ordering::Relaxed);
+                    return check(Ok(response)).await;
+                }
+                Err(e) => failures.push(format!("{base}: {e}")),
+            }
+        }
+        Err(ClientError::Unreachable(failures.join("; ")))
     }
 }
 
@@ -102,16 +157,15 @@ impl ApiClient for HttpClient {
             name: name.to_string(),
             labels: labels.clone(),
         };
-        let response = check(
-            self.http
-                .post(format!("{}/api/v1/nodes/register", self.base))
-                .bearer_auth(join_token)
-                .json(&request)
-                .timeout(Duration::from_secs(30))
-                .send()
-                .await,
-        )
-        .await?;
+        let response = self
+            .send(|base| {
+                self.http
+                    .post(format!("{base}/api/v1/nodes/register"))
+                    .bearer_auth(join_token)
+                    .json(&request)
+                    .timeout(Duration::from_secs(30))
+            })
+            .await?;
         let body: RegisterResponse = response
             .json()
             .await
@@ -130,18 +184,14 @@ impl ApiClient for HttpClient {
             Some(generation) => format!("?since={generation}&waitSeconds={}", wait.as_secs()),
             None => String::new(),
         };
-        let response = check(
-            self.http
-                .get(format!(
-                    "{}/api/v1/nodes/{node}/assignment{query}",
-                    self.base
-                ))
-                .bearer_auth(token)
-                .timeout(wait + Duration::from_secs(15))
-                .send()
-                .await,
-        )
-        .await?;
+        let response = self
+            .send(|base| {
+                self.http
+                    .get(format!("{base}/api/v1/nodes/{node}/assignment{query}"))
+                    .bearer_auth(token)
+                    .timeout(wait + Duration::from_secs(15))
+            })
+            .await?;
         response
             .json()
             .await
@@ -154,15 +204,13 @@ impl ApiClient for HttpClient {
         node: &str,
         report: &NodeReport,
     ) -> Result<(), ClientError> {
-        check(
+        self.send(|base| {
             self.http
-                .put(format!("{}/api/v1/nodes/{node}/status", self.base))
+                .put(format!("{base}/api/v1/nodes/{node}/status"))
                 .bearer_auth(token)
                 .json(report)
                 .timeout(Duration::from_secs(15))
-                .send()
-                .await,
-        )
+        })
         .await?;
         Ok(())
     }

@@ -19,9 +19,9 @@ use nodelet::supervisor::Supervisor;
 #[derive(Debug, Parser)]
 #[command(name = "nodelet", version)]
 struct Args {
-    /// apiserver URL.
-    #[arg(long, env = "SHOAL_SERVER")]
-    server: String,
+    /// apiserver URL; repeat it (or separate with commas) for replicas, tried in turn.
+    #[arg(long, env = "SHOAL_SERVER", required = true)]
+    server: Vec<String>,
     /// Join token, to register (once; the node token is kept in the state dir).
     #[arg(long, env = "SHOAL_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,

@@ -733,3 +733,317 @@ fn waves_start_only_after_the_previous_wave_baked_and_a_bad_version_stops_at_the
     }
     drop(nodes);
 }
+
+fn ha_manifest(version: &str, url: &str, sha: &str) -> String {
+    fleet_manifest(version, url, sha, 3)
+        .replace("    spreadBy: site\n", "")
+        .replace("healthyDeadlineSeconds: 30", "healthyDeadlineSeconds: 60")
+}
+
+/// Reads a server-sent event stream into `into` until the connection ends.
+fn follow_watch(url: String, into: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use std::io::BufRead;
+    let response = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap()
+        .get(url)
+        .bearer_auth(OPERATOR)
+        .send()
+        .unwrap();
+    for line in std::io::BufReader::new(response).lines() {
+        let Ok(line) = line else { return };
+        if let Some(data) = line.strip_prefix("data:") {
+            if let Ok(value) = serde_json::from_str(data.trim()) {
+                into.lock().unwrap().push(value);
+            }
+        }
+    }
+}
+
+/// The wave a RolloutStarted or WaveStarted message starts ("…; wave 1 (1): a" or
+/// "wave 2 (50%) starts: b", possibly after "revision 2: wave 1 of 3 baked; "), and the
+/// nodes it names.
+fn wave_of(message: &str) -> (usize, Vec<String>) {
+    let last = message.rsplit("wave ").next().unwrap();
+    let number = last
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let nodes = last
+        .split_once(": ")
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap()
+        .split(", ")
+        .map(str::to_string)
+        .collect();
+    (number, nodes)
+}
+
+fn leading(server: &Apiserver) -> Option<bool> {
+    server.get("/api/v1/summary")?["controlPlane"]["leading"].as_bool()
+}
+
+#[test]
+fn two_apiservers_on_one_database_finish_a_rollout_when_the_leader_is_killed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let Some(postgres) = apiserver::store::testing::TestPostgres::start_or_skip(
+        "two apiservers on one PostgreSQL database",
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = runtime.block_on(postgres.create_database("ha"));
+    let tmp = tempfile::tempdir().unwrap();
+    let store = vec!["--store".to_string(), url];
+    let mut servers: Vec<Apiserver> = ["api-a", "api-b"]
+        .iter()
+        .map(|dir| Apiserver::start_with(&tmp.path().join(dir), "127.0.0.1", store.clone()))
+        .collect();
+    let leader = wait_for(LONG, "one replica leads", || {
+        let states: Vec<bool> = servers
+            .iter()
+            .map(|s| leading(s).unwrap_or(false))
+            .collect();
+        (states.iter().filter(|l| **l).count() == 1).then(|| states.iter().position(|l| *l))?
+    });
+    let follower = 1 - leader;
+    let both = format!("{},{}", servers[0].url, servers[1].url);
+    let artifacts = ArtifactServer::start(&tmp.path().join("artifacts"));
+    let mut ports = std::collections::BTreeMap::new();
+    let _nodes: Vec<Nodelet> = (0..3)
+        .map(|i| {
+            let name = format!("ha-{i}");
+            let port = free_port();
+            ports.insert(name.clone(), port);
+            Nodelet::start_with_vars(
+                &both,
+                &name,
+                "role=fleet",
+                &tmp.path().join(&name),
+                &[("PORT", port.to_string())],
+            )
+        })
+        .collect();
+    // Both replicas know every node, whichever one it registered with.
+    for server in &servers {
+        wait_for(LONG, "three nodes on each replica", || {
+            (server.get("/api/v1/nodes")?.as_array()?.len() == 3).then_some(())
+        });
+    }
+    let (v1, sha1) = demo_tarball(&artifacts.dir, "1.0.0", None);
+    let (v2, sha2) = demo_tarball(&artifacts.dir, "2.0.0", None);
+    servers[leader].apply(&ha_manifest("1.0.0", &artifacts.url_of(&v1), &sha1));
+    wait_for(LONG, "revision 1 everywhere", || {
+        servers[follower].rollout_complete("fleet", 1)
+    });
+
+    // Watch the follower's rollouts from here on.
+    let watched = Arc::new(Mutex::new(Vec::new()));
+    {
+        let url = format!("{}/api/v1/rollouts?watch=true", servers[follower].url);
+        let watched = watched.clone();
+        std::thread::spawn(move || follow_watch(url, watched));
+    }
+    // Every node's service, read all along: it must never stop answering.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = {
+        let stop = stop.clone();
+        let ports = ports.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                for (name, port) in &ports {
+                    seen.push((
+                        name.clone(),
+                        http_get(&format!("http://127.0.0.1:{port}/version")),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            seen
+        })
+    };
+    // Writes acknowledged by either replica, all along, to check none is lost.
+    let writer = {
+        let stop = stop.clone();
+        let urls = [servers[0].url.clone(), servers[1].url.clone()];
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let mut acknowledged = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let yaml = format!(
+                    "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: notes}}\nspec:\n  selector: {{matchLabels: {{role: nobody}}}}\n  components:\n    - {{name: notes-tool, kind: package, version: \"1.{i}-1\"}}\n"
+                );
+                let answer = client
+                    .post(format!("{}/api/v1/apply", urls[(i % 2) as usize]))
+                    .bearer_auth(OPERATOR)
+                    .body(yaml)
+                    .send()
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .and_then(|r| r.json::<serde_json::Value>().ok());
+                if let Some(answer) = answer {
+                    acknowledged.push((i, answer["results"][0]["revision"].as_u64().unwrap()));
+                }
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            acknowledged
+        })
+    };
+
+    servers[leader].apply(&ha_manifest("2.0.0", &artifacts.url_of(&v2), &sha2));
+    wait_for(LONG, "revision 2 in its second wave", || {
+        servers[leader]
+            .rollout("fleet")
+            .filter(|r| r["spec"]["revision"] == 2 && r["status"]["currentWave"] == 1)
+    });
+    servers[leader].kill9();
+    let killed = std::time::Instant::now();
+    wait_for(Duration::from_secs(30), "the follower takes over", || {
+        (leading(&servers[follower]) == Some(true)).then_some(())
+    });
+    let takeover = killed.elapsed();
+    assert!(
+        takeover <= Duration::from_secs(15),
+        "the follower took {takeover:?} to take over"
+    );
+    let complete = wait_for(LONG, "revision 2 complete on the survivor", || {
+        servers[follower].rollout_complete("fleet", 2)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = writer.join().unwrap();
+    let served = served.join().unwrap();
+
+    // In plan order: one WaveStarted per wave, in order, each with its planned nodes.
+    let plan: Vec<Vec<String>> = complete["spec"]["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            w["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect();
+    let events = servers[follower].rollout_events("fleet");
+    let waves: Vec<(usize, Vec<String>)> = events
+        .iter()
+        .filter(|e| {
+            e["revision"] == 2 && (e["reason"] == "RolloutStarted" || e["reason"] == "WaveStarted")
+        })
+        .map(|e| wave_of(e["message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        waves,
+        plan.iter()
+            .enumerate()
+            .map(|(k, nodes)| (k + 1, nodes.clone()))
+            .collect::<Vec<_>>(),
+        "{events:#?}"
+    );
+    let completions = events
+        .iter()
+        .filter(|e| e["revision"] == 2 && e["reason"] == "RolloutComplete")
+        .count();
+    assert_eq!(completions, 1, "{events:#?}");
+
+    // No acknowledged write lost: every revision a replica acknowledged is stored, as written.
+    assert!(acknowledged.len() > 10, "{acknowledged:?}");
+    let revisions = servers[follower]
+        .get("/api/v1/desiredstates/notes/revisions")
+        .unwrap();
+    for (i, revision) in &acknowledged {
+        let stored = revisions
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["revision"] == *revision)
+            .unwrap_or_else(|| panic!("acknowledged revision {revision} (write {i}) is lost"));
+        assert_eq!(
+            stored["spec"]["components"][0]["version"],
+            format!("1.{i}-1"),
+            "revision {revision}"
+        );
+    }
+
+    // The nodes kept their services all along: every read answered, with 1.0.0 or 2.0.0.
+    let failed: Vec<_> = served
+        .iter()
+        .filter(|(_, v)| !matches!(v.as_deref(), Some("1.0.0") | Some("2.0.0")))
+        .collect();
+    // A service restarts into 2.0.0 in its wave: allow a read or two during each restart.
+    assert!(failed.len() <= 6, "services stopped answering: {failed:?}");
+    for port in ports.values() {
+        assert_eq!(
+            http_get(&format!("http://127.0.0.1:{port}/version")).as_deref(),
+            Some("2.0.0")
+        );
+    }
+
+    // The follower's watch saw the rollout's every change in revision order.
+    let watched = watched.lock().unwrap().clone();
+    let fleet: Vec<&serde_json::Value> = watched
+        .iter()
+        .filter(|e| e["object"]["metadata"]["name"] == "fleet")
+        .collect();
+    let versions: Vec<u64> = fleet
+        .iter()
+        .map(|e| {
+            e["object"]["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {versions:?}"
+    );
+    let steps: Vec<(u64, String, u64)> = fleet
+        .iter()
+        .map(|e| {
+            let o = &e["object"];
+            (
+                o["spec"]["revision"].as_u64().unwrap(),
+                o["status"]["phase"].as_str().unwrap().to_string(),
+                o["status"]["currentWave"].as_u64().unwrap(),
+            )
+        })
+        .filter(|(revision, _, _)| *revision == 2)
+        .collect();
+    for wave in 0..plan.len() as u64 {
+        assert!(
+            steps
+                .iter()
+                .any(|(_, phase, w)| phase == "Progressing" && *w == wave),
+            "the watch missed wave {wave}: {steps:?}"
+        );
+    }
+    assert_eq!(
+        steps.last().map(|(_, phase, _)| phase.as_str()),
+        Some("Complete"),
+        "{steps:?}"
+    );
+    eprintln!(
+        "takeover after kill -9: {takeover:?}; {} writes acknowledged, none lost; {} of {} service reads failed",
+        acknowledged.len(),
+        failed.len(),
+        served.len()
+    );
+}

@@ -59,6 +59,10 @@ struct Args {
     /// Events kept.
     #[arg(long, default_value_t = 10_000)]
     event_retention: usize,
+    /// With --store shared by several apiservers: how long the leader's lease lasts
+    /// unrenewed. Another replica takes over within about this long after the leader dies.
+    #[arg(long, default_value_t = 10)]
+    lease_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         controller: ControllerConfig {
             event_retention: args.event_retention,
             ready_grace: Duration::from_secs(args.ready_grace_seconds),
+            lease_duration: Duration::from_secs(args.lease_seconds.max(1)),
             ..ControllerConfig::default()
         },
     };

@@ -1,5 +1,6 @@
 //! The CLI's HTTP client: one place that turns transport and API errors into messages that say what to do.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use manifests::wire::ApiErrorBody;
@@ -43,21 +44,54 @@ impl CliError {
     }
 }
 
-/// Talks to one apiserver.
+/// Talks to the apiserver: one of several replicas, failing over to the next when one
+/// cannot be reached.
 pub struct Client {
-    base: String,
+    bases: Vec<String>,
+    /// The replica that answered last: tried first.
+    current: AtomicUsize,
     token: Option<String>,
     http: Http,
 }
 
+/// The apiserver URLs in `servers`: each may hold several, comma-separated (`--server`
+/// repeated, or `SHOAL_SERVER=https://a:7070,https://b:7070`).
+pub fn server_list(servers: &[String]) -> Vec<String> {
+    servers
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Whether an answer means "this replica cannot serve now, another may".
+fn unavailable(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
 impl Client {
-    /// A client for `server` (a URL), sending `token` if given.
+    /// A client for `server` (one URL, or several comma-separated), sending `token` if given.
     pub fn new(server: &str, token: Option<String>) -> Result<Self, CliError> {
-        let base = server.trim_end_matches('/').to_string();
-        if reqwest::Url::parse(&base).is_err() {
+        Client::with_servers(&[server.to_string()], token)
+    }
+
+    /// A client for several replicas of the apiserver.
+    pub fn with_servers(servers: &[String], token: Option<String>) -> Result<Self, CliError> {
+        let bases = server_list(servers);
+        if bases.is_empty() {
             return Err(CliError::new(
-                format!("`{server}` is not a URL"),
+                "no apiserver URL given",
                 "pass --server http://HOST:PORT or set SHOAL_SERVER",
+            ));
+        }
+        if let Some(bad) = bases.iter().find(|b| reqwest::Url::parse(b).is_err()) {
+            return Err(CliError::new(
+                format!("`{bad}` is not a URL"),
+                "pass --server http://HOST:PORT (repeated, or comma-separated, for replicas) or set SHOAL_SERVER",
             ));
         }
         let http = Http::builder()
@@ -73,7 +107,12 @@ impl Client {
                     "this is a bug; please report it",
                 )
             })?;
-        Ok(Client { base, token, http })
+        Ok(Client {
+            bases,
+            current: AtomicUsize::new(0),
+            token,
+            http,
+        })
     }
 
     fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
@@ -83,29 +122,55 @@ impl Client {
         }
     }
 
-    fn send(&self, request: RequestBuilder) -> Result<Response, CliError> {
-        let response = self.authorize(request).send().map_err(|e| {
-            let reason = if e.is_connect() {
-                "connection refused or host unreachable".to_string()
-            } else if e.is_timeout() {
-                "timed out".to_string()
-            } else {
-                e.to_string()
-            };
-            CliError::new(
-                format!("cannot reach the apiserver at {}: {reason}", self.base),
-                "is `apiserver` running? point the CLI at it with --server URL or SHOAL_SERVER",
-            )
-        })?;
-        if response.status().is_success() {
-            return Ok(response);
+    /// Sends the request `build` makes for a replica's base URL, starting with the replica
+    /// that answered last. Another replica is tried when one cannot be reached, or answers
+    /// that it cannot serve (502, 503, 504); a timed-out request only when `idempotent`,
+    /// since it may have been carried out.
+    fn send(
+        &self,
+        idempotent: bool,
+        build: impl Fn(&str) -> RequestBuilder,
+    ) -> Result<Response, CliError> {
+        let first = self.current.load(Ordering::Relaxed) % self.bases.len();
+        let mut failures = Vec::new();
+        for step in 0..self.bases.len() {
+            let index = (first + step) % self.bases.len();
+            let base = &self.bases[index];
+            match self.authorize(build(base)).send() {
+                Ok(response) if unavailable(response.status()) && step + 1 < self.bases.len() => {
+                    failures.push(format!("{base}: answered {}", response.status()));
+                }
+                Ok(response) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    if response.status().is_success() {
+                        return Ok(response);
+                    }
+                    return Err(api_error(response));
+                }
+                Err(e) => {
+                    let reason = if e.is_connect() {
+                        "connection refused or host unreachable".to_string()
+                    } else if e.is_timeout() {
+                        "timed out".to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    failures.push(format!("{base}: {reason}"));
+                    if e.is_timeout() && !idempotent {
+                        break;
+                    }
+                }
+            }
         }
-        Err(api_error(response))
+        Err(CliError::new(
+            format!("cannot reach the apiserver at {}", failures.join("; ")),
+            "is `apiserver` running? point the CLI at it with --server URL or SHOAL_SERVER",
+        ))
     }
 
     /// GET a JSON resource.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        let response = self.send(self.http.get(format!("{}{path}", self.base)))?;
+        let response = self.send(true, |base| self.http.get(format!("{base}{path}")))?;
         decode(response)
     }
 
@@ -125,17 +190,17 @@ impl Client {
         content_type: &str,
         body: String,
     ) -> Result<T, CliError> {
-        let request = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body);
-        decode(self.send(request)?)
+        decode(self.send(false, |base| {
+            self.http
+                .post(format!("{base}{path}"))
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body.clone())
+        })?)
     }
 
     /// DELETE a resource and decode the JSON answer.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        decode(self.send(self.http.delete(format!("{}{path}", self.base)))?)
+        decode(self.send(false, |base| self.http.delete(format!("{base}{path}")))?)
     }
 }
 

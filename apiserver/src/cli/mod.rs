@@ -27,14 +27,14 @@ pub const EXIT_ERROR: u8 = 2;
 #[derive(Debug, Parser)]
 #[command(name = "shoal", version, propagate_version = true)]
 pub struct Cli {
-    /// apiserver URL.
+    /// apiserver URL; repeat it (or separate with commas) for replicas, tried in turn.
     #[arg(
         long,
         env = "SHOAL_SERVER",
         global = true,
         default_value = "http://127.0.0.1:7070"
     )]
-    pub server: String,
+    pub server: Vec<String>,
     /// Bearer token (operator or viewer).
     #[arg(long, env = "SHOAL_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
@@ -265,7 +265,7 @@ pub fn run(cli: Cli) -> u8 {
 }
 
 fn connect(cli: &Cli) -> Result<Client, CliError> {
-    Client::new(&cli.server, cli.token.clone())
+    Client::with_servers(&cli.server, cli.token.clone())
 }
 
 /// Prints a value as YAML or JSON.

@@ -548,9 +548,25 @@ impl Controller {
             .map(|(epoch, _)| epoch)
     }
 
-    /// This replica's name in the leader lease.
-    pub fn identity(&self) -> &str {
-        &self.identity
+    /// This replica, and who leads.
+    pub fn control_plane(&self) -> ControlPlane {
+        let leader = self
+            .store
+            .is_shared()
+            .then(|| {
+                self.store
+                    .get(Table::Leases, LEADER)
+                    .and_then(|b| decode::<Lease>(Table::Leases, LEADER, &b).ok())
+                    .map(|l| l.holder)
+            })
+            .flatten();
+        ControlPlane {
+            replica: self.identity.clone(),
+            leading: self.leader_epoch().is_some(),
+            leader,
+            store: self.store.kind().to_string(),
+            revision: self.store.revision(),
+        }
     }
 
     /// When this replica became leader (its start, with a store of its own).
@@ -2401,6 +2417,7 @@ impl Controller {
                 .entry(rollout.status.phase.as_str().to_string())
                 .or_default() += 1;
         }
+        summary.control_plane = Some(self.control_plane());
         Ok(summary)
     }
 }

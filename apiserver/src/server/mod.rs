@@ -145,7 +145,10 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     if store.is_shared() {
         let elector = controller.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(elector.config().lease_duration / 3);
+            // Every second (or a third of a short lease): a follower notices a silent
+            // leader within a tick of the lease running out.
+            let period = (elector.config().lease_duration / 3).min(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;

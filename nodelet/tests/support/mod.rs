@@ -99,6 +99,8 @@ pub struct Apiserver {
     pub dir: PathBuf,
     /// The address it listens on (loopback, or a test network's bridge).
     pub host: String,
+    /// Extra arguments (`--store URL`).
+    pub args: Vec<String>,
 }
 
 impl Apiserver {
@@ -108,12 +110,18 @@ impl Apiserver {
 
     /// Listens on `host` (an address of a network the test made) instead of loopback.
     pub fn start_on(dir: &Path, host: &str) -> Self {
+        Self::start_with(dir, host, Vec::new())
+    }
+
+    /// Starts with extra arguments, e.g. `--store postgres://…`.
+    pub fn start_with(dir: &Path, host: &str, args: Vec<String>) -> Self {
         let mut server = Apiserver {
             proc: None,
             url: String::new(),
             port: free_port(),
             dir: dir.to_path_buf(),
             host: host.to_string(),
+            args,
         };
         server.restart();
         server
@@ -134,6 +142,7 @@ impl Apiserver {
                 "--ready-grace-seconds",
                 "5",
             ])
+            .args(&self.args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
