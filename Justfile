@@ -35,6 +35,11 @@ bench-apiserver:
     cargo bench -p apiserver --bench fleet -- --nodes 1000
     cargo bench -p apiserver --bench fleet -- --nodes 10000
 
+# The fleet benchmark with the store in a throwaway PostgreSQL cluster (apt-get install postgresql).
+bench-apiserver-postgres:
+    cargo build --release -p apiserver
+    cargo bench -p apiserver --bench fleet -- --nodes 1000 --postgres
+
 # Footprint of one nodelet: idle RSS and CPU, and revert time.
 bench-nodelet:
     cargo build --release --workspace --bins

@@ -28,6 +28,8 @@ struct Options {
     saturate: Duration,
     concurrency: usize,
     binary: String,
+    /// Keep the store in a throwaway PostgreSQL cluster instead of sled.
+    postgres: bool,
 }
 
 fn options() -> Options {
@@ -38,6 +40,7 @@ fn options() -> Options {
         saturate: Duration::from_secs(10),
         concurrency: 64,
         binary: concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/apiserver").to_string(),
+        postgres: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -54,6 +57,11 @@ fn options() -> Options {
             }
             "--concurrency" => o.concurrency = value.parse().expect("--concurrency N"),
             "--apiserver" => o.binary = value,
+            "--postgres" => {
+                o.postgres = true;
+                i += 1;
+                continue;
+            }
             "--bench" => {
                 i += 1;
                 continue;
@@ -84,7 +92,7 @@ impl Drop for Server {
 const JOIN: &str = "bench-join-token-0123456789abcdef";
 const OPERATOR: &str = "bench-operator-token-0123456789ab";
 
-fn start(binary: &str) -> Server {
+fn start(binary: &str, store: Option<&str>) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
     let tokens = dir.path().join("tokens.yaml");
     std::fs::write(
@@ -101,6 +109,7 @@ fn start(binary: &str) -> Server {
             "--tokens",
             tokens.to_str().unwrap(),
         ])
+        .args(store.map(|url| ["--store", url]).into_iter().flatten())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -222,13 +231,22 @@ async fn saturate(
 #[tokio::main]
 async fn main() {
     let o = options();
-    let server = start(&o.binary);
+    let postgres = o.postgres.then(|| {
+        apiserver::store::testing::TestPostgres::start()
+            .unwrap_or_else(|e| panic!("--postgres: {e}"))
+    });
+    let store_url = match &postgres {
+        Some(cluster) => Some(cluster.create_database("bench").await),
+        None => None,
+    };
+    let server = start(&o.binary, store_url.as_deref());
     let url = server.url.clone();
     let pid = server.child.id();
     println!(
-        "apiserver {url} (pid {pid}); {} nodes, heartbeat every {}s",
+        "apiserver {url} (pid {pid}); {} nodes, heartbeat every {}s, store {}",
         o.nodes,
-        o.interval.as_secs()
+        o.interval.as_secs(),
+        if o.postgres { "postgres" } else { "sled" }
     );
 
     let admin = client();
