@@ -235,7 +235,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    state.controller.store().check()?;
+    state.controller.readiness()?;
     Ok("ok\n")
 }
 

@@ -1,0 +1,124 @@
+//! What each node is told to run: the revisions the rollout controller assigned it, or the
+//! newest, resolved against conflicts between DesiredStates.
+
+use super::*;
+
+impl Controller {
+    /// The store keys of every node's assignment to DesiredState `name`, as the cache knows
+    /// them (what a delete or a rollout write replaces).
+    pub(super) fn assignment_keys(&self, name: &str) -> Vec<Vec<u8>> {
+        self.cache()
+            .assignments
+            .iter()
+            .filter(|(_, per_node)| per_node.contains_key(name))
+            .map(|(node, _)| store::assignment_key(node, name))
+            .collect()
+    }
+
+    /// What `node` should run now.
+    pub fn assignment(&self, node: &str) -> Result<NodeAssignment, Error> {
+        Ok(self.assignment_for(&self.stored_node(node)?.object))
+    }
+
+    pub(super) fn assignment_for(&self, node: &NodeObject) -> NodeAssignment {
+        let cache = self.cache();
+        let name = &node.metadata.name;
+        let assigned = cache.assignments.get(name);
+        let mut states = Vec::new();
+        for state in cache.states.values() {
+            if !state.spec.selector.matches(&node.metadata.labels) {
+                continue;
+            }
+            let state_name = &state.metadata.name;
+            let revision = match &node.status.cordoned {
+                // Cordoned: what it had, and nothing new.
+                Some(cordon) => cordon.revisions.get(state_name).copied().unwrap_or(0),
+                None => assigned
+                    .and_then(|a| a.get(state_name).copied())
+                    .unwrap_or(state.status.last_good_revision),
+            };
+            if revision == 0 {
+                continue; // nothing good to run yet; the rollout controller assigns the first revision
+            }
+            let revision_object = match cache.revisions.get(&(state_name.clone(), revision)) {
+                Some(cached) => cached.clone(),
+                // Only a cordoned node keeps a revision the cache may not hold.
+                // An unreadable one is skipped like a missing one: the node keeps what it runs.
+                None => match self.stored_revision(state_name, revision) {
+                    Ok(Some(stored)) => Arc::new(stored),
+                    _ => continue,
+                },
+            };
+            states.push(AssignedState {
+                name: state_name.clone(),
+                revision,
+                commit: revision_object.source.commit.clone(),
+                spec: revision_object.spec.clone(),
+            });
+        }
+        // A component pinned by two DesiredStates that select this node is applied by neither —
+        // judged on their newest specs too, so a conflict shows before any rollout reaches the node.
+        let mut owners: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for state in cache
+            .states
+            .values()
+            .filter(|s| s.spec.selector.matches(&node.metadata.labels))
+        {
+            let assigned = states.iter().find(|a| a.name == state.metadata.name);
+            let names: std::collections::BTreeSet<&str> = state
+                .spec
+                .components
+                .iter()
+                .chain(assigned.iter().flat_map(|a| a.spec.components.iter()))
+                .map(|c| c.name.as_str())
+                .collect();
+            for component in names {
+                owners
+                    .entry(component)
+                    .or_default()
+                    .push(state.metadata.name.clone());
+            }
+        }
+        let conflicts: Vec<ComponentConflict> = owners
+            .into_iter()
+            .filter(|(_, owners)| owners.len() > 1)
+            .map(|(component, desired_states)| ComponentConflict {
+                component: component.to_string(),
+                desired_states,
+            })
+            .collect();
+        if !conflicts.is_empty() {
+            for state in &mut states {
+                state.spec.components.retain(|c| {
+                    !conflicts
+                        .iter()
+                        .any(|conflict| conflict.component == c.name)
+                });
+            }
+        }
+        let mut assignment = NodeAssignment {
+            node: name.clone(),
+            generation: 0,
+            states,
+            conflicts,
+        };
+        let digest =
+            Sha256::digest(serde_json::to_vec(&assignment).expect("assignments serialize"));
+        // 53 bits, so that JavaScript clients read the number exactly.
+        assignment.generation = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) >> 11;
+        assignment
+    }
+
+    /// One revision as stored, if it exists.
+    pub(super) fn stored_revision(
+        &self,
+        name: &str,
+        revision: u64,
+    ) -> Result<Option<Revision>, StoreError> {
+        let key = store::revision_key(name, revision);
+        self.store
+            .get(Table::Revisions, &key)
+            .map(|bytes| decode(Table::Revisions, &key, &bytes))
+            .transpose()
+    }
+}

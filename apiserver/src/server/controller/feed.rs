@@ -1,0 +1,286 @@
+//! Everything derived from the store, kept current from its change feed: the cache of
+//! DesiredStates, revisions in use, assignments and rollouts; heartbeats and node shapes;
+//! long polls and watchers. The only place derived state changes.
+
+use super::*;
+
+/// Applies the store's change feed to a controller until either is dropped.
+pub(super) async fn follow_feed(
+    controller: std::sync::Weak<Controller>,
+    mut feed: broadcast::Receiver<Feed>,
+) {
+    loop {
+        let item = feed.recv().await;
+        let Some(controller) = controller.upgrade() else {
+            return;
+        };
+        match item {
+            Ok(Feed::Batch(applied)) => {
+                // One batch's trouble (a panic deriving state from it) must not stop the feed.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    controller.on_batch(&applied)
+                }));
+                if outcome.is_err() {
+                    tracing::error!(
+                        revision = applied.revision,
+                        "deriving state from a batch panicked"
+                    );
+                    controller.resync();
+                }
+            }
+            Ok(Feed::Reset(_)) | Err(broadcast::error::RecvError::Lagged(_)) => controller.resync(),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+impl Controller {
+    /// Applies one committed batch to everything derived from the store, and tells
+    /// watchers and long polls. The only place derived state changes, for this replica's
+    /// commits and every other replica's alike.
+    pub(super) fn on_batch(&self, applied: &Applied) {
+        let now = SystemTime::now();
+        let watching = self.changes.receiver_count() > 0;
+        let mut refresh = false;
+        let mut wake = false;
+        for change in &applied.changes {
+            match change.table {
+                Table::DesiredStates | Table::Assignments | Table::Rollouts => {
+                    refresh = true;
+                    wake = true;
+                }
+                Table::Revisions => refresh = true,
+                Table::Nodes | Table::Events | Table::Leases => {}
+            }
+        }
+        let before = self.cache();
+        if refresh && before.revision < applied.last {
+            if let Err(error) = self.refresh() {
+                tracing::error!(%error, "cannot rebuild the cache from the store");
+            }
+        }
+        for change in &applied.changes {
+            let name = String::from_utf8_lossy(&change.key).into_owned();
+            match change.table {
+                Table::DesiredStates if watching => {
+                    let (kind, bytes) = match (&change.value, &change.previous) {
+                        (Some(value), None) => (ChangeType::Added, value),
+                        (Some(value), Some(_)) => (ChangeType::Modified, value),
+                        (None, Some(previous)) => (ChangeType::Deleted, previous),
+                        (None, None) => continue,
+                    };
+                    if let Ok(object) =
+                        decode::<DesiredStateObject>(Table::DesiredStates, &change.key, bytes)
+                    {
+                        let object = match self.list_nodes_raw() {
+                            Ok(nodes) if kind != ChangeType::Deleted => {
+                                with_selected(&object, &nodes)
+                            }
+                            _ => object,
+                        };
+                        self.publish(Kind::DesiredState, kind, &name, &object);
+                    }
+                }
+                Table::Rollouts if watching => {
+                    if let Some(Ok(rollout)) = change
+                        .value
+                        .as_ref()
+                        .map(|v| decode::<RolloutObject>(Table::Rollouts, &change.key, v))
+                    {
+                        self.publish(Kind::Rollout, ChangeType::Modified, &name, &rollout);
+                    }
+                }
+                Table::Nodes => wake |= self.on_node_change(&name, change, now, watching),
+                Table::Events => {
+                    let Some(Ok(event)) = change
+                        .value
+                        .as_ref()
+                        .map(|v| decode::<Event>(Table::Events, &change.key, v))
+                    else {
+                        continue;
+                    };
+                    if let Some(node) = &event.node {
+                        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+                        let queue = live.node_events.entry(node.clone()).or_default();
+                        // Sequence numbers arrive in order: the newest goes last.
+                        if queue.back().is_none_or(|last| *last < event.seq) {
+                            queue.push_back(event.seq);
+                        }
+                    }
+                    if watching {
+                        self.publish(
+                            Kind::Event,
+                            ChangeType::Added,
+                            &event.seq.to_string(),
+                            &event,
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        if wake {
+            self.bump_epoch();
+        }
+        self.processed.send_replace(applied.last);
+    }
+
+    /// A node record written or removed: heartbeats, readiness and watchers follow.
+    /// Returns whether its assignment may have changed.
+    pub(super) fn on_node_change(
+        &self,
+        name: &str,
+        change: &store::Changed,
+        now: SystemTime,
+        watching: bool,
+    ) -> bool {
+        match &change.value {
+            Some(bytes) => {
+                let Ok(stored) = decode::<StoredNode>(Table::Nodes, &change.key, bytes) else {
+                    return false;
+                };
+                let shape = node_shape(&stored.object);
+                let reshaped = {
+                    let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(at) = stored.object.status.last_heartbeat {
+                        let heard = live.heartbeats.insert(name.to_string(), at) != Some(at);
+                        // Host history follows the feed, so every replica keeps the same one
+                        // whichever replica the node reports to.
+                        if let (true, Some(host)) = (heard, &stored.object.status.report.host) {
+                            let keep = self.config.host_history;
+                            let history = live.host_history.entry(name.to_string()).or_default();
+                            history.push_back(HostSample {
+                                time: at,
+                                metrics: host.clone(),
+                            });
+                            while history.len() > keep {
+                                history.pop_front();
+                            }
+                        }
+                    }
+                    live.shapes.insert(name.to_string(), shape) != Some(shape)
+                };
+                if watching {
+                    if let Ok(object) = self.decorate(stored.object, now) {
+                        let kind = if change.previous.is_none() {
+                            ChangeType::Added
+                        } else {
+                            ChangeType::Modified
+                        };
+                        self.publish(Kind::Node, kind, name, &object);
+                    }
+                }
+                reshaped
+            }
+            None => {
+                {
+                    let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+                    live.heartbeats.remove(name);
+                    live.ready.remove(name);
+                    live.host_history.remove(name);
+                    live.shapes.remove(name);
+                    // Its history stays (it is about what happened) and ages out with the rest.
+                    live.node_events.remove(name);
+                }
+                if watching {
+                    if let Some(Ok(stored)) = change
+                        .previous
+                        .as_ref()
+                        .map(|v| decode::<StoredNode>(Table::Nodes, &change.key, v))
+                    {
+                        self.publish(Kind::Node, ChangeType::Deleted, name, &stored.object);
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Rebuilds everything derived from the store after the feed could not be followed
+    /// (this replica fell too far behind).
+    pub(super) fn resync(&self) {
+        tracing::warn!("rebuilding derived state from the store after missing changes");
+        if let Err(error) = self.refresh() {
+            tracing::error!(%error, "cannot rebuild the cache from the store");
+        }
+        if let Ok(nodes) = self.list_nodes_raw() {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            for node in nodes {
+                let name = node.object.metadata.name.clone();
+                live.shapes.insert(name.clone(), node_shape(&node.object));
+                if let Some(at) = node.object.status.last_heartbeat {
+                    live.heartbeats.insert(name, at);
+                }
+            }
+        }
+        self.bump_epoch();
+        self.processed.send_replace(self.store.revision());
+    }
+
+    /// Reloads the cache of DesiredStates, revisions in use and assignments from the store.
+    pub fn refresh(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self
+            .refreshing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = Cache {
+            revision: self.store.revision(),
+            ..Cache::default()
+        };
+        for (key, value) in self.store.scan_prefix(Table::Rollouts, b"") {
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let object = decode::<RolloutObject>(Table::Rollouts, &key, &value).map(Arc::new);
+            cache.rollouts.insert(name, object);
+        }
+        for (key, value) in self.store.scan_prefix(Table::DesiredStates, b"") {
+            let object: DesiredStateObject = decode(Table::DesiredStates, &key, &value)?;
+            cache
+                .states
+                .insert(object.metadata.name.clone(), Arc::new(object));
+        }
+        for (key, value) in self.store.scan_prefix(Table::Assignments, b"") {
+            let Some(split) = key.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let node = String::from_utf8_lossy(&key[..split]).into_owned();
+            let state = String::from_utf8_lossy(&key[split + 1..]).into_owned();
+            let revision: u64 = decode(Table::Assignments, &key, &value)?;
+            cache
+                .assignments
+                .entry(node)
+                .or_default()
+                .insert(state, revision);
+        }
+        let mut wanted: Vec<(String, u64)> = Vec::new();
+        for state in cache.states.values() {
+            wanted.push((state.metadata.name.clone(), state.status.revision));
+            wanted.push((state.metadata.name.clone(), state.status.last_good_revision));
+        }
+        for per_node in cache.assignments.values() {
+            wanted.extend(per_node.iter().map(|(s, r)| (s.clone(), *r)));
+        }
+        let old = self
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for (state, revision) in wanted {
+            if revision == 0 || cache.revisions.contains_key(&(state.clone(), revision)) {
+                continue;
+            }
+            let revision_object = match old.revisions.get(&(state.clone(), revision)) {
+                Some(cached) => Some(cached.clone()),
+                None => self.stored_revision(&state, revision)?.map(Arc::new),
+            };
+            if let Some(revision_object) = revision_object {
+                cache.revisions.insert((state, revision), revision_object);
+            }
+        }
+        let mut current = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        // A refresh that read an older view than the one shown must not replace it.
+        if current.revision <= cache.revision {
+            *current = Arc::new(cache);
+        }
+        Ok(())
+    }
+}

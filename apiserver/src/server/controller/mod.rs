@@ -1,0 +1,324 @@
+//! The object logic, split by domain, over the store and nothing of HTTP:
+//!
+//! - `desired_states`: apply (dry run, resourceVersion checks, artifact reuse), delete,
+//!   reads and revisions;
+//! - `nodes`: registration and node tokens, reports, readiness, cordon, delete, conditions;
+//! - `assignments`: what each node is told to run;
+//! - `events`: recording with retention and a per-node share, reading after a sequence;
+//! - `rollouts`: the rollout controller's objects, its reconcile loop, pause, resume, undo;
+//! - `summary`: the fleet at a glance;
+//! - `leader`: the lease that makes one replica the leader, and the fence on its writes;
+//! - `feed`: everything derived from the store's change feed (caches, heartbeats, long
+//!   polls, watchers) — the only place derived state changes;
+//! - `error`: the domain error, which only the HTTP layer maps to status codes.
+//!
+//! Every write is one store transaction, so a crash leaves either all of an apply or none
+//! of it; the writer then waits until the feed has applied its commit, so it reads its own
+//! writes. Nothing here is process-local state that two replicas could disagree on except
+//! what the feed derives.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use manifests::wire::*;
+use manifests::{DesiredState, API_VERSION, KIND_DESIRED_STATE};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, watch};
+
+use super::lease::{self, Lease, LEADER};
+use crate::store::{self, decode, encode, Applied, Feed, Store, StoreError, Table, Txn, TxnError};
+
+mod assignments;
+mod desired_states;
+mod error;
+mod events;
+mod feed;
+mod leader;
+mod nodes;
+#[cfg(test)]
+mod replica_tests;
+mod rollouts;
+mod summary;
+#[cfg(test)]
+mod tests;
+
+pub use desired_states::ApplyInput;
+use desired_states::*;
+pub use error::Error;
+pub use events::MAX_EVENTS_PER_REPORT;
+use feed::*;
+use leader::*;
+pub use nodes::conditions;
+use nodes::*;
+use rollouts::*;
+
+/// Tunables of the controller.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Events kept; older ones are dropped.
+    pub event_retention: usize,
+    /// A node whose last heartbeat is older than this is not Ready.
+    pub ready_grace: Duration,
+    /// Host metrics samples kept per node (in memory).
+    pub host_history: usize,
+    /// How long the leader lease lasts unrenewed (a store shared by several apiservers):
+    /// a replica takes over within about this long after the leader dies.
+    pub lease_duration: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            event_retention: 10_000,
+            ready_grace: Duration::from_secs(40),
+            host_history: 60,
+            lease_duration: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The kinds of object a watch can follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// DesiredState.
+    DesiredState,
+    /// Node.
+    Node,
+    /// Rollout.
+    Rollout,
+    /// Event.
+    Event,
+}
+
+/// What happened to an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ChangeType {
+    /// Created.
+    Added,
+    /// Changed.
+    Modified,
+    /// Removed.
+    Deleted,
+}
+
+/// One change, as watchers receive it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Kind of object.
+    pub kind: Kind,
+    /// What happened.
+    pub change: ChangeType,
+    /// Object name.
+    pub name: String,
+    /// The object after the change (before it, for deletes).
+    pub object: Arc<serde_json::Value>,
+}
+
+#[derive(Default)]
+struct Cache {
+    states: BTreeMap<String, Arc<DesiredStateObject>>,
+    /// Revisions in use: newest, last good and assigned ones.
+    revisions: HashMap<(String, u64), Arc<Revision>>,
+    /// node → DesiredState → revision, as the rollout controller assigned.
+    assignments: HashMap<String, BTreeMap<String, u64>>,
+    /// Rollouts, read from here with the assignments they made: a client that sees a wave
+    /// started also sees its assignments. One that does not decode is that rollout's
+    /// problem: it stays here as its error.
+    rollouts: BTreeMap<String, Result<Arc<RolloutObject>, StoreError>>,
+    /// The store revision this cache reflects.
+    revision: u64,
+}
+
+#[derive(Default)]
+struct Live {
+    /// Sequence numbers of the stored events about each node, oldest first: a node's share
+    /// of the retention is enforced from here without scanning the events.
+    node_events: HashMap<String, VecDeque<u64>>,
+    /// DesiredStates whose rollout decision failed, and when to try again.
+    rollout_backoff: HashMap<String, Backoff>,
+    host_history: HashMap<String, VecDeque<HostSample>>,
+    /// Readiness last seen by the readiness sweep, to report transitions once.
+    ready: HashMap<String, bool>,
+    /// Last heartbeat per node: the sweep reads this instead of decoding every node record.
+    heartbeats: HashMap<String, SystemTime>,
+    /// A digest of what of each node decides its assignment (labels, cordon): a node write
+    /// that changes it wakes the long polls, a heartbeat does not.
+    shapes: HashMap<String, u64>,
+}
+
+/// The apiserver's object logic.
+///
+/// Its locks are taken with `unwrap_or_else(PoisonError::into_inner)`: a rollout decision
+/// that panics is caught (one DesiredState's problem), and must not poison every later
+/// request through a lock it held.
+pub struct Controller {
+    /// When this process started: deadlines are judged only after nodes could report.
+    started: SystemTime,
+    store: Arc<Store>,
+    config: ControllerConfig,
+    changes: broadcast::Sender<Change>,
+    epoch: watch::Sender<u64>,
+    cache: RwLock<Arc<Cache>>,
+    /// One refresh at a time: two interleaved ones could store the older scan last.
+    refreshing: Mutex<()>,
+    live: Mutex<Live>,
+    /// The store revision the feed handler has applied to everything derived from it
+    /// (cache, heartbeats, watchers): a writer waits for its commit to get here.
+    processed: watch::Sender<u64>,
+    identity: String,
+    lease: Mutex<LeaseState>,
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(
+    txn: &dyn Txn,
+    table: Table,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    txn.get(table, key)?
+        .map(|bytes| decode(table, key, &bytes))
+        .transpose()
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+impl Controller {
+    /// A controller over `store`; loads its cache.
+    pub fn new(store: Arc<Store>, config: ControllerConfig) -> Result<Arc<Self>, StoreError> {
+        let (changes, _) = broadcast::channel(4096);
+        let (epoch, _) = watch::channel(0);
+        // Subscribed before the first read: no change can fall between the two.
+        let feed = store.subscribe();
+        let (processed, _) = watch::channel(store.revision());
+        let controller = Arc::new(Controller {
+            started: SystemTime::now(),
+            store,
+            config,
+            changes,
+            epoch,
+            cache: RwLock::new(Arc::new(Cache::default())),
+            refreshing: Mutex::new(()),
+            live: Mutex::new(Live::default()),
+            processed,
+            identity: replica_identity(),
+            lease: Mutex::new(LeaseState::default()),
+        });
+        controller.refresh()?;
+        // Readiness as it stands at start: transitions are reported from here on.
+        let now = SystemTime::now();
+        // A node that never reported has no readiness to turn; its first heartbeat is no transition.
+        let nodes = controller.list_nodes_raw()?;
+        let shapes = nodes
+            .iter()
+            .map(|n| (n.object.metadata.name.clone(), node_shape(&n.object)))
+            .collect();
+        let heartbeats: HashMap<String, SystemTime> = nodes
+            .into_iter()
+            .filter_map(|n| Some((n.object.metadata.name, n.object.status.last_heartbeat?)))
+            .collect();
+        let ready = heartbeats
+            .iter()
+            .map(|(name, at)| (name.clone(), controller.fresh(*at, now)))
+            .collect();
+        let mut node_events: HashMap<String, VecDeque<u64>> = HashMap::new();
+        for (key, value) in controller.store.scan_prefix(Table::Events, b"") {
+            let event: Event = decode(Table::Events, &key, &value)?;
+            if let Some(node) = event.node {
+                node_events.entry(node).or_default().push_back(event.seq);
+            }
+        }
+        let mut live = controller
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        live.ready = ready;
+        live.heartbeats = heartbeats;
+        live.node_events = node_events;
+        live.shapes = shapes;
+        drop(live);
+        tokio::spawn(follow_feed(Arc::downgrade(&controller), feed));
+        Ok(controller)
+    }
+
+    /// Runs a transaction and waits until everything derived from the store (the cache,
+    /// heartbeats, watchers, long polls) shows it: a client reads its own writes.
+    async fn transact<T, E>(
+        &self,
+        f: impl Fn(&mut dyn Txn) -> Result<T, E>,
+    ) -> Result<(T, u64), TxnError<E>> {
+        let (value, revision) = self.store.transact(f).await?;
+        self.caught_up(revision).await;
+        Ok((value, revision))
+    }
+
+    /// Waits until the feed handler has applied `revision`.
+    async fn caught_up(&self, revision: u64) {
+        let mut processed = self.processed.subscribe();
+        let reached = tokio::time::timeout(
+            Duration::from_secs(10),
+            processed.wait_for(|r| *r >= revision),
+        )
+        .await;
+        if !matches!(reached, Ok(Ok(_))) {
+            tracing::error!(
+                revision,
+                "the change feed handler fell behind; answering anyway"
+            );
+        }
+    }
+
+    /// The store. Private on purpose: the HTTP layer asks the controller, never the store.
+    #[cfg(test)]
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether this replica can serve: its store answers and its view is not lagging
+    /// behind the store's (for `/readyz`).
+    pub fn readiness(&self) -> Result<(), Error> {
+        Ok(self.store.check()?)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+
+    /// Subscribes to every change.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Subscribes to "some assignment may have changed".
+    pub fn assignment_epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    fn publish(&self, kind: Kind, change: ChangeType, name: &str, object: impl Serialize) {
+        // Serializing is the expensive part; skip it when nobody watches.
+        if self.changes.receiver_count() > 0 {
+            let object = Arc::new(serde_json::to_value(object).expect("objects serialize"));
+            let _ = self.changes.send(Change {
+                kind,
+                change,
+                name: name.to_string(),
+                object,
+            });
+        }
+    }
+
+    fn bump_epoch(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    fn cache(&self) -> Arc<Cache> {
+        self.cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}

@@ -1,0 +1,629 @@
+//! Nodes and their tokens: registration, reports (heartbeats), readiness, cordon and
+//! delete, and the conditions derived from a node's report and assignment.
+
+use super::*;
+
+/// A node as stored: the object and the hash of its token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct StoredNode {
+    pub(super) token_sha256: String,
+    /// The join token it registered with.
+    pub(super) joined_with: String,
+    pub(super) object: NodeObject,
+}
+
+pub(super) fn node_shape(node: &NodeObject) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&(&node.metadata.labels, &node.status.cordoned))
+        .expect("nodes serialize")
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A node's stored record inside a transaction, or 404.
+pub(super) fn node_in(txn: &dyn Txn, name: &str) -> Result<StoredNode, Error> {
+    get_json(txn, Table::Nodes, name.as_bytes())?.ok_or_else(|| Error::NotFound {
+        kind: "Node",
+        name: name.to_string(),
+    })
+}
+
+/// When the server first received Healthy for each DesiredState the report says is Healthy:
+/// kept while the node reports the same healthy spell (revision and its own `healthySince`),
+/// restarted with a new one, dropped when it is not Healthy. The server's clock only.
+pub(super) fn healthy_received(
+    before: &BTreeMap<String, HealthyReceived>,
+    report: &NodeReport,
+    now: SystemTime,
+) -> BTreeMap<String, HealthyReceived> {
+    report
+        .applied
+        .iter()
+        .filter(|a| a.phase == ComponentPhase::Healthy)
+        .map(|a| {
+            let kept = before
+                .get(&a.desired_state)
+                .filter(|h| h.revision == a.revision && same_millis(h.node_since, a.healthy_since))
+                .copied();
+            let mark = kept.unwrap_or(HealthyReceived {
+                revision: a.revision,
+                node_since: a.healthy_since,
+                at: now,
+            });
+            (a.desired_state.clone(), mark)
+        })
+        .collect()
+}
+
+/// Equal at the wire's resolution (RFC 3339 with milliseconds): a time read back from the
+/// store is compared with one that has not been through it yet.
+pub(super) fn same_millis(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
+    let millis = |t: Option<SystemTime>| {
+        t.map(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        })
+    };
+    millis(a) == millis(b)
+}
+
+pub(super) fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "(none)".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub(super) fn condition(kind: &str, holds: bool, reason: &str, message: String) -> Condition {
+    Condition {
+        kind: kind.to_string(),
+        status: if holds {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        },
+        reason: reason.to_string(),
+        message,
+    }
+}
+
+/// The four node conditions, from the stored report, the current assignment and readiness.
+pub fn conditions(node: &NodeObject, assignment: &NodeAssignment, ready: bool) -> Vec<Condition> {
+    let report = &node.status.report;
+    let mut out = Vec::new();
+    if node.status.last_heartbeat.is_none() {
+        let unknown = |kind: &str| Condition {
+            kind: kind.to_string(),
+            status: ConditionStatus::Unknown,
+            reason: "NoHeartbeat".into(),
+            message: "the node has not reported yet".into(),
+        };
+        out.push(unknown("Ready"));
+        out.push(unknown("Converged"));
+        out.push(unknown("Healthy"));
+        out.push(unknown("DiskPressure"));
+    } else {
+        out.push(if ready {
+            condition("Ready", true, "Heartbeat", String::new())
+        } else {
+            condition(
+                "Ready",
+                false,
+                "HeartbeatMissed",
+                "no recent heartbeat".into(),
+            )
+        });
+        let behind: Vec<String> = assignment
+            .states
+            .iter()
+            .filter(|want| {
+                !report.applied.iter().any(|have| {
+                    have.desired_state == want.name
+                        && have.revision == want.revision
+                        && have.phase == ComponentPhase::Healthy
+                })
+            })
+            .map(|want| format!("{}@{}", want.name, want.revision))
+            .collect();
+        let converged = behind.is_empty() && report.observed_generation == assignment.generation;
+        out.push(if converged {
+            condition("Converged", true, "AtDesiredState", String::new())
+        } else if behind.is_empty() {
+            condition(
+                "Converged",
+                false,
+                "Pending",
+                "the node has not picked up its newest assignment".into(),
+            )
+        } else {
+            condition(
+                "Converged",
+                false,
+                "Progressing",
+                format!("not yet healthy at {}", behind.join(", ")),
+            )
+        });
+        let broken: Vec<String> = report
+            .components
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c.phase,
+                    ComponentPhase::Reverted | ComponentPhase::Failed | ComponentPhase::Reverting
+                )
+            })
+            .map(|c| format!("{} {:?}", c.name, c.phase))
+            .chain(
+                report
+                    .probes
+                    .iter()
+                    .filter(|p| !p.passing)
+                    .map(|p| format!("probe {} failing", p.name)),
+            )
+            .collect();
+        out.push(if broken.is_empty() {
+            condition("Healthy", true, "ProbesPassing", String::new())
+        } else {
+            condition("Healthy", false, "Unhealthy", broken.join("; "))
+        });
+        out.push(match &report.disk_pressure {
+            Some(message) => condition("DiskPressure", true, "LowDiskSpace", message.clone()),
+            None => condition("DiskPressure", false, "EnoughDiskSpace", String::new()),
+        });
+    }
+    out.push(if assignment.conflicts.is_empty() {
+        condition("Conflict", false, "NoConflict", String::new())
+    } else {
+        condition(
+            "Conflict",
+            true,
+            "ComponentPinnedTwice",
+            assignment
+                .conflicts
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} is pinned by {}",
+                        c.component,
+                        c.desired_states.join(" and ")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    });
+    out
+}
+
+impl Controller {
+    /// Registers (or re-registers) a node and issues a fresh node token.
+    pub async fn register(
+        &self,
+        request: RegisterRequest,
+        join_token: &str,
+    ) -> Result<RegisterResponse, Error> {
+        if !manifests::validate::is_dns_label(&request.name) {
+            return Err(Error::invalid_field(
+                "name",
+                format!("`{}` is not a valid node name", request.name),
+                "a node name is a DNS label: lowercase letters, digits and '-', at most 63 characters (nodelet --name)",
+            ));
+        }
+        for (key, value) in &request.labels {
+            if !manifests::validate::is_label_key(key)
+                || !manifests::validate::is_label_value(value)
+            {
+                return Err(Error::invalid_field(
+                    &format!("labels.{key}"),
+                    format!("`{key}={value}` is not a valid label"),
+                    "label keys are `name` or `prefix/name`, values at most 63 letters, digits, '-', '_' or '.'",
+                ));
+            }
+        }
+        let secret: [u8; 32] = rand::random();
+        let token = format!("{}:{}", request.name, hex::encode(secret));
+        let token_sha256 = sha256_hex(&token);
+        let now = SystemTime::now();
+        let ((node, event), _) = self
+            .transact(|txn| -> Result<_, Error> {
+                let version = txn.revision().to_string();
+                let seq = txn.next_id();
+                let existing: Option<StoredNode> =
+                    get_json(txn, Table::Nodes, request.name.as_bytes())?;
+                let reregistered = existing.is_some();
+                let mut object = existing.map(|n| n.object).unwrap_or_else(|| NodeObject {
+                    metadata: ObjectInfo {
+                        name: request.name.clone(),
+                        labels: BTreeMap::new(),
+                        resource_version: String::new(),
+                        creation_timestamp: Some(now),
+                    },
+                    status: NodeStatus::default(),
+                });
+                object.metadata.labels = request.labels.clone();
+                object.metadata.resource_version = version.clone();
+                let stored = StoredNode {
+                    token_sha256: token_sha256.clone(),
+                    joined_with: join_token.to_string(),
+                    object: object.clone(),
+                };
+                txn.put(Table::Nodes, request.name.as_bytes(), encode(&stored))?;
+                let event = self.put_node_event(
+                    txn,
+                    seq,
+                    now,
+                    if reregistered {
+                        "Reregistered"
+                    } else {
+                        "Registered"
+                    },
+                    &request.name,
+                    format!(
+                        "joined with token `{join_token}`, labels {}",
+                        format_labels(&request.labels)
+                    ),
+                )?;
+                Ok((object, event))
+            })
+            .await?;
+        // The node keeps only the token: losing its hash in a crash would lock the node out.
+        self.store.flush().await?;
+        let _ = node;
+        self.after_events(&[event]).await?;
+        Ok(RegisterResponse {
+            name: request.name,
+            token,
+        })
+    }
+
+    /// True when `token` is the node token of `name` (compared in constant time).
+    pub fn node_token_matches(&self, name: &str, token: &str) -> Result<bool, Error> {
+        use subtle::ConstantTimeEq;
+        let Some(stored) = self.find_node(name)? else {
+            return Ok(false);
+        };
+        let presented = sha256_hex(token);
+        Ok(bool::from(
+            presented.as_bytes().ct_eq(stored.token_sha256.as_bytes()),
+        ))
+    }
+
+    /// Stores a node's heartbeat report and turns its events into Events.
+    pub async fn report(&self, name: &str, mut report: NodeReport) -> Result<(), Error> {
+        let now = SystemTime::now();
+        let mut node_events = std::mem::take(&mut report.events);
+        if node_events.len() > MAX_EVENTS_PER_REPORT {
+            // A flood (or a forgery) keeps its newest events and says what it lost.
+            let sent = node_events.len();
+            node_events.drain(..sent - MAX_EVENTS_PER_REPORT);
+            node_events.push(NodeEvent {
+                time: now,
+                kind: EventType::Warning,
+                reason: "EventsDropped".into(),
+                message: format!(
+                    "the node sent {sent} events in one report; kept the newest {MAX_EVENTS_PER_REPORT}"
+                ),
+                desired_state: None,
+                revision: None,
+                component: None,
+            });
+        }
+        let ((object, events), _) = self
+            .transact(|txn| -> Result<_, Error> {
+                let version = txn.revision().to_string();
+                let seqs: Vec<u64> = node_events.iter().map(|_| txn.next_id()).collect();
+                let mut stored = node_in(txn, name)?;
+                stored.object.status.last_heartbeat = Some(now);
+                stored.object.status.healthy_received =
+                    healthy_received(&stored.object.status.healthy_received, &report, now);
+                stored.object.status.report = report.clone();
+                stored.object.metadata.resource_version = version.clone();
+                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+                let mut events = Vec::new();
+                for (node_event, seq) in node_events.iter().zip(&seqs) {
+                    let event = self.new_event(
+                        *seq,
+                        node_event.time,
+                        node_event.kind,
+                        &node_event.reason,
+                        &format!("node/{name}"),
+                        match &node_event.component {
+                            // "demo: demo 1.2.0 failed" would say the name twice.
+                            Some(component)
+                                if !node_event.message.starts_with(component.as_str()) =>
+                            {
+                                format!("{component}: {}", node_event.message)
+                            }
+                            _ => node_event.message.clone(),
+                        },
+                        Some(name.to_string()),
+                        node_event.desired_state.clone(),
+                        node_event.revision,
+                    )?;
+                    txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                    events.push(event);
+                }
+                Ok((stored.object, events))
+            })
+            .await?;
+        // The node forgets its events once they are acknowledged, so those must be on disk.
+        // A plain heartbeat is not flushed: the next one replaces it anyway.
+        if !events.is_empty() {
+            self.store.flush().await?;
+        }
+        let was_ready = {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            live.heartbeats.insert(name.to_string(), now);
+            live.ready.insert(name.to_string(), true)
+        };
+        // Readiness events are the leader's to raise (a follower's view of who was NotReady
+        // is its own); the leader's sweep notices a node heard by another replica.
+        if was_ready == Some(false) && self.leader_epoch().is_some() {
+            self.node_readiness_event(name, true, now).await?;
+        }
+        let _ = object;
+        self.after_events(&events).await?;
+        Ok(())
+    }
+
+    pub(super) fn list_nodes_raw(&self) -> Result<Vec<StoredNode>, StoreError> {
+        self.store
+            .scan_prefix(Table::Nodes, b"")
+            .into_iter()
+            .map(|(k, v)| decode(Table::Nodes, &k, &v))
+            .collect()
+    }
+
+    pub(super) fn fresh(&self, heartbeat: SystemTime, now: SystemTime) -> bool {
+        now.duration_since(heartbeat).unwrap_or_default() <= self.config.ready_grace
+    }
+
+    pub(super) fn is_ready(&self, node: &NodeObject, now: SystemTime) -> bool {
+        node.status
+            .last_heartbeat
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() <= self.config.ready_grace)
+    }
+
+    /// Adds the computed conditions and the host history to a stored node.
+    pub(super) fn decorate(
+        &self,
+        mut node: NodeObject,
+        now: SystemTime,
+    ) -> Result<NodeObject, Error> {
+        let assignment = self.assignment_for(&node);
+        node.status.conditions = conditions(&node, &assignment, self.is_ready(&node, now));
+        if let Some(history) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .host_history
+            .get(&node.metadata.name)
+        {
+            node.status.host_history = history.iter().cloned().collect();
+        }
+        Ok(node)
+    }
+
+    /// A node's stored record, if it is registered.
+    pub(super) fn find_node(&self, name: &str) -> Result<Option<StoredNode>, StoreError> {
+        self.store
+            .get(Table::Nodes, name.as_bytes())
+            .map(|bytes| decode(Table::Nodes, name.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// A node's stored record, or 404.
+    pub(super) fn stored_node(&self, name: &str) -> Result<StoredNode, Error> {
+        self.find_node(name)?.ok_or_else(|| Error::NotFound {
+            kind: "Node",
+            name: name.to_string(),
+        })
+    }
+
+    /// One node with its conditions.
+    pub fn get_node(&self, name: &str) -> Result<NodeObject, Error> {
+        self.decorate(self.stored_node(name)?.object, SystemTime::now())
+    }
+
+    /// Every node with its conditions, by name.
+    pub fn list_nodes(&self) -> Result<Vec<NodeObject>, Error> {
+        let now = SystemTime::now();
+        self.list_nodes_raw()?
+            .into_iter()
+            .map(|n| self.decorate(n.object, now))
+            .collect()
+    }
+
+    /// Reports nodes whose readiness changed since the last sweep; run periodically.
+    pub async fn sweep_readiness(&self, now: SystemTime) -> Result<(), Error> {
+        // From the in-memory heartbeat times: with 10,000 nodes, decoding every record
+        // every two seconds was a visible share of the apiserver's CPU.
+        let mut flipped = Vec::new();
+        {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let states: Vec<(String, bool)> = live
+                .heartbeats
+                .iter()
+                .map(|(name, at)| (name.clone(), self.fresh(*at, now)))
+                .collect();
+            for (name, ready) in states {
+                // A node seen for the first time (its first heartbeat, or one another
+                // replica heard) turns nothing.
+                if live.ready.insert(name.clone(), ready) == Some(!ready) {
+                    flipped.push((name, ready));
+                }
+            }
+        }
+        // Every replica tracks readiness; only the leader reports its transitions.
+        if self.leader_epoch().is_none() {
+            return Ok(());
+        }
+        for (name, ready) in flipped {
+            self.node_readiness_event(&name, ready, now).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn node_readiness_event(
+        &self,
+        name: &str,
+        ready: bool,
+        now: SystemTime,
+    ) -> Result<(), Error> {
+        let (kind, reason, message) = if ready {
+            (
+                EventType::Normal,
+                "NodeReady",
+                "heartbeats resumed".to_string(),
+            )
+        } else {
+            (
+                EventType::Warning,
+                "NodeNotReady",
+                format!(
+                    "no heartbeat for more than {}s",
+                    self.config.ready_grace.as_secs()
+                ),
+            )
+        };
+        self.record_event(
+            now,
+            kind,
+            reason,
+            &format!("node/{name}"),
+            message,
+            Some(name.to_string()),
+            None,
+            None,
+        )
+        .await?;
+        if self.changes.receiver_count() > 0 {
+            if let Ok(node) = self.get_node(name) {
+                self.publish(Kind::Node, ChangeType::Modified, name, &node);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cordons a node (it takes no new revision and keeps the ones it is assigned now) or
+    /// uncordons it. Idempotent, like `kubectl cordon`.
+    pub async fn set_cordon(
+        &self,
+        name: &str,
+        cordon: bool,
+        actor: &str,
+    ) -> Result<NodeObject, Error> {
+        let stored = self.stored_node(name)?;
+        if stored.object.status.cordoned.is_some() == cordon {
+            return self.get_node(name);
+        }
+        let now = SystemTime::now();
+        let states: Vec<String> = self.cache().states.keys().cloned().collect();
+        let ((node, event), _) = self
+            .transact(|txn| -> Result<_, Error> {
+                let version = txn.revision().to_string();
+                let seq = txn.next_id();
+                let mut stored = node_in(txn, name)?;
+                // What it is assigned now, read in this transaction: a wave that starts
+                // meanwhile either lands before (and is kept) or conflicts and retries.
+                let mut keep = BTreeMap::new();
+                for state_name in &states {
+                    let Some(state) = get_json::<DesiredStateObject>(
+                        txn,
+                        Table::DesiredStates,
+                        state_name.as_bytes(),
+                    )?
+                    else {
+                        continue;
+                    };
+                    if !state.spec.selector.matches(&stored.object.metadata.labels) {
+                        continue;
+                    }
+                    let key = store::assignment_key(name, state_name);
+                    let revision = match txn.get(Table::Assignments, &key)? {
+                        Some(bytes) => decode::<u64>(Table::Assignments, &key, &bytes)?,
+                        None => state.status.last_good_revision,
+                    };
+                    if revision > 0 {
+                        keep.insert(state_name.clone(), revision);
+                    }
+                }
+                let (reason, message) = if cordon {
+                    stored.object.status.cordoned = Some(Cordon {
+                        since: now,
+                        by: actor.to_string(),
+                        revisions: keep.clone(),
+                    });
+                    let kept = if keep.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        keep.iter()
+                            .map(|(s, r)| format!("{s}@{r}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    (
+                        "NodeCordoned",
+                        format!("cordoned by {actor}: takes no new revision, keeps {kept}"),
+                    )
+                } else {
+                    stored.object.status.cordoned = None;
+                    (
+                        "NodeUncordoned",
+                        format!("uncordoned by {actor}: follows its rollouts again"),
+                    )
+                };
+                stored.object.metadata.resource_version = version.clone();
+                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+                let event = self.put_node_event(txn, seq, now, reason, name, message)?;
+                Ok((stored.object, event))
+            })
+            .await?;
+        self.store.flush().await?;
+        let node = self.decorate(node, now)?;
+        self.after_events(&[event]).await?;
+        Ok(node)
+    }
+
+    /// Forgets a node: its record, its token and its assignments. A nodelet that comes back
+    /// must join again.
+    pub async fn delete_node(&self, name: &str, actor: &str) -> Result<NodeObject, Error> {
+        // Every DesiredState's key, not only those the cache shows assigned: a wave that
+        // started since the cache was built must not leave a row for a rejoining namesake.
+        let assignments: Vec<Vec<u8>> = self
+            .cache()
+            .states
+            .keys()
+            .map(|state| store::assignment_key(name, state))
+            .collect();
+        let now = SystemTime::now();
+        let ((node, event), _) = self.transact(|txn| -> Result<_, Error> {
+            let seq = txn.next_id();
+            let stored = node_in(txn, name)?;
+            txn.delete(Table::Nodes, name.as_bytes())?;
+            for key in &assignments {
+                txn.delete(Table::Assignments, key)?;
+            }
+            let event = self.put_node_event(
+                txn,
+                seq,
+                now,
+                "NodeDeleted",
+                name,
+                format!("deleted by {actor}: its token no longer works; a nodelet that comes back must join again"),
+            )?;
+            Ok((stored.object, event))
+        })
+        .await?;
+        self.store.flush().await?;
+        self.after_events(&[event]).await?;
+        Ok(node)
+    }
+}
