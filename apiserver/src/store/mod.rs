@@ -696,12 +696,12 @@ impl Txn for ViewTxn<'_> {
 }
 
 /// Encodes a value as stored (JSON: readable with any tool, and tolerant of added fields).
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("stored types always serialize")
 }
 
 /// Decodes a stored value.
-pub fn decode<T: DeserializeOwned>(
+fn decode<T: DeserializeOwned>(
     table: Table,
     key: &[u8],
     bytes: &[u8],
@@ -711,6 +711,97 @@ pub fn decode<T: DeserializeOwned>(
         key: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),
     })
+}
+
+/// A table with the type of the values it holds. Callers name a `Typed` constant instead of
+/// a `Table` and bytes, so a value can only be written to, and read from, the table whose
+/// type it has; the encoding (JSON) and its error (`StoreError::Corrupt`, naming the table
+/// and key) live here once.
+pub struct Typed<V> {
+    table: Table,
+    value: std::marker::PhantomData<fn() -> V>,
+}
+
+impl<V: Serialize + DeserializeOwned> Typed<V> {
+    /// The table `table`, holding values of type `V`.
+    pub const fn new(table: Table) -> Self {
+        Typed {
+            table,
+            value: std::marker::PhantomData,
+        }
+    }
+
+    /// The untyped table (for matching on feed changes).
+    pub fn table(&self) -> Table {
+        self.table
+    }
+
+    /// Decodes a value of this table.
+    pub fn decode(&self, key: &[u8], bytes: &[u8]) -> Result<V, StoreError> {
+        decode(self.table, key, bytes)
+    }
+
+    /// Reads a key inside a transaction.
+    pub fn get(&self, txn: &dyn Txn, key: &[u8]) -> Result<Option<V>, StoreError> {
+        txn.get(self.table, key)?
+            .map(|bytes| self.decode(key, &bytes))
+            .transpose()
+    }
+
+    /// Writes a key inside a transaction.
+    pub fn put(&self, txn: &mut dyn Txn, key: &[u8], value: &V) -> Result<(), StoreError> {
+        txn.put(self.table, key, encode(value))
+    }
+
+    /// Removes a key inside a transaction.
+    pub fn delete(&self, txn: &mut dyn Txn, key: &[u8]) -> Result<(), StoreError> {
+        txn.delete(self.table, key)
+    }
+
+    /// Every key and value under `prefix` inside a transaction, in key order.
+    pub fn scan(&self, txn: &dyn Txn, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        txn.scan_prefix(self.table, prefix)?
+            .into_iter()
+            .map(|(key, bytes)| {
+                let value = self.decode(&key, &bytes)?;
+                Ok((key, value))
+            })
+            .collect()
+    }
+
+    /// The keys under `prefix` inside a transaction, in key order, without decoding.
+    pub fn keys(&self, txn: &dyn Txn, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(txn
+            .scan_prefix(self.table, prefix)?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect())
+    }
+
+    /// Reads a key from the store's current view, outside a transaction.
+    pub fn read(&self, store: &Store, key: &[u8]) -> Result<Option<V>, StoreError> {
+        store
+            .get(self.table, key)
+            .map(|bytes| self.decode(key, &bytes))
+            .transpose()
+    }
+
+    /// Every key and value under `prefix` in the store's current view, in key order; a value
+    /// that does not decode is that entry's error, not the whole scan's.
+    pub fn read_prefix(
+        &self,
+        store: &Store,
+        prefix: &[u8],
+    ) -> Vec<(Vec<u8>, Result<V, StoreError>)> {
+        store
+            .scan_prefix(self.table, prefix)
+            .into_iter()
+            .map(|(key, bytes)| {
+                let value = self.decode(&key, &bytes);
+                (key, value)
+            })
+            .collect()
+    }
 }
 
 /// Key of a revision: name, NUL, big-endian revision (so keys sort by revision).

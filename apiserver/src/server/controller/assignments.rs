@@ -116,9 +116,6 @@ impl Controller {
         revision: u64,
     ) -> Result<Option<Revision>, StoreError> {
         let key = store::revision_key(name, revision);
-        self.store
-            .get(Table::Revisions, &key)
-            .map(|bytes| decode(Table::Revisions, &key, &bytes))
-            .transpose()
+        REVISIONS.read(&self.store, &key)
     }
 }

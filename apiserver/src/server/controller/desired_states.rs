@@ -75,7 +75,7 @@ impl Controller {
                 let manifest = &input.object;
                 let name = &manifest.metadata.name;
                 let existing: Option<DesiredStateObject> =
-                    get_json(txn, Table::DesiredStates, name.as_bytes())?;
+                    DESIRED_STATES.get(txn, name.as_bytes())?;
                 if let Some(expected) = &manifest.metadata.resource_version {
                     let actual = existing
                         .as_ref()
@@ -163,13 +163,9 @@ impl Controller {
                     revision: object.status.revision,
                     resource_version: version.clone(),
                 });
-                txn.put(Table::DesiredStates, name.as_bytes(), encode(&object))?;
+                DESIRED_STATES.put(txn, name.as_bytes(), &object)?;
                 if let Some(revision) = &revision {
-                    txn.put(
-                        Table::Revisions,
-                        &store::revision_key(name, revision.revision),
-                        encode(revision),
-                    )?;
+                    REVISIONS.put(txn, &store::revision_key(name, revision.revision), revision)?;
                 }
                 let change = if action == ApplyAction::Created {
                     ChangeType::Added
@@ -202,7 +198,7 @@ impl Controller {
                     Some(name.clone()),
                     revision.as_ref().map(|r| r.revision),
                 )?;
-                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                EVENTS.put(txn, &event.seq.to_be_bytes(), &event)?;
                 events.push(event);
             }
             let mut rollouts = Vec::new();
@@ -214,7 +210,7 @@ impl Controller {
                 // --revision N`, `apply --wait` and `rollout pause` find it at once.
                 let name = &object.metadata.name;
                 let previous: Option<RolloutObject> =
-                    get_json(txn, Table::Rollouts, name.as_bytes())?;
+                    ROLLOUTS.get(txn, name.as_bytes())?;
                 // A pause holds across a new revision, as `kubectl rollout pause` does: the
                 // operator stopped the group for a reason.
                 let paused = previous
@@ -237,7 +233,7 @@ impl Controller {
                         Some(name.clone()),
                         Some(old.spec.revision),
                     )?;
-                    txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                    EVENTS.put(txn, &event.seq.to_be_bytes(), &event)?;
                     events.push(event);
                 }
                 let mut rollout = crate::rollout::pending(object, now);
@@ -249,7 +245,7 @@ impl Controller {
                         revision.revision
                     );
                 }
-                txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
+                ROLLOUTS.put(txn, name.as_bytes(), &rollout)?;
                 rollouts.push(rollout);
             }
             Ok((results, written, events, rollouts))
@@ -290,11 +286,8 @@ impl Controller {
         if pinned.is_empty() {
             return Ok(());
         }
-        for (key, value) in self
-            .store
-            .scan_prefix(Table::Revisions, &store::revision_prefix(name))
-        {
-            let revision: Revision = decode(Table::Revisions, &key, &value)?;
+        for (_, revision) in REVISIONS.read_prefix(&self.store, &store::revision_prefix(name)) {
+            let revision = revision?;
             for earlier in &revision.spec.components {
                 let Some(artifact) = &earlier.artifact else {
                     continue;
@@ -332,8 +325,9 @@ impl Controller {
         let now = SystemTime::now();
         let ((object, event), _) = self.transact(|txn| -> Result<_, Error> {
             let seq = txn.next_id();
-            let revisions = txn.scan_prefix(Table::Revisions, &store::revision_prefix(name))?;
-            let object: DesiredStateObject = get_json(txn, Table::DesiredStates, name.as_bytes())?
+            // Keys only: a revision that no longer decodes is deleted with the rest.
+            let revisions = REVISIONS.keys(txn, &store::revision_prefix(name))?;
+            let object: DesiredStateObject = DESIRED_STATES.get(txn, name.as_bytes())?
                 .ok_or_else(|| Error::NotFound {
                     kind: "DesiredState",
                     name: name.to_string(),
@@ -349,14 +343,14 @@ impl Controller {
                     });
                 }
             }
-            txn.delete(Table::DesiredStates, name.as_bytes())?;
-            for (key, _) in &revisions {
-                txn.delete(Table::Revisions, key)?;
+            DESIRED_STATES.delete(txn, name.as_bytes())?;
+            for key in &revisions {
+                REVISIONS.delete(txn, key)?;
             }
             for key in &assignments {
-                txn.delete(Table::Assignments, key)?;
+                ASSIGNMENTS.delete(txn, key)?;
             }
-            txn.delete(Table::Rollouts, name.as_bytes())?;
+            ROLLOUTS.delete(txn, name.as_bytes())?;
             let event = self.new_event(
                 seq,
                 now,
@@ -368,7 +362,7 @@ impl Controller {
                 Some(name.to_string()),
                 None,
             )?;
-            txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+            EVENTS.put(txn, &event.seq.to_be_bytes(), &event)?;
             Ok((object, event))
         })
         .await?;
@@ -406,10 +400,10 @@ impl Controller {
                 name: name.to_string(),
             });
         }
-        self.store
-            .scan_prefix(Table::Revisions, &store::revision_prefix(name))
+        REVISIONS
+            .read_prefix(&self.store, &store::revision_prefix(name))
             .into_iter()
-            .map(|(k, v)| decode(Table::Revisions, &k, &v).map_err(Error::from))
+            .map(|(_, revision)| revision.map_err(Error::from))
             .collect()
     }
 }

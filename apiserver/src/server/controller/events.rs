@@ -58,7 +58,7 @@ impl Controller {
             None,
             None,
         )?;
-        txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+        EVENTS.put(txn, &event.seq.to_be_bytes(), &event)?;
         Ok(event)
     }
 
@@ -88,7 +88,7 @@ impl Controller {
                     desired_state.clone(),
                     revision,
                 )?;
-                txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                EVENTS.put(txn, &event.seq.to_be_bytes(), &event)?;
                 Ok::<_, StoreError>(event)
             })
             .await?;
@@ -132,7 +132,7 @@ impl Controller {
                         node: Some(node),
                         seq,
                         ..
-                    }) = decode::<Event>(Table::Events, key, value)
+                    }) = EVENTS.decode(key, value)
                     {
                         if let Some(queue) = live.node_events.get_mut(&node) {
                             queue.retain(|s| *s != seq);
@@ -161,7 +161,7 @@ impl Controller {
             let page = self.store.scan_from(Table::Events, &cursor, 1000);
             let done = page.len() < 1000;
             for (key, value) in &page {
-                let event: Event = decode(Table::Events, key, value)?;
+                let event: Event = EVENTS.decode(key, value)?;
                 let relevant = match about {
                     None => true,
                     Some(about) => {

@@ -69,9 +69,7 @@ impl Controller {
                         (None, Some(previous)) => (ChangeType::Deleted, previous),
                         (None, None) => continue,
                     };
-                    if let Ok(object) =
-                        decode::<DesiredStateObject>(Table::DesiredStates, &change.key, bytes)
-                    {
+                    if let Ok(object) = DESIRED_STATES.decode(&change.key, bytes) {
                         let object = match self.list_nodes_raw() {
                             Ok(nodes) if kind != ChangeType::Deleted => {
                                 with_selected(&object, &nodes)
@@ -85,17 +83,15 @@ impl Controller {
                     if let Some(Ok(rollout)) = change
                         .value
                         .as_ref()
-                        .map(|v| decode::<RolloutObject>(Table::Rollouts, &change.key, v))
+                        .map(|v| ROLLOUTS.decode(&change.key, v))
                     {
                         self.publish(Kind::Rollout, ChangeType::Modified, &name, &rollout);
                     }
                 }
                 Table::Nodes => wake |= self.on_node_change(&name, change, now, watching),
                 Table::Events => {
-                    let Some(Ok(event)) = change
-                        .value
-                        .as_ref()
-                        .map(|v| decode::<Event>(Table::Events, &change.key, v))
+                    let Some(Ok(event)) =
+                        change.value.as_ref().map(|v| EVENTS.decode(&change.key, v))
                     else {
                         continue;
                     };
@@ -136,7 +132,7 @@ impl Controller {
     ) -> bool {
         match &change.value {
             Some(bytes) => {
-                let Ok(stored) = decode::<StoredNode>(Table::Nodes, &change.key, bytes) else {
+                let Ok(stored) = NODES.decode(&change.key, bytes) else {
                     return false;
                 };
                 let shape = node_shape(&stored.object);
@@ -186,7 +182,7 @@ impl Controller {
                     if let Some(Ok(stored)) = change
                         .previous
                         .as_ref()
-                        .map(|v| decode::<StoredNode>(Table::Nodes, &change.key, v))
+                        .map(|v| NODES.decode(&change.key, v))
                     {
                         self.publish(Kind::Node, ChangeType::Deleted, name, &stored.object);
                     }
@@ -227,24 +223,23 @@ impl Controller {
             revision: self.store.revision(),
             ..Cache::default()
         };
-        for (key, value) in self.store.scan_prefix(Table::Rollouts, b"") {
+        for (key, object) in ROLLOUTS.read_prefix(&self.store, b"") {
             let name = String::from_utf8_lossy(&key).into_owned();
-            let object = decode::<RolloutObject>(Table::Rollouts, &key, &value).map(Arc::new);
-            cache.rollouts.insert(name, object);
+            cache.rollouts.insert(name, object.map(Arc::new));
         }
-        for (key, value) in self.store.scan_prefix(Table::DesiredStates, b"") {
-            let object: DesiredStateObject = decode(Table::DesiredStates, &key, &value)?;
+        for (_, object) in DESIRED_STATES.read_prefix(&self.store, b"") {
+            let object = object?;
             cache
                 .states
                 .insert(object.metadata.name.clone(), Arc::new(object));
         }
-        for (key, value) in self.store.scan_prefix(Table::Assignments, b"") {
+        for (key, revision) in ASSIGNMENTS.read_prefix(&self.store, b"") {
             let Some(split) = key.iter().position(|b| *b == 0) else {
                 continue;
             };
             let node = String::from_utf8_lossy(&key[..split]).into_owned();
             let state = String::from_utf8_lossy(&key[split + 1..]).into_owned();
-            let revision: u64 = decode(Table::Assignments, &key, &value)?;
+            let revision = revision?;
             cache
                 .assignments
                 .entry(node)

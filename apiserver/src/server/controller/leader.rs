@@ -26,6 +26,17 @@ pub(super) fn replica_identity() -> String {
     )
 }
 
+/// A lease record that does not decode is no lease (it is overwritten); a store that fails
+/// is an error.
+fn no_lease_if_corrupt(
+    read: Result<Option<Lease>, StoreError>,
+) -> Result<Option<Lease>, StoreError> {
+    match read {
+        Err(StoreError::Corrupt { .. }) => Ok(None),
+        other => other,
+    }
+}
+
 impl Controller {
     /// Whether this replica leads, and its fencing epoch. With a store no other process
     /// writes, this replica is the only one and always leads (epoch 0, never fenced).
@@ -46,9 +57,10 @@ impl Controller {
             .store
             .is_shared()
             .then(|| {
-                self.store
-                    .get(Table::Leases, LEADER)
-                    .and_then(|b| decode::<Lease>(Table::Leases, LEADER, &b).ok())
+                LEASES
+                    .read(&self.store, LEADER)
+                    .ok()
+                    .flatten()
                     .map(|l| l.holder)
             })
             .flatten();
@@ -78,10 +90,7 @@ impl Controller {
         let started = Instant::now();
         let duration = self.config.lease_duration;
         // A record that does not decode is no lease: it is overwritten.
-        let read = |bytes: Option<Vec<u8>>| {
-            bytes.and_then(|b| decode::<Lease>(Table::Leases, LEADER, &b).ok())
-        };
-        let record = read(self.store.get(Table::Leases, LEADER).map(|b| b.to_vec()));
+        let record = no_lease_if_corrupt(LEASES.read(&self.store, LEADER))?;
         let decision = {
             let mut state = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
             state.observed = lease::observe(state.observed.take(), record.as_ref(), started);
@@ -106,13 +115,13 @@ impl Controller {
         };
         let outcome = self
             .transact(|txn| {
-                if read(txn.get(Table::Leases, LEADER)?) != expected {
+                if no_lease_if_corrupt(LEASES.get(txn, LEADER))? != expected {
                     return Err(Error::Conflict {
                         message: "the lease changed meanwhile".into(),
                         hint: String::new(),
                     });
                 }
-                txn.put(Table::Leases, LEADER, encode(&next))?;
+                LEASES.put(txn, LEADER, &next)?;
                 Ok(())
             })
             .await;
@@ -145,7 +154,7 @@ impl Controller {
         if !self.store.is_shared() {
             return Ok(());
         }
-        match get_json::<Lease>(txn, Table::Leases, LEADER)? {
+        match LEASES.get(txn, LEADER)? {
             Some(lease) if lease.holder == self.identity && lease.epoch == epoch => Ok(()),
             _ => Err(Error::Conflict {
                 message: "this replica no longer leads".into(),

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 
 use super::lease::{self, Lease, LEADER};
-use crate::store::{self, decode, encode, Applied, Feed, Store, StoreError, Table, Txn, TxnError};
+use crate::store::{self, Applied, Feed, Store, StoreError, Table, Txn, TxnError, Typed};
 
 mod assignments;
 mod desired_states;
@@ -53,6 +53,16 @@ use leader::*;
 pub use nodes::conditions;
 use nodes::*;
 use rollouts::*;
+
+// The store's tables, each with the type of what it holds (see `store::Table` for keys).
+const DESIRED_STATES: Typed<DesiredStateObject> = Typed::new(Table::DesiredStates);
+const REVISIONS: Typed<Revision> = Typed::new(Table::Revisions);
+const NODES: Typed<StoredNode> = Typed::new(Table::Nodes);
+const ROLLOUTS: Typed<RolloutObject> = Typed::new(Table::Rollouts);
+const EVENTS: Typed<Event> = Typed::new(Table::Events);
+/// Node and DesiredState → the revision the rollout controller assigned.
+const ASSIGNMENTS: Typed<u64> = Typed::new(Table::Assignments);
+const LEASES: Typed<Lease> = Typed::new(Table::Leases);
 
 /// Tunables of the controller.
 #[derive(Debug, Clone)]
@@ -172,16 +182,6 @@ pub struct Controller {
     lease: Mutex<LeaseState>,
 }
 
-fn get_json<T: serde::de::DeserializeOwned>(
-    txn: &dyn Txn,
-    table: Table,
-    key: &[u8],
-) -> Result<Option<T>, StoreError> {
-    txn.get(table, key)?
-        .map(|bytes| decode(table, key, &bytes))
-        .transpose()
-}
-
 fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
@@ -225,8 +225,8 @@ impl Controller {
             .map(|(name, at)| (name.clone(), controller.fresh(*at, now)))
             .collect();
         let mut node_events: HashMap<String, VecDeque<u64>> = HashMap::new();
-        for (key, value) in controller.store.scan_prefix(Table::Events, b"") {
-            let event: Event = decode(Table::Events, &key, &value)?;
+        for (_, event) in EVENTS.read_prefix(&controller.store, b"") {
+            let event = event?;
             if let Some(node) = event.node {
                 node_events.entry(node).or_default().push_back(event.seq);
             }

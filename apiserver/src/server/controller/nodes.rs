@@ -24,10 +24,12 @@ pub(super) fn node_shape(node: &NodeObject) -> u64 {
 
 /// A node's stored record inside a transaction, or 404.
 pub(super) fn node_in(txn: &dyn Txn, name: &str) -> Result<StoredNode, Error> {
-    get_json(txn, Table::Nodes, name.as_bytes())?.ok_or_else(|| Error::NotFound {
-        kind: "Node",
-        name: name.to_string(),
-    })
+    NODES
+        .get(txn, name.as_bytes())?
+        .ok_or_else(|| Error::NotFound {
+            kind: "Node",
+            name: name.to_string(),
+        })
 }
 
 /// When the server first received Healthy for each DesiredState the report says is Healthy:
@@ -235,8 +237,7 @@ impl Controller {
             .transact(|txn| -> Result<_, Error> {
                 let version = txn.revision().to_string();
                 let seq = txn.next_id();
-                let existing: Option<StoredNode> =
-                    get_json(txn, Table::Nodes, request.name.as_bytes())?;
+                let existing: Option<StoredNode> = NODES.get(txn, request.name.as_bytes())?;
                 let reregistered = existing.is_some();
                 let mut object = existing.map(|n| n.object).unwrap_or_else(|| NodeObject {
                     metadata: ObjectInfo {
@@ -254,7 +255,7 @@ impl Controller {
                     joined_with: join_token.to_string(),
                     object: object.clone(),
                 };
-                txn.put(Table::Nodes, request.name.as_bytes(), encode(&stored))?;
+                NODES.put(txn, request.name.as_bytes(), &stored)?;
                 let event = self.put_node_event(
                     txn,
                     seq,
@@ -325,7 +326,7 @@ impl Controller {
                     healthy_received(&stored.object.status.healthy_received, &report, now);
                 stored.object.status.report = report.clone();
                 stored.object.metadata.resource_version = version.clone();
-                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+                NODES.put(txn, name.as_bytes(), &stored)?;
                 let mut events = Vec::new();
                 for (node_event, seq) in node_events.iter().zip(&seqs) {
                     let event = self.new_event(
@@ -347,7 +348,7 @@ impl Controller {
                         node_event.desired_state.clone(),
                         node_event.revision,
                     )?;
-                    txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                    EVENTS.put(txn, &event.seq.to_be_bytes(), &event)?;
                     events.push(event);
                 }
                 Ok((stored.object, events))
@@ -374,10 +375,10 @@ impl Controller {
     }
 
     pub(super) fn list_nodes_raw(&self) -> Result<Vec<StoredNode>, StoreError> {
-        self.store
-            .scan_prefix(Table::Nodes, b"")
+        NODES
+            .read_prefix(&self.store, b"")
             .into_iter()
-            .map(|(k, v)| decode(Table::Nodes, &k, &v))
+            .map(|(_, node)| node)
             .collect()
     }
 
@@ -413,10 +414,7 @@ impl Controller {
 
     /// A node's stored record, if it is registered.
     pub(super) fn find_node(&self, name: &str) -> Result<Option<StoredNode>, StoreError> {
-        self.store
-            .get(Table::Nodes, name.as_bytes())
-            .map(|bytes| decode(Table::Nodes, name.as_bytes(), &bytes))
-            .transpose()
+        NODES.read(&self.store, name.as_bytes())
     }
 
     /// A node's stored record, or 404.
@@ -535,22 +533,16 @@ impl Controller {
                 // meanwhile either lands before (and is kept) or conflicts and retries.
                 let mut keep = BTreeMap::new();
                 for state_name in &states {
-                    let Some(state) = get_json::<DesiredStateObject>(
-                        txn,
-                        Table::DesiredStates,
-                        state_name.as_bytes(),
-                    )?
-                    else {
+                    let Some(state) = DESIRED_STATES.get(txn, state_name.as_bytes())? else {
                         continue;
                     };
                     if !state.spec.selector.matches(&stored.object.metadata.labels) {
                         continue;
                     }
                     let key = store::assignment_key(name, state_name);
-                    let revision = match txn.get(Table::Assignments, &key)? {
-                        Some(bytes) => decode::<u64>(Table::Assignments, &key, &bytes)?,
-                        None => state.status.last_good_revision,
-                    };
+                    let revision = ASSIGNMENTS
+                        .get(txn, &key)?
+                        .unwrap_or(state.status.last_good_revision);
                     if revision > 0 {
                         keep.insert(state_name.clone(), revision);
                     }
@@ -581,7 +573,7 @@ impl Controller {
                     )
                 };
                 stored.object.metadata.resource_version = version.clone();
-                txn.put(Table::Nodes, name.as_bytes(), encode(&stored))?;
+                NODES.put(txn, name.as_bytes(), &stored)?;
                 let event = self.put_node_event(txn, seq, now, reason, name, message)?;
                 Ok((stored.object, event))
             })
@@ -607,9 +599,9 @@ impl Controller {
         let ((node, event), _) = self.transact(|txn| -> Result<_, Error> {
             let seq = txn.next_id();
             let stored = node_in(txn, name)?;
-            txn.delete(Table::Nodes, name.as_bytes())?;
+            NODES.delete(txn, name.as_bytes())?;
             for key in &assignments {
-                txn.delete(Table::Assignments, key)?;
+                ASSIGNMENTS.delete(txn, key)?;
             }
             let event = self.put_node_event(
                 txn,

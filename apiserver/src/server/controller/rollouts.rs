@@ -317,8 +317,7 @@ impl Controller {
                 let mut rollout = base_rollout.clone();
                 rollout.metadata.resource_version = version.clone();
                 // Another writer (pause, undo) got there first: decide again next tick.
-                let stored: Option<RolloutObject> =
-                    get_json(txn, Table::Rollouts, name.as_bytes())?;
+                let stored: Option<RolloutObject> = ROLLOUTS.get(txn, name.as_bytes())?;
                 if stored.map(|r| r.metadata.resource_version) != expected {
                     return Err(Error::Conflict {
                         message: "rollout changed meanwhile".into(),
@@ -327,19 +326,16 @@ impl Controller {
                 }
                 // Deleted since the tick read it: a rollout must not outlive its DesiredState.
                 // Applied since: the decision was about an older revision.
-                let state: Option<DesiredStateObject> =
-                    get_json(txn, Table::DesiredStates, name.as_bytes())?;
+                let state: Option<DesiredStateObject> = DESIRED_STATES.get(txn, name.as_bytes())?;
                 if state.is_none_or(|s| s.status.revision != rollout.spec.revision) {
                     return Err(Error::Conflict {
                         message: "DesiredState deleted or applied meanwhile".into(),
                         hint: String::new(),
                     });
                 }
-                txn.put(Table::Rollouts, name.as_bytes(), encode(&rollout))?;
+                ROLLOUTS.put(txn, name.as_bytes(), &rollout)?;
                 for node_name in &pinned {
-                    if let Some(mut node) =
-                        get_json::<StoredNode>(txn, Table::Nodes, node_name.as_bytes())?
-                    {
+                    if let Some(mut node) = NODES.get(txn, node_name.as_bytes())? {
                         if let Some(cordon) = &mut node.object.status.cordoned {
                             match rollout.spec.from_revision {
                                 0 => cordon.revisions.remove(name),
@@ -347,28 +343,22 @@ impl Controller {
                             };
                         }
                         node.object.metadata.resource_version = version.clone();
-                        txn.put(Table::Nodes, node_name.as_bytes(), encode(&node))?;
+                        NODES.put(txn, node_name.as_bytes(), &node)?;
                     }
                 }
                 if update.clear_assignments {
                     for key in &existing_assignments {
-                        txn.delete(Table::Assignments, key)?;
+                        ASSIGNMENTS.delete(txn, key)?;
                     }
                 }
                 for (node, revision) in &update.assign {
-                    txn.put(
-                        Table::Assignments,
-                        &store::assignment_key(node, name),
-                        encode(revision),
-                    )?;
+                    ASSIGNMENTS.put(txn, &store::assignment_key(node, name), revision)?;
                 }
                 if let Some(good) = update.last_good {
-                    if let Some(mut state) =
-                        get_json::<DesiredStateObject>(txn, Table::DesiredStates, name.as_bytes())?
-                    {
+                    if let Some(mut state) = DESIRED_STATES.get(txn, name.as_bytes())? {
                         state.status.last_good_revision = good;
                         state.metadata.resource_version = version.clone();
-                        txn.put(Table::DesiredStates, name.as_bytes(), encode(&state))?;
+                        DESIRED_STATES.put(txn, name.as_bytes(), &state)?;
                     }
                 }
                 let mut events = Vec::new();
@@ -384,7 +374,7 @@ impl Controller {
                         Some(name.to_string()),
                         Some(rollout.spec.revision),
                     )?;
-                    txn.put(Table::Events, &event.seq.to_be_bytes(), encode(&event))?;
+                    EVENTS.put(txn, &event.seq.to_be_bytes(), &event)?;
                     events.push(event);
                 }
                 Ok((events, rollout))
