@@ -21,7 +21,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use manifests::wire::{NodeReport, RegisterRequest, RevisionSource};
 
 use super::auth::{Principal, Role, Tokens};
-use super::controller::{ApplyInput, Change, Controller, Kind};
+use super::controller::{ApplyInput, Change, ChangeType, Controller, Kind};
 use super::error::ApiError;
 use super::metrics::{Metrics, RequestLabels};
 
@@ -269,7 +269,6 @@ struct ListQuery {
 
 /// Streams `initial` as ADDED, then every change of `kind` (named `name`, if given).
 fn watch_stream(
-    state: &AppState,
     kind: Kind,
     name: Option<String>,
     receiver: tokio::sync::broadcast::Receiver<Change>,
@@ -281,7 +280,6 @@ fn watch_stream(
         change: &'a str,
         object: &'a serde_json::Value,
     }
-    let _ = state;
     let first = stream::iter(initial.into_iter().map(|object| {
         let data = serde_json::to_string(&WatchEvent {
             change: "ADDED",
@@ -292,8 +290,9 @@ fn watch_stream(
     }));
     let changes = BroadcastStream::new(receiver)
         .take_while(|item| {
-            // A watcher that fell behind must re-list rather than miss changes silently.
-            std::future::ready(item.is_ok())
+            // A watcher that fell behind, or whose replica missed changes of the store, must
+            // list again rather than miss changes silently.
+            std::future::ready(matches!(item, Ok(change) if change.change != ChangeType::Resync))
         })
         .filter_map(move |item| {
             let keep = match &item {
@@ -341,7 +340,7 @@ fn read_or_watch<T: Serialize>(
     let receiver = state.controller.subscribe();
     let value = read(&state.controller)?;
     if watch {
-        return Ok(watch_stream(state, kind, name, receiver, items(&value)).into_response());
+        return Ok(watch_stream(kind, name, receiver, items(&value)).into_response());
     }
     Ok(Json(value).into_response())
 }
@@ -364,9 +363,7 @@ async fn read_or_watch_rollouts<T: Serialize + Send + 'static>(
         .await
         .expect("rollout reads do not panic")?;
     if watch {
-        return Ok(
-            watch_stream(state, Kind::Rollout, name, receiver, items(&value)).into_response(),
-        );
+        return Ok(watch_stream(Kind::Rollout, name, receiver, items(&value)).into_response());
     }
     Ok(Json(value).into_response())
 }
@@ -644,9 +641,7 @@ async fn events(
         .controller
         .events(q.after, limit, q.object.as_deref())?;
     if q.watch {
-        return Ok(
-            watch_stream(&state, Kind::Event, None, receiver, to_values(&events)).into_response(),
-        );
+        return Ok(watch_stream(Kind::Event, None, receiver, to_values(&events)).into_response());
     }
     Ok(Json(events).into_response())
 }
@@ -781,4 +776,81 @@ async fn git_hook(
 async fn git_status(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.viewer()?;
     Ok(Json(git_sync(&state)?.status()).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(kind: Kind, change: ChangeType, name: &str) -> Change {
+        Change {
+            kind,
+            change,
+            name: name.into(),
+            object: Arc::new(serde_json::json!({ "name": name })),
+        }
+    }
+
+    /// The body of a watch until it ends, or `None` if it is still open after 10 s.
+    async fn body_until_end(response: Response) -> Option<String> {
+        let body = response.into_body();
+        let bytes =
+            tokio::time::timeout(Duration::from_secs(10), axum::body::to_bytes(body, 1 << 20))
+                .await
+                .ok()?
+                .expect("body");
+        Some(String::from_utf8(bytes.to_vec()).expect("utf-8"))
+    }
+
+    #[tokio::test]
+    async fn a_watch_streams_its_kind_and_ends_when_its_replica_resyncs() {
+        let (sender, receiver) = tokio::sync::broadcast::channel(16);
+        let response = watch_stream(
+            Kind::Node,
+            None,
+            receiver,
+            vec![serde_json::json!({ "name": "listed" })],
+        )
+        .into_response();
+        sender
+            .send(change(Kind::Node, ChangeType::Modified, "n1"))
+            .unwrap();
+        sender
+            .send(change(Kind::Rollout, ChangeType::Modified, "r1"))
+            .unwrap();
+        sender
+            .send(change(Kind::Node, ChangeType::Resync, ""))
+            .unwrap();
+        // Sent after the resync: never streamed, the client lists again instead.
+        sender
+            .send(change(Kind::Node, ChangeType::Added, "late"))
+            .unwrap();
+        let body = body_until_end(response).await.expect("the watch ended");
+        assert!(
+            body.contains("event: ADDED") && body.contains("listed"),
+            "{body}"
+        );
+        assert!(
+            body.contains("event: MODIFIED") && body.contains("n1"),
+            "{body}"
+        );
+        assert!(!body.contains("r1"), "another kind leaked: {body}");
+        assert!(!body.contains("late") && !body.contains("RESYNC"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_falls_behind_ends_instead_of_skipping_changes() {
+        let (sender, receiver) = tokio::sync::broadcast::channel(2);
+        let response = watch_stream(Kind::Node, None, receiver, vec![]).into_response();
+        for i in 0..5 {
+            sender
+                .send(change(Kind::Node, ChangeType::Modified, &format!("n{i}")))
+                .unwrap();
+        }
+        let body = body_until_end(response).await.expect("the watch ended");
+        assert!(
+            !body.contains("n4"),
+            "changes after the gap were streamed: {body}"
+        );
+    }
 }

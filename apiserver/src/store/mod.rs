@@ -701,11 +701,7 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Decodes a stored value.
-fn decode<T: DeserializeOwned>(
-    table: Table,
-    key: &[u8],
-    bytes: &[u8],
-) -> Result<T, StoreError> {
+fn decode<T: DeserializeOwned>(table: Table, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         table: table.name(),
         key: String::from_utf8_lossy(key).into_owned(),

@@ -211,6 +211,12 @@ impl Controller {
         }
         self.bump_epoch();
         self.processed.send_replace(self.store.revision());
+        let _ = self.changes.send(Change {
+            kind: Kind::DesiredState,
+            change: ChangeType::Resync,
+            name: String::new(),
+            object: Arc::new(serde_json::Value::Null),
+        });
     }
 
     /// Reloads the cache of DesiredStates, revisions in use and assignments from the store.

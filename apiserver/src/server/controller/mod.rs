@@ -112,6 +112,10 @@ pub enum ChangeType {
     Modified,
     /// Removed.
     Deleted,
+    /// Not a change: this replica missed some of the store's changes and rebuilt what it
+    /// derives from them, so a watcher cannot know what it missed. Every watch ends on this
+    /// (as on falling behind); its client lists again, as with Kubernetes' `410 Gone`.
+    Resync,
 }
 
 /// One change, as watchers receive it.

@@ -1003,3 +1003,15 @@ async fn heartbeats_store_the_report_events_and_host_history() {
         Err(Error::NotFound { .. })
     ));
 }
+
+#[tokio::test]
+async fn a_resync_tells_every_watcher_to_list_again() {
+    let c = controller().await;
+    let mut watcher = c.subscribe();
+    c.resync();
+    let change = tokio::time::timeout(Duration::from_secs(5), watcher.recv())
+        .await
+        .expect("a change within 5 s")
+        .expect("not lagged");
+    assert_eq!(change.change, ChangeType::Resync);
+}
