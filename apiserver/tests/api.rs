@@ -284,6 +284,22 @@ mod support {
             }
         }
 
+        /// `127.0.0.1:PORT`, for raw TCP clients.
+        pub fn address(&self) -> String {
+            self.url.trim_start_matches("http://").to_string()
+        }
+
+        /// The server's resident memory, KiB.
+        pub fn rss_kib(&self) -> u64 {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+                .expect("the server runs");
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .expect("VmRSS in /proc/PID/status")
+        }
+
         /// What the server wrote to stderr so far.
         pub fn stderr(&self) -> String {
             std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -2431,4 +2447,186 @@ fn a_slowloris_connection_is_closed_while_everyone_else_is_served() {
         "closed after {closed:?}: too eager for a slow link"
     );
     eprintln!("slowloris connection closed after {closed:?}");
+}
+
+/// A watch opened over a raw connection: the request is sent and, when `read_head`, the
+/// answer's head is read; after that the client never reads again.
+fn raw_watch(
+    server: &Server,
+    path: &str,
+    token: &str,
+    read_head: bool,
+) -> (std::net::TcpStream, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(server.address()).unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let mut head = Vec::new();
+    if read_head {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                stream.read(&mut byte).expect("an answer"),
+                1,
+                "closed early"
+            );
+            head.push(byte[0]);
+        }
+    }
+    (stream, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// `shoal_watches_open` from /metrics.
+fn open_watches(server: &Server) -> u64 {
+    let text = server.get("/metrics", Some(OPERATOR)).text;
+    text.lines()
+        .find_map(|l| l.strip_prefix("shoal_watches_open "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no shoal_watches_open in\n{text}"))
+}
+
+/// The slowest of `n` `/healthz` answers.
+fn slowest_healthz(server: &Server, n: usize) -> Duration {
+    (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            assert_eq!(server.get("/healthz", None).status, 200);
+            started.elapsed()
+        })
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn watches_are_capped_per_token_and_in_total_with_429_and_retry_after() {
+    let dir = tempdir();
+    let tokens = tokens_file(dir.path());
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--max-watches",
+            "6",
+            "--max-watches-per-token",
+            "4",
+        ],
+    );
+    let mut viewer: Vec<_> = (0..4)
+        .map(|_| raw_watch(&server, "/api/v1/nodes?watch=true", VIEWER, true))
+        .collect();
+    for (_, head) in &viewer {
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let refused =
+        server.send(server.request(Method::GET, "/api/v1/rollouts?watch=true", Some(VIEWER)));
+    let body = refused.error(429);
+    assert!(
+        body["error"].as_str().unwrap().contains("grafana"),
+        "{body}"
+    );
+    let again = server
+        .request(Method::GET, "/api/v1/events?watch=true", Some(VIEWER))
+        .send()
+        .unwrap();
+    assert_eq!(again.status(), 429);
+    assert_eq!(again.headers()["retry-after"], "5");
+    // Another token still has room, until the total is reached.
+    let operator: Vec<_> = (0..2)
+        .map(|_| raw_watch(&server, "/api/v1/desiredstates?watch=true", OPERATOR, true))
+        .collect();
+    for (_, head) in &operator {
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let full = server.get("/api/v1/nodes/n1?watch=true", Some(OPERATOR));
+    assert!(full.error(429)["error"]
+        .as_str()
+        .unwrap()
+        .contains("6 watches"));
+    // Plain reads are not watches.
+    server.get("/api/v1/nodes", Some(VIEWER)).ok(200);
+    assert_eq!(open_watches(&server), 6);
+    // A watcher that goes away frees its place.
+    drop(viewer.pop());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while open_watches(&server) != 5 {
+        assert!(Instant::now() < deadline, "a closed watch kept its place");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, head) = raw_watch(&server, "/api/v1/nodes?watch=true", VIEWER, true);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[test]
+fn a_thousand_watchers_that_never_read_cost_little_and_everyone_else_is_served() {
+    let dir = tempdir();
+    let tokens = tokens_file(dir.path());
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--max-watches",
+            "2000",
+            "--max-watches-per-token",
+            "2000",
+        ],
+    );
+    for i in 0..300 {
+        let token = server.register(&format!("n{i:03}"), "fleet", Some(JOIN));
+        let reply = server.put_status(&format!("n{i:03}"), &heartbeat(1.0), Some(&token));
+        assert_eq!(reply.status, 204, "{}", reply.text);
+    }
+    server.get("/api/v1/nodes", Some(VIEWER)).ok(200);
+    let before = server.rss_kib();
+    let watchers: Vec<_> = (0..1000)
+        .map(|_| raw_watch(&server, "/api/v1/nodes?watch=true", VIEWER, false))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while open_watches(&server) < 1000 {
+        assert!(Instant::now() < deadline, "the watches did not all open");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let slowest = slowest_healthz(&server, 50);
+    let during = server.rss_kib();
+    drop(watchers);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while open_watches(&server) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "closed watches kept their places"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = server.rss_kib();
+    eprintln!(
+        "1000 watchers of 300 nodes: /healthz slowest {slowest:?}; RSS {} MiB before, {} MiB with them, {} MiB after",
+        before / 1024,
+        during / 1024,
+        after / 1024
+    );
+    assert!(
+        slowest < Duration::from_millis(100),
+        "/healthz took {slowest:?}"
+    );
+    // A copy of the list per watcher would be ~1000 × 300 nodes; one page each is not.
+    assert!(
+        during < before + 150 * 1024,
+        "{} MiB → {} MiB",
+        before / 1024,
+        during / 1024
+    );
+    assert!(
+        after < before + 40 * 1024,
+        "{} MiB → {} MiB after",
+        before / 1024,
+        after / 1024
+    );
 }

@@ -63,6 +63,12 @@ struct Args {
     /// unrenewed. Another replica takes over within about this long after the leader dies.
     #[arg(long, default_value_t = 10)]
     lease_seconds: u64,
+    /// Most watches (`?watch=true` streams) open at once; more are refused with 429.
+    #[arg(long, default_value_t = server::limits::DEFAULT_MAX_WATCHES)]
+    max_watches: usize,
+    /// Most watches one token may hold open at once.
+    #[arg(long, default_value_t = server::limits::DEFAULT_MAX_WATCHES_PER_TOKEN)]
+    max_watches_per_token: usize,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +114,7 @@ fn main() -> ExitCode {
         tokens: args.tokens,
         tls: args.tls_cert.zip(args.tls_key),
         max_body: args.max_body_bytes,
+        max_watches: (args.max_watches, args.max_watches_per_token),
         cache_bytes: args.cache_mib * 1024 * 1024,
         controller: ControllerConfig {
             event_retention: args.event_retention,

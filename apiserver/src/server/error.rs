@@ -18,6 +18,7 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -37,6 +38,7 @@ impl ApiError {
             ApiError::NotFound { kind, .. } => (None, Some(format!("list what exists with `shoal get {}s`", kind.to_ascii_lowercase())), vec![]),
             ApiError::Conflict { hint, .. } => (Some("metadata.resourceVersion".into()), Some(hint.clone()), vec![]),
             ApiError::PayloadTooLarge { .. } => (None, Some("split the input into several applies".into()), vec![]),
+            ApiError::TooManyRequests { hint, .. } => (None, Some(hint.clone()), vec![]),
             ApiError::Store(_) => (None, Some("see the apiserver's log; the change was not stored".into()), vec![]),
         };
         ApiErrorBody {
@@ -53,6 +55,17 @@ impl IntoResponse for ApiError {
         if let ApiError::Store(err) = &self {
             tracing::error!(error = %err, "store failure");
         }
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let ApiError::TooManyRequests {
+            retry_after_seconds,
+            ..
+        } = &self
+        {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(*retry_after_seconds),
+            );
+        }
+        response
     }
 }

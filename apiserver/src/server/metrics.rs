@@ -95,7 +95,11 @@ impl Metrics {
     }
 
     /// The exposition text: accumulated metrics, then fleet gauges computed now.
-    pub fn render(&self, controller: &Controller) -> Result<String, super::error::ApiError> {
+    pub fn render(
+        &self,
+        controller: &Controller,
+        open_watches: usize,
+    ) -> Result<String, super::error::ApiError> {
         let fleet = Registry::default();
         let mut fleet = fleet;
         let by_condition = Family::<ConditionLabels, Gauge>::default();
@@ -161,6 +165,13 @@ impl Metrics {
             temperature,
         );
         fleet.register("shoal_node_uptime_seconds", "Node uptime", uptime);
+        let watches = Gauge::<i64>::default();
+        watches.set(open_watches as i64);
+        fleet.register(
+            "shoal_watches_open",
+            "Watches (?watch=true streams) open now",
+            watches,
+        );
         let mut text = String::new();
         encode_registry(&mut text, &self.registry).expect("writing to a String");
         encode_registry(&mut text, &fleet).expect("writing to a String");

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod controller;
 pub mod error;
 pub mod lease;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
@@ -37,6 +38,8 @@ pub struct ServerConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Largest request body, bytes.
     pub max_body: usize,
+    /// Most watches open at once, in total and per token.
+    pub max_watches: (usize, usize),
     /// sled page cache, bytes.
     pub cache_bytes: u64,
     /// Controller tunables.
@@ -103,6 +106,7 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         max_body: config.max_body,
         git: git.clone(),
         git_wake: git_wake.clone(),
+        watches: limits::WatchSlots::new(config.max_watches.0, config.max_watches.1),
     };
     if let Some(git) = git {
         tokio::spawn(git.run(git_wake));

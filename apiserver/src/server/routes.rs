@@ -18,11 +18,15 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::BroadcastStream;
 
-use manifests::wire::{NodeReport, RegisterRequest, RevisionSource};
+use manifests::wire::{
+    DesiredStateObject, Event, NodeObject, NodeReport, RegisterRequest, RevisionSource,
+    RolloutObject,
+};
 
 use super::auth::{Principal, Role, Tokens};
 use super::controller::{ApplyInput, Change, ChangeType, Controller, Kind};
 use super::error::ApiError;
+use super::limits::{WatchSlot, WatchSlots};
 use super::metrics::{Metrics, RequestLabels};
 
 /// What every handler can reach.
@@ -40,6 +44,8 @@ pub struct AppState {
     pub git: Option<Arc<crate::gitsync::GitSync>>,
     /// Wakes git sync at once (the webhook).
     pub git_wake: Arc<tokio::sync::Notify>,
+    /// Open watches, capped per token and in total.
+    pub watches: Arc<WatchSlots>,
 }
 
 /// Every route of the API (see `openapi::OPERATIONS`).
@@ -243,7 +249,8 @@ async fn metrics(State(state): State<AppState>, caller: Caller) -> Result<Respon
     caller.viewer()?;
     let controller = state.controller.clone();
     let metrics = state.metrics.clone();
-    let text = tokio::task::spawn_blocking(move || metrics.render(&controller))
+    let open_watches = state.watches.open();
+    let text = tokio::task::spawn_blocking(move || metrics.render(&controller, open_watches))
         .await
         .expect("metrics rendering does not panic")?;
     Ok((
@@ -267,115 +274,155 @@ struct ListQuery {
     watch: bool,
 }
 
-/// Streams `initial` as ADDED, then every change of `kind` (named `name`, if given).
+/// The first part of a watch: the objects as they are, each as the JSON text of one ADDED
+/// event. An `Err` ends the watch (a page could not be read: the client lists again).
+type Initial = futures::stream::BoxStream<'static, Result<String, ()>>;
+
+/// Objects a watch lists per read: a client that does not read holds one page of text,
+/// never a copy of the whole list.
+const WATCH_PAGE: usize = 8;
+
+/// Pages of watches' lists being read at once. Listing decodes and decorates objects; a
+/// thousand new watchers must not take every core from requests.
+static LISTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+#[derive(Serialize)]
+struct WatchEvent<'a, T> {
+    #[serde(rename = "type")]
+    change: &'a str,
+    object: &'a T,
+}
+
+/// One watch event's JSON text.
+fn watch_event<T: Serialize>(change: &str, object: &T) -> String {
+    serde_json::to_string(&WatchEvent { change, object }).expect("json")
+}
+
+/// The single object of a watch on one object.
+fn initial_one<T: Serialize>(object: &T) -> Initial {
+    stream::iter(vec![Ok(watch_event("ADDED", object))]).boxed()
+}
+
+/// A list read a page at a time, as the client takes it: `page(controller, after, limit)`
+/// gives up to `limit` objects after the one keyed `after`, and `key` names an object.
+fn paged<T, P>(controller: Arc<Controller>, page: P, key: fn(&T) -> String) -> Initial
+where
+    T: Serialize + Send + 'static,
+    P: Fn(&Controller, Option<&str>, usize) -> Result<Vec<T>, ApiError> + Send + Sync + 'static,
+{
+    let page = Arc::new(page);
+    stream::unfold(Some(None::<String>), move |cursor| {
+        let controller = controller.clone();
+        let page = page.clone();
+        async move {
+            let after = cursor?;
+            let _turn = LISTING.acquire().await.ok()?;
+            // A page decodes and decorates objects: the blocking pool, not a worker.
+            let read = tokio::task::spawn_blocking(move || {
+                let items = page(&controller, after.as_deref(), WATCH_PAGE)?;
+                let last = items.last().map(key);
+                let texts: Vec<String> = items.iter().map(|i| watch_event("ADDED", i)).collect();
+                Ok::<_, ApiError>((texts, last))
+            })
+            .await;
+            match read {
+                Ok(Ok((texts, last))) => {
+                    let next = (texts.len() == WATCH_PAGE).then_some(last);
+                    let items: Vec<Result<String, ()>> = texts.into_iter().map(Ok).collect();
+                    Some((stream::iter(items), next))
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "a watch could not list; it ends");
+                    Some((stream::iter(vec![Err(())]), None))
+                }
+                Err(_) => Some((stream::iter(vec![Err(())]), None)),
+            }
+        }
+    })
+    .flatten()
+    .boxed()
+}
+
+/// Streams `initial` as ADDED, then every change of `kind` (named `name`, if given), for as
+/// long as `slot` is held (it is dropped with the stream).
 fn watch_stream(
     kind: Kind,
     name: Option<String>,
     receiver: tokio::sync::broadcast::Receiver<Change>,
-    initial: Vec<serde_json::Value>,
+    initial: Initial,
+    slot: Option<WatchSlot>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    #[derive(Serialize)]
-    struct WatchEvent<'a> {
-        #[serde(rename = "type")]
-        change: &'a str,
-        object: &'a serde_json::Value,
-    }
-    let first = stream::iter(initial.into_iter().map(|object| {
-        let data = serde_json::to_string(&WatchEvent {
-            change: "ADDED",
-            object: &object,
-        })
-        .expect("json");
-        Ok(SseEvent::default().event("ADDED").data(data))
-    }));
-    let changes = BroadcastStream::new(receiver)
-        .take_while(|item| {
+    let first = initial.map(|item| item.map(|data| SseEvent::default().event("ADDED").data(data)));
+    let changes = BroadcastStream::new(receiver).filter_map(move |item| {
+        std::future::ready(match item {
             // A watcher that fell behind, or whose replica missed changes of the store, must
             // list again rather than miss changes silently.
-            std::future::ready(matches!(item, Ok(change) if change.change != ChangeType::Resync))
-        })
-        .filter_map(move |item| {
-            let keep = match &item {
-                Ok(change) => {
-                    change.kind == kind && name.as_ref().is_none_or(|n| *n == change.name)
-                }
-                Err(_) => false,
-            };
-            std::future::ready(if keep {
-                let change = item.expect("checked");
+            Err(_) => Some(Err(())),
+            Ok(change) if change.change == ChangeType::Resync => Some(Err(())),
+            Ok(change)
+                if change.kind == kind && name.as_ref().is_none_or(|n| *n == change.name) =>
+            {
                 let label = serde_json::to_value(change.change).expect("json");
                 let label = label.as_str().unwrap_or("MODIFIED").to_string();
-                let data = serde_json::to_string(&WatchEvent {
-                    change: &label,
-                    object: &change.object,
-                })
-                .expect("json");
+                let data = watch_event(&label, &*change.object);
                 Some(Ok(SseEvent::default().event(label).data(data)))
-            } else {
-                None
-            })
+            }
+            Ok(_) => None,
+        })
+    });
+    let events = first
+        .chain(changes)
+        .take_while(|item| std::future::ready(item.is_ok()))
+        .map(move |item| {
+            let _held = &slot;
+            Ok(item.expect("errors end the stream above"))
         });
-    Sse::new(first.chain(changes)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-fn to_values<T: Serialize>(items: &[T]) -> Vec<serde_json::Value> {
-    items
-        .iter()
-        .map(|i| serde_json::to_value(i).expect("json"))
-        .collect()
-}
-
-/// Answers a read: the object(s) as JSON, or with `?watch=true` a stream of them and their changes.
-/// Subscribing happens before reading, so no change between the two is missed.
-fn read_or_watch<T: Serialize>(
+/// Answers a list: the objects as JSON, or with `?watch=true` a stream of them (read a page
+/// at a time) and then their changes. Subscribing happens before reading, so no change
+/// between the two is missed.
+fn list_or_watch<T, P>(
     state: &AppState,
     caller: &Caller,
     kind: Kind,
-    name: Option<String>,
     watch: bool,
-    read: impl FnOnce(&Controller) -> Result<T, ApiError>,
-    items: impl FnOnce(&T) -> Vec<serde_json::Value>,
-) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
-    let value = read(&state.controller)?;
+    page: P,
+    key: fn(&T) -> String,
+) -> Result<Response, ApiError>
+where
+    T: Serialize + Send + 'static,
+    P: Fn(&Controller, Option<&str>, usize) -> Result<Vec<T>, ApiError> + Send + Sync + 'static,
+{
+    let token = caller.viewer()?;
     if watch {
-        return Ok(watch_stream(kind, name, receiver, items(&value)).into_response());
+        let slot = state.watches.acquire(token)?;
+        let receiver = state.controller.subscribe();
+        let initial = paged(state.controller.clone(), page, key);
+        return Ok(watch_stream(kind, None, receiver, initial, Some(slot)).into_response());
     }
-    Ok(Json(value).into_response())
+    Ok(Json(page(&state.controller, None, usize::MAX)?).into_response())
 }
 
-/// [`read_or_watch`] for rollouts, whose reads run on the blocking pool: a rollout read waits
-/// while the rollout controller makes a decision durable (commit, sled flush, cache refresh), and
-/// that wait must not hold an async worker.
-async fn read_or_watch_rollouts<T: Serialize + Send + 'static>(
+/// Answers a read of one object: it as JSON, or with `?watch=true` a stream of it and its
+/// changes.
+fn get_or_watch<T: Serialize>(
     state: &AppState,
     caller: &Caller,
-    name: Option<String>,
+    kind: Kind,
+    name: String,
     watch: bool,
-    read: impl FnOnce(&Controller) -> Result<T, ApiError> + Send + 'static,
-    items: impl FnOnce(&T) -> Vec<serde_json::Value>,
+    read: impl FnOnce(&Controller) -> Result<T, ApiError>,
 ) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
-    let controller = state.controller.clone();
-    let value = tokio::task::spawn_blocking(move || read(&controller))
-        .await
-        .expect("rollout reads do not panic")?;
+    let token = caller.viewer()?;
     if watch {
-        return Ok(watch_stream(Kind::Rollout, name, receiver, items(&value)).into_response());
+        let slot = state.watches.acquire(token)?;
+        let receiver = state.controller.subscribe();
+        let initial = initial_one(&read(&state.controller)?);
+        return Ok(watch_stream(kind, Some(name), receiver, initial, Some(slot)).into_response());
     }
-    Ok(Json(value).into_response())
-}
-
-fn one<T: Serialize>(item: &T) -> Vec<serde_json::Value> {
-    to_values(std::slice::from_ref(item))
-}
-
-// `&Vec` because it is called as `FnOnce(&T)` with `T = Vec<_>`.
-#[allow(clippy::ptr_arg)]
-fn many<T: Serialize>(items: &Vec<T>) -> Vec<serde_json::Value> {
-    to_values(items)
+    Ok(Json(read(&state.controller)?).into_response())
 }
 
 async fn list_nodes(
@@ -383,14 +430,13 @@ async fn list_nodes(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    read_or_watch(
+    list_or_watch(
         &state,
         &caller,
         Kind::Node,
-        None,
         q.watch,
-        |c| c.list_nodes(),
-        many,
+        |c, after, limit| c.nodes_after(after, limit),
+        |n: &NodeObject| n.metadata.name.clone(),
     )
 }
 
@@ -400,15 +446,9 @@ async fn get_node(
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    read_or_watch(
-        &state,
-        &caller,
-        Kind::Node,
-        Some(name.clone()),
-        q.watch,
-        |c| c.get_node(&name),
-        one,
-    )
+    get_or_watch(&state, &caller, Kind::Node, name.clone(), q.watch, |c| {
+        c.get_node(&name)
+    })
 }
 
 async fn delete_node(
@@ -534,14 +574,13 @@ async fn list_desired_states(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    read_or_watch(
+    list_or_watch(
         &state,
         &caller,
         Kind::DesiredState,
-        None,
         q.watch,
-        |c| c.list_desired_states(),
-        many,
+        |c, after, limit| c.desired_states_after(after, limit),
+        |d: &DesiredStateObject| d.metadata.name.clone(),
     )
 }
 
@@ -551,14 +590,13 @@ async fn get_desired_state(
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    read_or_watch(
+    get_or_watch(
         &state,
         &caller,
         Kind::DesiredState,
-        Some(name.clone()),
+        name.clone(),
         q.watch,
         |c| c.get_desired_state(&name),
-        one,
     )
 }
 
@@ -597,7 +635,14 @@ async fn list_rollouts(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    read_or_watch_rollouts(&state, &caller, None, q.watch, |c| c.list_rollouts(), many).await
+    list_or_watch(
+        &state,
+        &caller,
+        Kind::Rollout,
+        q.watch,
+        |c, after, limit| c.rollouts_after(after, limit),
+        |r: &RolloutObject| r.metadata.name.clone(),
+    )
 }
 
 async fn get_rollout(
@@ -606,16 +651,9 @@ async fn get_rollout(
     Path(name): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let read_name = name.clone();
-    read_or_watch_rollouts(
-        &state,
-        &caller,
-        Some(name),
-        q.watch,
-        move |c| c.get_rollout(&read_name),
-        one,
-    )
-    .await
+    get_or_watch(&state, &caller, Kind::Rollout, name.clone(), q.watch, |c| {
+        c.get_rollout(&name)
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -634,15 +672,27 @@ async fn events(
     caller: Caller,
     Query(q): Query<EventQuery>,
 ) -> Result<Response, ApiError> {
-    caller.viewer()?;
-    let receiver = state.controller.subscribe();
+    let token = caller.viewer()?;
     let limit = q.limit.unwrap_or(500).min(10_000);
+    if q.watch {
+        let slot = state.watches.acquire(token)?;
+        let receiver = state.controller.subscribe();
+        let (first, object) = (q.after, q.object.clone());
+        let page = move |c: &Controller, after: Option<&str>, n: usize| {
+            // Keys are sequence numbers this stream wrote itself.
+            let after = after.and_then(|k| k.parse().ok()).unwrap_or(first);
+            c.events(after, n, object.as_deref())
+        };
+        let initial = paged(state.controller.clone(), page, |e: &Event| {
+            e.seq.to_string()
+        })
+        .take(limit)
+        .boxed();
+        return Ok(watch_stream(Kind::Event, None, receiver, initial, Some(slot)).into_response());
+    }
     let events = state
         .controller
         .events(q.after, limit, q.object.as_deref())?;
-    if q.watch {
-        return Ok(watch_stream(Kind::Event, None, receiver, to_values(&events)).into_response());
-    }
     Ok(Json(events).into_response())
 }
 
@@ -805,13 +855,8 @@ mod tests {
     #[tokio::test]
     async fn a_watch_streams_its_kind_and_ends_when_its_replica_resyncs() {
         let (sender, receiver) = tokio::sync::broadcast::channel(16);
-        let response = watch_stream(
-            Kind::Node,
-            None,
-            receiver,
-            vec![serde_json::json!({ "name": "listed" })],
-        )
-        .into_response();
+        let listed = initial_one(&serde_json::json!({ "name": "listed" }));
+        let response = watch_stream(Kind::Node, None, receiver, listed, None).into_response();
         sender
             .send(change(Kind::Node, ChangeType::Modified, "n1"))
             .unwrap();
@@ -841,7 +886,8 @@ mod tests {
     #[tokio::test]
     async fn a_watch_that_falls_behind_ends_instead_of_skipping_changes() {
         let (sender, receiver) = tokio::sync::broadcast::channel(2);
-        let response = watch_stream(Kind::Node, None, receiver, vec![]).into_response();
+        let response =
+            watch_stream(Kind::Node, None, receiver, stream::empty().boxed(), None).into_response();
         for i in 0..5 {
             sender
                 .send(change(Kind::Node, ChangeType::Modified, &format!("n{i}")))

@@ -765,6 +765,26 @@ impl<V: Serialize + DeserializeOwned> Typed<V> {
             .collect()
     }
 
+    /// Up to `limit` keys and values after `after` (from the first key without one) in the
+    /// store's current view, in key order: a page of a list.
+    pub fn read_after(
+        &self,
+        store: &Store,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Result<V, StoreError>)> {
+        // The smallest key greater than `after` is `after` followed by a zero byte.
+        let start = after.map_or_else(Vec::new, |after| [after, &[0]].concat());
+        store
+            .scan_from(self.table, &start, limit)
+            .into_iter()
+            .map(|(key, bytes)| {
+                let value = self.decode(&key, &bytes);
+                (key, value)
+            })
+            .collect()
+    }
+
     /// The keys under `prefix` inside a transaction, in key order, without decoding.
     pub fn keys(&self, txn: &dyn Txn, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(txn

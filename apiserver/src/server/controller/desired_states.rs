@@ -383,12 +383,31 @@ impl Controller {
 
     /// Every DesiredState, by name.
     pub fn list_desired_states(&self) -> Result<Vec<DesiredStateObject>, Error> {
+        self.desired_states_after(None, usize::MAX)
+    }
+
+    /// Up to `limit` DesiredStates named after `after`, by name: a page of the list.
+    pub fn desired_states_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DesiredStateObject>, Error> {
         let cache = self.cache();
+        let page: Vec<_> = match after {
+            Some(after) => cache
+                .states
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .take(limit)
+                .collect(),
+            None => cache.states.iter().take(limit).collect(),
+        };
+        if page.is_empty() {
+            return Ok(vec![]);
+        }
         let nodes = self.list_nodes_raw()?;
-        Ok(cache
-            .states
-            .values()
-            .map(|object| with_selected(object, &nodes))
+        Ok(page
+            .into_iter()
+            .map(|(_, object)| with_selected(object, &nodes))
             .collect())
     }
 

@@ -54,6 +54,16 @@ pub enum Error {
         /// What to do.
         hint: String,
     },
+    /// The caller holds as much as it may (open watches): try again later.
+    #[error("{message}")]
+    TooManyRequests {
+        /// What is full.
+        message: String,
+        /// What to do.
+        hint: String,
+        /// When to try again, seconds (the `Retry-After` header).
+        retry_after_seconds: u64,
+    },
     /// The body is over the limit.
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge {

@@ -432,10 +432,16 @@ impl Controller {
 
     /// Every node with its conditions, by name.
     pub fn list_nodes(&self) -> Result<Vec<NodeObject>, Error> {
+        self.nodes_after(None, usize::MAX)
+    }
+
+    /// Up to `limit` nodes named after `after`, by name: a page of the list.
+    pub fn nodes_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<NodeObject>, Error> {
         let now = SystemTime::now();
-        self.list_nodes_raw()?
+        NODES
+            .read_after(&self.store, after.map(str::as_bytes), limit)
             .into_iter()
-            .map(|n| self.decorate(n.object, now))
+            .map(|(_, node)| self.decorate(node?.object, now))
             .collect()
     }
 

@@ -35,13 +35,34 @@ impl Controller {
 
     /// Every rollout, by name.
     pub fn list_rollouts(&self) -> Result<Vec<RolloutObject>, Error> {
-        Ok(self
-            .cache()
-            .rollouts
-            .values()
-            .filter_map(|r| r.as_ref().ok())
-            .map(|r| RolloutObject::clone(r))
-            .collect())
+        self.rollouts_after(None, usize::MAX)
+    }
+
+    /// Up to `limit` rollouts named after `after`, by name: a page of the list. One that
+    /// does not decode is left out (reading it by name says why).
+    pub fn rollouts_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RolloutObject>, Error> {
+        let cache = self.cache();
+        let readable = |(_, r): (&String, &Result<Arc<RolloutObject>, StoreError>)| {
+            r.as_ref().ok().map(|r| RolloutObject::clone(r))
+        };
+        Ok(match after {
+            Some(after) => cache
+                .rollouts
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .filter_map(readable)
+                .take(limit)
+                .collect(),
+            None => cache
+                .rollouts
+                .iter()
+                .filter_map(readable)
+                .take(limit)
+                .collect(),
+        })
     }
 
     /// The rollout controller's view of every node for one DesiredState.
