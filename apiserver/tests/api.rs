@@ -284,6 +284,11 @@ mod support {
             }
         }
 
+        /// The server's process id.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
         /// `127.0.0.1:PORT`, for raw TCP clients.
         pub fn address(&self) -> String {
             self.url.trim_start_matches("http://").to_string()
@@ -2629,4 +2634,119 @@ fn a_thousand_watchers_that_never_read_cost_little_and_everyone_else_is_served()
         before / 1024,
         after / 1024
     );
+}
+
+/// Open file descriptors of a process (its sockets among them).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_flood_of_idle_connections_without_a_token_leaves_room_for_nodes_and_probes() {
+    let dir = tempdir();
+    let tokens = tokens_file(dir.path());
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--max-anonymous-connections",
+            "300",
+        ],
+    );
+    let node = server.register("n1", "fleet", Some(JOIN));
+    server.get("/api/v1/nodes", Some(VIEWER)).ok(200);
+    let pid = server.pid();
+    let (fds_before, rss_before) = (open_fds(pid), server.rss_kib());
+    // 12,000 connections that never send a byte (the test's own descriptors are 20,000).
+    let started = Instant::now();
+    let idle: Vec<std::net::TcpStream> = (0..12_000)
+        .map(|_| std::net::TcpStream::connect(server.address()).expect("connect"))
+        .collect();
+    let flooded_in = started.elapsed();
+    // While the first 300 still have their 10 s to speak: a new connection without a token
+    // is refused with 503 and Retry-After; one with a node's token is served, and so are
+    // health probes.
+    // Each on a new connection (the server's client would reuse one known since the
+    // register above).
+    let fresh = || {
+        reqwest::blocking::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let refused = fresh()
+        .get(format!("{}/api/v1/nodes", server.url))
+        .send()
+        .unwrap();
+    let served_within = started.elapsed();
+    let status = refused.status();
+    let headers = refused.headers().clone();
+    let body: Value = refused.json().unwrap();
+    assert_eq!(status, 503, "after {served_within:?}: {body}");
+    assert_eq!(headers["retry-after"], "1");
+    assert!(
+        body["hint"].as_str().unwrap().contains("valid token"),
+        "{body}"
+    );
+    let heartbeat = fresh()
+        .put(format!("{}/api/v1/nodes/n1/status", server.url))
+        .bearer_auth(&node)
+        .json(&heartbeat(2.0))
+        .send()
+        .unwrap();
+    assert_eq!(heartbeat.status(), 204);
+    let read = fresh()
+        .get(format!("{}/api/v1/nodes/n1", server.url))
+        .bearer_auth(VIEWER)
+        .send()
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    let slowest = (0..50)
+        .map(|_| {
+            let started = Instant::now();
+            let probe = fresh()
+                .get(format!("{}/healthz", server.url))
+                .send()
+                .unwrap();
+            assert_eq!(probe.status(), 200);
+            started.elapsed()
+        })
+        .max()
+        .unwrap();
+    // The server lets go of the silent connections itself: those over the limit after a
+    // second, the first 300 after the header-read timeout.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while open_fds(pid) > fds_before + 50 {
+        assert!(
+            Instant::now() < deadline,
+            "{} descriptors open, {fds_before} before the flood",
+            open_fds(pid)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let let_go = started.elapsed();
+    drop(idle);
+    let rss_after = server.rss_kib();
+    eprintln!(
+        "12,000 idle connections in {flooded_in:?}: 503 for a tokenless request, node served; /healthz slowest {slowest:?}; \
+         all let go after {let_go:?}; RSS {} → {} MiB",
+        rss_before / 1024,
+        rss_after / 1024
+    );
+    assert!(
+        slowest < Duration::from_millis(100),
+        "/healthz took {slowest:?}"
+    );
+    assert!(
+        rss_after < rss_before + 40 * 1024,
+        "RSS {} → {} MiB",
+        rss_before / 1024,
+        rss_after / 1024
+    );
+    // And afterwards a tokenless caller is treated as before.
+    server.get("/api/v1/nodes", None).error(401);
 }

@@ -69,6 +69,14 @@ struct Args {
     /// Most watches one token may hold open at once.
     #[arg(long, default_value_t = server::limits::DEFAULT_MAX_WATCHES_PER_TOKEN)]
     max_watches_per_token: usize,
+    /// Most connections that have not shown a valid token yet. Over it (or over the
+    /// per-peer limit), a new connection is served only for requests with a valid token and
+    /// health probes; anything else is answered 503 with Retry-After.
+    #[arg(long, default_value_t = server::limits::DEFAULT_MAX_ANONYMOUS_CONNECTIONS)]
+    max_anonymous_connections: usize,
+    /// Most connections without a valid token yet from one address.
+    #[arg(long, default_value_t = server::limits::DEFAULT_MAX_ANONYMOUS_CONNECTIONS_PER_PEER)]
+    max_anonymous_connections_per_peer: usize,
 }
 
 fn main() -> ExitCode {
@@ -115,6 +123,10 @@ fn main() -> ExitCode {
         tls: args.tls_cert.zip(args.tls_key),
         max_body: args.max_body_bytes,
         max_watches: (args.max_watches, args.max_watches_per_token),
+        max_anonymous_connections: (
+            args.max_anonymous_connections,
+            args.max_anonymous_connections_per_peer,
+        ),
         cache_bytes: args.cache_mib * 1024 * 1024,
         controller: ControllerConfig {
             event_retention: args.event_retention,

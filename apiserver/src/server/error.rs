@@ -19,6 +19,7 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -38,7 +39,9 @@ impl ApiError {
             ApiError::NotFound { kind, .. } => (None, Some(format!("list what exists with `shoal get {}s`", kind.to_ascii_lowercase())), vec![]),
             ApiError::Conflict { hint, .. } => (Some("metadata.resourceVersion".into()), Some(hint.clone()), vec![]),
             ApiError::PayloadTooLarge { .. } => (None, Some("split the input into several applies".into()), vec![]),
-            ApiError::TooManyRequests { hint, .. } => (None, Some(hint.clone()), vec![]),
+            ApiError::TooManyRequests { hint, .. } | ApiError::Unavailable { hint, .. } => {
+                (None, Some(hint.clone()), vec![])
+            }
             ApiError::Store(_) => (None, Some("see the apiserver's log; the change was not stored".into()), vec![]),
         };
         ApiErrorBody {
@@ -57,6 +60,10 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status(), Json(self.body())).into_response();
         if let ApiError::TooManyRequests {
+            retry_after_seconds,
+            ..
+        }
+        | ApiError::Unavailable {
             retry_after_seconds,
             ..
         } = &self

@@ -1,8 +1,19 @@
-//! Limits on what one caller can hold open: watches, each a connection and a place in the
-//! change feed for as long as its client likes.
+//! Limits on what callers can hold open: connections that have not shown a token, and
+//! watches (each a connection and a place in the change feed for as long as its client
+//! likes).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum_server::accept::Accept;
+use tokio::net::TcpStream;
+use tower_http::add_extension::AddExtension;
 
 use super::error::ApiError;
 
@@ -102,6 +113,163 @@ impl Drop for WatchSlot {
     }
 }
 
+/// Default cap on connections that have not yet shown a token, in total.
+pub const DEFAULT_MAX_ANONYMOUS_CONNECTIONS: usize = 1024;
+/// Default cap on connections that have not yet shown a token, from one address.
+pub const DEFAULT_MAX_ANONYMOUS_CONNECTIONS_PER_PEER: usize = 256;
+
+/// How long a connection accepted over the limits has to send its first request.
+const OVER_LIMIT_FIRST_REQUEST: Duration = Duration::from_secs(1);
+
+/// Connections that have not (yet) shown a valid token — *anonymous* ones — counted in total
+/// and per peer address. Connections whose requests carry a valid token are not limited: a
+/// flood of idle or tokenless connections must always leave room for nodes and operators.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_peer: usize,
+    first_request: Duration,
+    anonymous: Mutex<Anonymous>,
+}
+
+#[derive(Debug, Default)]
+struct Anonymous {
+    total: usize,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+/// One accepted connection's standing, carried by each of its requests. Dropped with the
+/// connection.
+#[derive(Debug)]
+pub struct Ticket {
+    limits: Arc<ConnectionLimits>,
+    peer: IpAddr,
+    /// Accepted while the anonymous connections were over a limit: such a connection is
+    /// served only for requests with a valid token (and health probes), then closed.
+    over_limit: bool,
+    /// A request on it carried a valid token: it no longer counts as anonymous.
+    known: AtomicBool,
+}
+
+impl ConnectionLimits {
+    /// At most `max_total` anonymous connections, at most `max_per_peer` from one address;
+    /// every connection has `first_request` to send its first bytes.
+    pub fn new(max_total: usize, max_per_peer: usize, first_request: Duration) -> Arc<Self> {
+        Arc::new(ConnectionLimits {
+            max_total,
+            max_per_peer,
+            first_request,
+            anonymous: Mutex::new(Anonymous::default()),
+        })
+    }
+
+    /// Counts a new connection from `peer` as anonymous, noting whether it came over a limit.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Arc<Ticket> {
+        let mut anonymous = self
+            .anonymous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let from_peer = anonymous.per_peer.entry(peer).or_default();
+        let over_limit = *from_peer >= self.max_per_peer || anonymous.total >= self.max_total;
+        *anonymous.per_peer.entry(peer).or_default() += 1;
+        anonymous.total += 1;
+        Arc::new(Ticket {
+            limits: self.clone(),
+            peer,
+            over_limit,
+            known: AtomicBool::new(false),
+        })
+    }
+
+    /// Anonymous connections open now.
+    pub fn anonymous(&self) -> usize {
+        self.anonymous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total
+    }
+
+    fn release(&self, peer: IpAddr) {
+        let mut anonymous = self
+            .anonymous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        anonymous.total = anonymous.total.saturating_sub(1);
+        if let Some(count) = anonymous.per_peer.get_mut(&peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                anonymous.per_peer.remove(&peer);
+            }
+        }
+    }
+}
+
+impl Ticket {
+    /// Accepted over a limit and not known since.
+    pub fn restricted(&self) -> bool {
+        self.over_limit && !self.known.load(Ordering::Relaxed)
+    }
+
+    /// A request on this connection carried a valid token.
+    pub fn known(&self) {
+        if !self.known.swap(true, Ordering::Relaxed) {
+            self.limits.release(self.peer);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.known.load(Ordering::Relaxed) {
+            self.limits.release(self.peer);
+        }
+    }
+}
+
+/// Counts each accepted connection, gives it a [`Ticket`] (an extension of every request on
+/// it), and drops one that sends nothing within its first-request deadline: the header-read
+/// timeout for most, a second for one accepted over the limits.
+#[derive(Debug, Clone)]
+pub struct LimitAcceptor {
+    limits: Arc<ConnectionLimits>,
+}
+
+impl LimitAcceptor {
+    /// An acceptor counting against `limits`.
+    pub fn new(limits: Arc<ConnectionLimits>) -> Self {
+        LimitAcceptor { limits }
+    }
+}
+
+impl<S: Send + 'static> Accept<TcpStream, S> for LimitAcceptor {
+    type Stream = TcpStream;
+    type Service = AddExtension<S, Arc<Ticket>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<(TcpStream, Self::Service)>> + Send>>;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let limits = self.limits.clone();
+        Box::pin(async move {
+            let peer = stream.peer_addr()?.ip();
+            let ticket = limits.admit(peer);
+            let deadline = if ticket.over_limit {
+                OVER_LIMIT_FIRST_REQUEST.min(limits.first_request)
+            } else {
+                limits.first_request
+            };
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => Ok((stream, AddExtension::new(service, ticket))),
+                Ok(Err(e)) => Err(e),
+                // Closed, or silent past its deadline: dropped here, the ticket with it.
+                _ => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request before the deadline",
+                )),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +295,38 @@ mod tests {
         assert_eq!(slots.open(), 2);
         let _c1 = slots.acquire("c").expect("a freed place is taken again");
         assert!(slots.acquire("a").is_err(), "the total is full again");
+    }
+
+    #[test]
+    fn anonymous_connections_are_counted_per_peer_and_in_total_until_known() {
+        let limits = ConnectionLimits::new(3, 2, Duration::from_secs(10));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = limits.admit(a);
+        let a2 = limits.admit(a);
+        let a3 = limits.admit(a);
+        assert!(!a1.restricted() && !a2.restricted());
+        assert!(
+            a3.restricted(),
+            "a third from one peer is over the per-peer limit"
+        );
+        let b1 = limits.admit(b);
+        assert!(
+            b1.restricted(),
+            "four anonymous connections are over the total"
+        );
+        // A token makes a connection known: it stops counting, and is no longer restricted.
+        b1.known();
+        assert!(!b1.restricted());
+        assert_eq!(limits.anonymous(), 3);
+        a3.known();
+        a1.known();
+        assert_eq!(limits.anonymous(), 1);
+        let b2 = limits.admit(b);
+        assert!(!b2.restricted(), "room again");
+        drop(a2);
+        drop(b2);
+        drop(a1);
+        assert_eq!(limits.anonymous(), 0, "known ones are not released twice");
     }
 }

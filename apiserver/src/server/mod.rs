@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub max_body: usize,
     /// Most watches open at once, in total and per token.
     pub max_watches: (usize, usize),
+    /// Most connections without a token yet, in total and per peer address.
+    pub max_anonymous_connections: (usize, usize),
     /// sled page cache, bytes.
     pub cache_bytes: u64,
     /// Controller tunables.
@@ -59,6 +61,10 @@ pub fn app(state: AppState) -> Router {
             routes::track_latency,
         ))
         .layer(DefaultBodyLimit::max(state.max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::admit,
+        ))
         .with_state(state)
 }
 
@@ -175,9 +181,8 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         }
     });
 
-    let listener = std::net::TcpListener::bind(config.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let listener =
+        listen(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to find the port when --listen uses port 0.
@@ -191,14 +196,20 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
         shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
     });
     let service = app.into_make_service();
+    let limits = limits::LimitAcceptor::new(limits::ConnectionLimits::new(
+        config.max_anonymous_connections.0,
+        config.max_anonymous_connections.1,
+        HEADER_READ_TIMEOUT,
+    ));
     let served = match tls {
         Some(tls) => {
-            let mut server = axum_server::from_tcp_rustls(listener, tls);
+            let mut server =
+                axum_server::from_tcp_rustls(listener, tls).map(|tls| tls.acceptor(limits));
             harden(server.http_builder());
             server.handle(handle).serve(service).await
         }
         None => {
-            let mut server = axum_server::from_tcp(listener);
+            let mut server = axum_server::from_tcp(listener).acceptor(limits);
             harden(server.http_builder());
             server.handle(handle).serve(service).await
         }
@@ -207,6 +218,26 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     store.flush().await.map_err(|e| e.to_string())?;
     tracing::info!("apiserver stopped");
     Ok(())
+}
+
+/// Connections the kernel completes before the server accepts them. The standard library's
+/// 128 overflows when thousands of nodes (or a flood) connect at once, and an overflowing
+/// queue makes clients wait out SYN retransmissions (1 s, 3 s, 7 s…); the kernel caps this
+/// at `net.core.somaxconn` (4096 on Debian 12).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A non-blocking listener on `address` with a deep accept queue.
+fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?.into_std()?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// A client has this long to send a request's headers: a slowloris connection (headers at

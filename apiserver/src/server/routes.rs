@@ -26,7 +26,7 @@ use manifests::wire::{
 use super::auth::{Principal, Role, Tokens};
 use super::controller::{ApplyInput, Change, ChangeType, Controller, Kind};
 use super::error::ApiError;
-use super::limits::{WatchSlot, WatchSlots};
+use super::limits::{Ticket, WatchSlot, WatchSlots};
 use super::metrics::{Metrics, RequestLabels};
 
 /// What every handler can reach.
@@ -123,6 +123,18 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::authenticate(parts, state)?;
+        // A connection that showed a valid token is no longer anonymous (see `limits`).
+        if let Some(ticket) = parts.extensions.get::<Arc<Ticket>>() {
+            ticket.known();
+        }
+        Ok(caller)
+    }
+}
+
+impl Caller {
+    /// Who sent the request, from its bearer token.
+    fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiError> {
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -168,9 +180,7 @@ impl FromRequestParts<AppState> for Caller {
             Err(ApiError::Unauthorized("the token is not valid".into()))
         }
     }
-}
 
-impl Caller {
     fn require(&self, needed: Role) -> Result<&str, ApiError> {
         match &self.0 {
             Principal::User { name, role } if *role >= needed => Ok(name),
@@ -234,6 +244,51 @@ fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result
             details: vec![],
         }
     })
+}
+
+/// Seconds a request refused over the connection limits is told to wait.
+const RETRY_AFTER_OVER_LIMIT: u64 = 1;
+
+/// On a connection accepted over the limits on anonymous connections (see `limits`): a
+/// request with a valid token is served (and the connection counts as known from then on), a
+/// health probe is answered, anything else is `503` with `Retry-After`; both of the latter
+/// close the connection.
+pub async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(ticket) = request.extensions().get::<Arc<Ticket>>().cloned() else {
+        return next.run(request).await;
+    };
+    if !ticket.restricted() {
+        return next.run(request).await;
+    }
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    let http1 = request.version() <= axum::http::Version::HTTP_11;
+    let (parts, body) = request.into_parts();
+    let has_token = parts.headers.contains_key(header::AUTHORIZATION);
+    let identified = has_token && Caller::authenticate(&parts, &state).is_ok();
+    let request = Request::from_parts(parts, body);
+    if identified {
+        ticket.known();
+        return next.run(request).await;
+    }
+    let mut response = if probe {
+        next.run(request).await
+    } else {
+        ApiError::Unavailable {
+            message: "too many connections without a token; this one is refused".into(),
+            hint:
+                "retry after the Retry-After seconds; requests with a valid token are always served"
+                    .into(),
+            retry_after_seconds: RETRY_AFTER_OVER_LIMIT,
+        }
+        .into_response()
+    };
+    if http1 {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 async fn healthz() -> &'static str {

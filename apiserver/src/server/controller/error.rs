@@ -64,6 +64,17 @@ pub enum Error {
         /// When to try again, seconds (the `Retry-After` header).
         retry_after_seconds: u64,
     },
+    /// The server will not take this now (too many connections without a token): try
+    /// again later.
+    #[error("{message}")]
+    Unavailable {
+        /// What is full.
+        message: String,
+        /// What to do.
+        hint: String,
+        /// When to try again, seconds (the `Retry-After` header).
+        retry_after_seconds: u64,
+    },
     /// The body is over the limit.
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge {
