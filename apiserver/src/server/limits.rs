@@ -3,17 +3,10 @@
 //! likes).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-
-use axum_server::accept::Accept;
-use tokio::net::TcpStream;
-use tower_http::add_extension::AddExtension;
 
 use super::error::ApiError;
 
@@ -181,6 +174,16 @@ impl ConnectionLimits {
         })
     }
 
+    /// How long a connection has to send its first bytes: the header-read timeout for most,
+    /// a second for one accepted over the limits.
+    pub fn first_request_deadline(&self, ticket: &Ticket) -> Duration {
+        if ticket.over_limit {
+            OVER_LIMIT_FIRST_REQUEST.min(self.first_request)
+        } else {
+            self.first_request
+        }
+    }
+
     /// Anonymous connections open now.
     pub fn anonymous(&self) -> usize {
         self.anonymous
@@ -223,50 +226,6 @@ impl Drop for Ticket {
         if !self.known.load(Ordering::Relaxed) {
             self.limits.release(self.peer);
         }
-    }
-}
-
-/// Counts each accepted connection, gives it a [`Ticket`] (an extension of every request on
-/// it), and drops one that sends nothing within its first-request deadline: the header-read
-/// timeout for most, a second for one accepted over the limits.
-#[derive(Debug, Clone)]
-pub struct LimitAcceptor {
-    limits: Arc<ConnectionLimits>,
-}
-
-impl LimitAcceptor {
-    /// An acceptor counting against `limits`.
-    pub fn new(limits: Arc<ConnectionLimits>) -> Self {
-        LimitAcceptor { limits }
-    }
-}
-
-impl<S: Send + 'static> Accept<TcpStream, S> for LimitAcceptor {
-    type Stream = TcpStream;
-    type Service = AddExtension<S, Arc<Ticket>>;
-    type Future = Pin<Box<dyn Future<Output = io::Result<(TcpStream, Self::Service)>> + Send>>;
-
-    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
-        let limits = self.limits.clone();
-        Box::pin(async move {
-            let peer = stream.peer_addr()?.ip();
-            let ticket = limits.admit(peer);
-            let deadline = if ticket.over_limit {
-                OVER_LIMIT_FIRST_REQUEST.min(limits.first_request)
-            } else {
-                limits.first_request
-            };
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => Ok((stream, AddExtension::new(service, ticket))),
-                Ok(Err(e)) => Err(e),
-                // Closed, or silent past its deadline: dropped here, the ticket with it.
-                _ => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no request before the deadline",
-                )),
-            }
-        })
     }
 }
 

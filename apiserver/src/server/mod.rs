@@ -8,6 +8,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -189,31 +190,13 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     println!("apiserver listening on {scheme}://{bound}");
     tracing::info!(%bound, data = %config.data.display(), store = store.kind(), "apiserver started");
 
-    let handle = axum_server::Handle::new();
-    let shutdown = handle.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
-    });
-    let service = app.into_make_service();
-    let limits = limits::LimitAcceptor::new(limits::ConnectionLimits::new(
+    let limits = limits::ConnectionLimits::new(
         config.max_anonymous_connections.0,
         config.max_anonymous_connections.1,
         HEADER_READ_TIMEOUT,
-    ));
-    let served = match tls {
-        Some(tls) => {
-            let mut server =
-                axum_server::from_tcp_rustls(listener, tls).map(|tls| tls.acceptor(limits));
-            harden(server.http_builder());
-            server.handle(handle).serve(service).await
-        }
-        None => {
-            let mut server = axum_server::from_tcp(listener).acceptor(limits);
-            harden(server.http_builder());
-            server.handle(handle).serve(service).await
-        }
-    };
+    );
+    let tls = tls.map(|config| config.get_inner());
+    let served = serve::serve(listener, app, tls, limits, shutdown_signal()).await;
     served.map_err(|e| format!("server failed: {e}"))?;
     store.flush().await.map_err(|e| e.to_string())?;
     tracing::info!("apiserver stopped");
@@ -243,20 +226,6 @@ fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// A client has this long to send a request's headers: a slowloris connection (headers at
 /// a byte a second) is closed, not kept for ever.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Connection-level timeouts: headers must arrive within `HEADER_READ_TIMEOUT` (HTTP/1), and
-/// an HTTP/2 peer that stops answering pings is dropped.
-fn harden(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>) {
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
-}
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
