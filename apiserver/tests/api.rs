@@ -2420,6 +2420,7 @@ fn a_slowloris_connection_is_closed_while_everyone_else_is_served() {
         .unwrap();
     let started = Instant::now();
     let mut byte = 0usize;
+    let mut slowest = Duration::ZERO;
     // Headers at a few bytes a second, never finished: the server must hang up within its
     // header-read timeout (10 s), and answer others meanwhile.
     let closed = loop {
@@ -2441,12 +2442,12 @@ fn a_slowloris_connection_is_closed_while_everyone_else_is_served() {
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => break started.elapsed(),
         }
-        assert_eq!(
-            server.get("/healthz", None).status,
-            200,
-            "others are served"
-        );
+        slowest = slowest.max(slowest_healthz(&server, 1));
     };
+    assert!(
+        slowest < Duration::from_millis(100),
+        "/healthz took {slowest:?} meanwhile"
+    );
     assert!(
         closed >= Duration::from_secs(5),
         "closed after {closed:?}: too eager for a slow link"
@@ -2749,4 +2750,141 @@ fn a_flood_of_idle_connections_without_a_token_leaves_room_for_nodes_and_probes(
     );
     // And afterwards a tokenless caller is treated as before.
     server.get("/api/v1/nodes", None).error(401);
+}
+
+#[test]
+fn hostile_bodies_and_forged_event_floods_are_refused_fast_while_everyone_else_is_served() {
+    let dir = tempdir();
+    let tokens = tokens_file(dir.path());
+    let server = Server::start(dir.path(), &["--tokens", tokens.to_str().unwrap()]);
+    let quiet = server.register("quiet", "fleet", Some(JOIN));
+    let loud = server.register("loud", "fleet", Some(JOIN));
+    assert_eq!(
+        server
+            .put_status("quiet", &heartbeat(1.0), Some(&quiet))
+            .status,
+        204
+    );
+    let rss_before = server.rss_kib();
+    let nested = format!(
+        "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: deep}}\nspec: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    // 4 MiB, just under the body limit: a flat block sequence, and one enormous scalar.
+    let flat = format!(
+        "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: flat}}\nspec:\n{}",
+        "- 1\n".repeat(1_000_000)
+    );
+    let scalar = format!(
+        "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: big}}\nspec: {{description: \"{}\"}}\n",
+        "a".repeat(4_000_000)
+    );
+    let mut forged = heartbeat(1.0);
+    forged["events"] = Value::Array(
+        (0..10_000)
+            .map(|i| {
+                json!({"time": "2026-01-01T00:00:00Z", "type": "Warning", "reason": "Forged", "message": format!("forged {i}")})
+            })
+            .collect(),
+    );
+    let url = server.url.clone();
+    let hostile: Vec<std::thread::JoinHandle<Vec<(u16, Duration)>>> = [nested, flat, scalar]
+        .into_iter()
+        .map(|body| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                (0..4)
+                    .map(|_| {
+                        let started = Instant::now();
+                        let status = client
+                            .post(format!("{url}/api/v1/apply"))
+                            .bearer_auth(OPERATOR)
+                            .header("content-type", "application/yaml")
+                            .body(body.clone())
+                            .send()
+                            .unwrap()
+                            .status()
+                            .as_u16();
+                        (status, started.elapsed())
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let flooder = {
+        let (url, loud, forged) = (url.clone(), loud.clone(), forged.clone());
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            (0..5)
+                .map(|_| {
+                    client
+                        .put(format!("{url}/api/v1/nodes/loud/status"))
+                        .bearer_auth(&loud)
+                        .json(&forged)
+                        .send()
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    // Probed for as long as the hostile requests run.
+    let mut slowest = Duration::ZERO;
+    let mut probes = 0;
+    while probes < 50 || !(hostile.iter().all(|h| h.is_finished()) && flooder.is_finished()) {
+        slowest = slowest.max(slowest_healthz(&server, 1));
+        probes += 1;
+    }
+    let answers: Vec<(u16, Duration)> = hostile
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let reports = flooder.join().unwrap();
+    let rss_after = server.rss_kib();
+    eprintln!(
+        "hostile bodies: /healthz slowest {slowest:?} of {probes} meanwhile; answers {answers:?}; RSS {} → {} MiB",
+        rss_before / 1024,
+        rss_after / 1024
+    );
+    for (status, took) in &answers {
+        assert!((400..500).contains(status), "{answers:?}");
+        assert!(*took < Duration::from_secs(5), "{answers:?}");
+    }
+    assert_eq!(reports, vec![204; 5]);
+    assert!(
+        slowest < Duration::from_millis(100),
+        "/healthz took {slowest:?}"
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS {} → {} MiB",
+        rss_before / 1024,
+        rss_after / 1024
+    );
+    // The flood kept only its own share: the quiet node's history is still there.
+    let events = server
+        .get("/api/v1/events?object=node/quiet&limit=100", Some(VIEWER))
+        .ok(200);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "Registered"),
+        "{events}"
+    );
+    let dropped = server
+        .get("/api/v1/events?object=node/loud&limit=10000", Some(VIEWER))
+        .ok(200);
+    assert!(
+        dropped
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "EventsDropped"),
+        "a flood says what it dropped"
+    );
 }
