@@ -409,6 +409,33 @@ fn git_sync_applies_commits_with_provenance_verifies_webhooks_prunes_and_refuses
         .iter()
         .any(|e| e["reason"] == "GitSyncFailed"
             && e["message"].as_str().unwrap().contains("bakeSecond")));
+
+    // A hostile commit: deep nesting (the parser would take seconds), and a file over the
+    // size limit (never read into memory). Refused with both named, and the server answers
+    // meanwhile.
+    std::fs::write(
+        repo.join("manifests/web.yaml"),
+        format!(
+            "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: web}}\nspec: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        ),
+    )
+    .unwrap();
+    std::fs::write(repo.join("manifests/huge.yaml"), "#".repeat(5 << 20)).unwrap();
+    let hostile = commit(&repo, "Hostile");
+    assert_eq!(hook(body, &[("x-hub-signature-256", sign(body))]), 202);
+    let status = wait("the hostile commit to be reported", || {
+        assert!(
+            get("/api/v1/desiredstates/web").is_some(),
+            "the server answers"
+        );
+        get("/api/v1/gitsync").filter(|s| s["headCommit"] == hostile)
+    });
+    let problems = status["problems"].to_string();
+    assert!(problems.contains("nested deeper than 64"), "{status}");
+    assert!(problems.contains("more than the 4194304"), "{status}");
+    assert_eq!(status["appliedCommit"], third, "{status}");
 }
 
 /// Runs `shoal --server URL ARGS…`: exit code, stdout, stderr.

@@ -79,6 +79,9 @@ pub struct GitSync {
 
 const GIT_LIMIT: Duration = Duration::from_secs(300);
 
+/// Largest manifest file git sync reads, bytes: the apiserver's default body limit.
+const MAX_FILE_BYTES: u64 = crate::server::DEFAULT_MAX_BODY as u64;
+
 async fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     let mut all = vec!["-C", dir.to_str().unwrap_or(".")];
     all.extend_from_slice(args);
@@ -184,8 +187,32 @@ impl GitSync {
         let mut inputs = Vec::new();
         let mut names = std::collections::BTreeSet::new();
         for file in &files {
-            let text = git(&self.bare, &["show", &format!("{sha}:{file}")]).await?;
-            let loaded = manifests::parse_str(&format!("{file}@{short}"), &text);
+            let object = format!("{sha}:{file}");
+            // The size first: a huge file in the repository must not be read into memory.
+            let size: u64 = git(&self.bare, &["cat-file", "-s", &object])
+                .await?
+                .trim()
+                .parse()
+                .unwrap_or(u64::MAX);
+            if size > MAX_FILE_BYTES {
+                problems.push(Diagnostic {
+                    file: format!("{file}@{short}"),
+                    line: 1,
+                    column: 1,
+                    field: String::new(),
+                    message: format!(
+                        "the file is {size} bytes, more than the {MAX_FILE_BYTES} a manifest file may have"
+                    ),
+                    hint: Some("split it into several files".into()),
+                });
+                continue;
+            }
+            let text = git(&self.bare, &["show", &object]).await?;
+            let name = format!("{file}@{short}");
+            // Parsing takes CPU in proportion to the text: the blocking pool, not a worker.
+            let loaded = tokio::task::spawn_blocking(move || manifests::parse_str(&name, &text))
+                .await
+                .map_err(|e| format!("parsing {file} failed: {e}"))?;
             problems.extend(loaded.diagnostics);
             for parsed in loaded.objects {
                 if !names.insert(parsed.object.metadata.name.clone()) {
