@@ -606,7 +606,7 @@ async fn get_assignment(
         caller.viewer()?;
     }
     // Subscribe before reading, so a change between the read and the wait is not missed.
-    let mut epoch = state.controller.assignment_epoch();
+    let mut changes = state.controller.assignment_changes(&name);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait_seconds).min(MAX_WAIT);
     loop {
         let assignment = state.controller.assignment(&name)?;
@@ -614,8 +614,8 @@ async fn get_assignment(
             return Ok(Json(assignment).into_response());
         }
         tokio::select! {
-            changed = epoch.changed() => {
-                if changed.is_err() {
+            changed = changes.changed() => {
+                if !changed {
                     return Ok(Json(assignment).into_response());
                 }
             }

@@ -24,6 +24,47 @@ impl Controller {
         let cache = self.cache();
         let name = &node.metadata.name;
         let assigned = cache.assignments.get(name);
+        // Everything of the node the assignment depends on; the rest comes from the cache.
+        let inputs =
+            serde_json::to_string(&(&node.metadata.labels, &node.status.cordoned, assigned))
+                .expect("inputs serialize");
+        {
+            let mut memo = self
+                .assignments_memo
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if memo.revision != cache.revision {
+                memo.revision = cache.revision;
+                memo.by_inputs.clear();
+            }
+            if let Some(shared) = memo.by_inputs.get(&inputs) {
+                let mut assignment = NodeAssignment::clone(shared);
+                assignment.node = name.clone();
+                return assignment;
+            }
+        }
+        let shared = Arc::new(self.compute_assignment(&cache, node, assigned));
+        let mut memo = self
+            .assignments_memo
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if memo.revision == cache.revision {
+            memo.by_inputs.insert(inputs, shared.clone());
+        }
+        drop(memo);
+        let mut assignment = NodeAssignment::clone(&shared);
+        assignment.node = name.clone();
+        assignment
+    }
+
+    /// The assignment of a node with these labels, cordon and assigned revisions, without
+    /// its name (the generation does not depend on it, so nodes alike share one).
+    fn compute_assignment(
+        &self,
+        cache: &Cache,
+        node: &NodeObject,
+        assigned: Option<&BTreeMap<String, u64>>,
+    ) -> NodeAssignment {
         let mut states = Vec::new();
         for state in cache.states.values() {
             if !state.spec.selector.matches(&node.metadata.labels) {
@@ -97,7 +138,7 @@ impl Controller {
             }
         }
         let mut assignment = NodeAssignment {
-            node: name.clone(),
+            node: String::new(),
             generation: 0,
             states,
             conflicts,

@@ -88,7 +88,12 @@ impl Controller {
                         self.publish(Kind::Rollout, ChangeType::Modified, &name, &rollout);
                     }
                 }
-                Table::Nodes => wake |= self.on_node_change(&name, change, now, watching),
+                Table::Nodes => {
+                    let reshaped = self.on_node_change(&name, change, now, watching);
+                    if reshaped {
+                        self.wake_node(&name);
+                    }
+                }
                 Table::Events => {
                     let Some(Ok(event)) =
                         change.value.as_ref().map(|v| EVENTS.decode(&change.key, v))

@@ -184,6 +184,37 @@ pub struct Controller {
     processed: watch::Sender<u64>,
     identity: String,
     lease: Mutex<LeaseState>,
+    /// Per node with a long poll waiting: bumped when what of that node decides its
+    /// assignment changes (a registration wakes that node, not every long poll).
+    node_epochs: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Assignments computed for the current cache, by what of a node they depend on: one
+    /// computation per distinct (labels, cordon, assigned revisions), not one per node.
+    assignments_memo: Mutex<AssignmentMemo>,
+}
+
+/// See `Controller::assignments_memo`.
+#[derive(Default)]
+struct AssignmentMemo {
+    /// The cache revision the entries were computed at; a newer cache clears them.
+    revision: u64,
+    by_inputs: HashMap<String, Arc<NodeAssignment>>,
+}
+
+/// What a long poll for one node's assignment waits on: any change of DesiredStates,
+/// revisions or assignments, or a change of that node.
+pub struct AssignmentChanges {
+    fleet: watch::Receiver<u64>,
+    node: watch::Receiver<u64>,
+}
+
+impl AssignmentChanges {
+    /// Waits for the next change; false when the controller is gone.
+    pub async fn changed(&mut self) -> bool {
+        tokio::select! {
+            fleet = self.fleet.changed() => fleet.is_ok(),
+            node = self.node.changed() => node.is_ok(),
+        }
+    }
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -210,6 +241,8 @@ impl Controller {
             processed,
             identity: replica_identity(),
             lease: Mutex::new(LeaseState::default()),
+            node_epochs: Mutex::new(HashMap::new()),
+            assignments_memo: Mutex::new(AssignmentMemo::default()),
         });
         controller.refresh()?;
         // Readiness as it stands at start: transitions are reported from here on.
@@ -300,6 +333,49 @@ impl Controller {
     /// Subscribes to "some assignment may have changed".
     pub fn assignment_epoch(&self) -> watch::Receiver<u64> {
         self.epoch.subscribe()
+    }
+
+    /// Subscribes to "`node`'s assignment may have changed". Subscribe before reading the
+    /// assignment, so a change between the two is not missed.
+    pub fn assignment_changes(&self, node: &str) -> AssignmentChanges {
+        let mut epochs = self
+            .node_epochs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Entries of nodes nobody waits for any more go (a deleted node, or a name that
+        // never was one).
+        if epochs.len() > 1024 && epochs.len() > 2 * self.live_node_count() {
+            epochs.retain(|_, sender| sender.receiver_count() > 0);
+        }
+        let node = epochs
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        AssignmentChanges {
+            fleet: self.epoch.subscribe(),
+            node,
+        }
+    }
+
+    /// Nodes known to the feed.
+    fn live_node_count(&self) -> usize {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .shapes
+            .len()
+    }
+
+    /// Wakes the long polls of `node`.
+    fn wake_node(&self, node: &str) {
+        if let Some(sender) = self
+            .node_epochs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+        {
+            sender.send_modify(|e| *e += 1);
+        }
     }
 
     fn publish(&self, kind: Kind, change: ChangeType, name: &str, object: impl Serialize) {

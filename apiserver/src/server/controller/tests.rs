@@ -1015,3 +1015,43 @@ async fn a_resync_tells_every_watcher_to_list_again() {
         .expect("not lagged");
     assert_eq!(change.change, ChangeType::Resync);
 }
+
+#[tokio::test]
+async fn a_registration_wakes_only_that_nodes_long_poll_and_nodes_alike_share_one_assignment() {
+    let c = controller().await;
+    register(&c, "n1", "web").await;
+    let mut n1 = c.assignment_changes("n1");
+    let mut later = c.assignment_changes("n3");
+    // Another node registers: its commit is applied to everything derived (register waits
+    // for that), and n1's long poll is not woken.
+    register(&c, "n2", "web").await;
+    assert!(!n1.fleet.has_changed().unwrap() && !n1.node.has_changed().unwrap());
+    // The node itself registering (new labels) wakes its own.
+    register(&c, "n3", "db").await;
+    assert!(
+        later.node.has_changed().unwrap(),
+        "n3's own registration wakes it"
+    );
+    assert!(!n1.node.has_changed().unwrap());
+    // A new DesiredState wakes every long poll.
+    apply(&c, &manifest("web", "web", &[("nginx", "1.0-1")])).await;
+    tokio::time::timeout(Duration::from_secs(5), n1.changed())
+        .await
+        .expect("an apply wakes n1");
+    assert!(later.fleet.has_changed().unwrap());
+    // Nodes alike get the same assignment (and generation), each under its own name.
+    let (a1, a2, a3) = (
+        c.assignment("n1").unwrap(),
+        c.assignment("n2").unwrap(),
+        c.assignment("n3").unwrap(),
+    );
+    assert_eq!((a1.node.as_str(), a2.node.as_str()), ("n1", "n2"));
+    assert_eq!(a1.generation, a2.generation);
+    assert_eq!(
+        serde_json::to_value(&a1.states).unwrap(),
+        serde_json::to_value(&a2.states).unwrap()
+    );
+    assert_eq!(a3.node, "n3");
+    // Computed once for the two web nodes and once for the db node.
+    assert_eq!(c.assignments_memo.lock().unwrap().by_inputs.len(), 2);
+}
