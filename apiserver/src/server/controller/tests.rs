@@ -1021,7 +1021,7 @@ async fn a_registration_wakes_only_that_nodes_long_poll_and_nodes_alike_share_on
     let c = controller().await;
     register(&c, "n1", "web").await;
     let mut n1 = c.assignment_changes("n1");
-    let mut later = c.assignment_changes("n3");
+    let later = c.assignment_changes("n3");
     // Another node registers: its commit is applied to everything derived (register waits
     // for that), and n1's long poll is not woken.
     register(&c, "n2", "web").await;
