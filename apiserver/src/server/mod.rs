@@ -174,8 +174,18 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     let rollouts = controller.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            // Every second, and at once when a DesiredState changes: an apply reaches its
+            // first wave without waiting for the tick.
+            let cued = tokio::select! {
+                _ = tick.tick() => false,
+                _ = rollouts.desired_states_changed() => true,
+            };
+            if cued {
+                // The loop's own decisions change DesiredStates too: at most 20 a second.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             if let Err(e) = rollouts.reconcile_rollouts(SystemTime::now()).await {
                 tracing::error!(error = %e, "rollout controller failed; retrying");
             }

@@ -24,7 +24,7 @@ use manifests::wire::{
 };
 
 use super::auth::{Principal, Role, Tokens};
-use super::controller::{ApplyInput, Change, ChangeType, Controller, Kind};
+use super::controller::{ApplyInput, Change, ChangeType, Controller, Kind, Wake};
 use super::error::ApiError;
 use super::limits::{Ticket, WatchSlot, WatchSlots};
 use super::metrics::{Metrics, RequestLabels};
@@ -593,6 +593,27 @@ struct AssignmentQuery {
     wait_seconds: u64,
 }
 
+/// Waking a long poll costs about this much; a fleet-wide wake is spread over the waiters.
+const WAKE_COST: Duration = Duration::from_micros(25);
+
+/// The most a woken long poll is held back.
+const MAX_WAKE_SPREAD: Duration = Duration::from_millis(250);
+
+/// How long the long poll of `node` waits before answering a wake, when `waiting` long
+/// polls woke with it: a stable share of `waiting × WAKE_COST` (at most 250 ms), so a fleet
+/// is answered evenly over that time, not all in one burst.
+fn wake_spread(node: &str, waiting: usize) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let spread = (WAKE_COST * waiting.min(1 << 20) as u32).min(MAX_WAKE_SPREAD);
+    if spread < Duration::from_millis(2) {
+        return Duration::ZERO;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    node.hash(&mut hasher);
+    let share = (hasher.finish() % 1024) as u32;
+    spread * share / 1024
+}
+
 /// Longest long poll; clients simply ask again.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
@@ -614,11 +635,16 @@ async fn get_assignment(
             return Ok(Json(assignment).into_response());
         }
         tokio::select! {
-            changed = changes.changed() => {
-                if !changed {
-                    return Ok(Json(assignment).into_response());
+            woke = changes.changed() => match woke {
+                Wake::Closed => return Ok(Json(assignment).into_response()),
+                Wake::Node => {}
+                // A change for the whole fleet wakes every waiting node at once; answering
+                // them spread over a moment keeps heartbeats and probes answered meanwhile.
+                Wake::Fleet => {
+                    let waiting = state.controller.waiting_long_polls();
+                    tokio::time::sleep(wake_spread(&name, waiting)).await;
                 }
-            }
+            },
             _ = tokio::time::sleep_until(deadline) => return Ok(Json(assignment).into_response()),
         }
     }
@@ -936,6 +962,28 @@ mod tests {
         );
         assert!(!body.contains("r1"), "another kind leaked: {body}");
         assert!(!body.contains("late") && !body.contains("RESYNC"), "{body}");
+    }
+
+    #[test]
+    fn a_fleet_wide_wake_is_spread_evenly_and_briefly() {
+        assert_eq!(
+            wake_spread("n1", 10),
+            Duration::ZERO,
+            "a few waiters answer at once"
+        );
+        let spreads: Vec<Duration> = (0..10_000)
+            .map(|i| wake_spread(&format!("node-{i}"), 10_000))
+            .collect();
+        assert!(spreads.iter().all(|d| *d <= MAX_WAKE_SPREAD));
+        assert_eq!(wake_spread("node-7", 10_000), spreads[7], "stable per node");
+        // Evenly: each tenth of the spread gets about a tenth of the nodes.
+        for tenth in 0..10u32 {
+            let low = MAX_WAKE_SPREAD * tenth / 10;
+            let high = MAX_WAKE_SPREAD * (tenth + 1) / 10;
+            let n = spreads.iter().filter(|d| **d >= low && **d < high).count();
+            assert!((700..1300).contains(&n), "{n} nodes in tenth {tenth}");
+        }
+        assert!(wake_spread("n1", 1 << 30) <= MAX_WAKE_SPREAD);
     }
 
     #[tokio::test]

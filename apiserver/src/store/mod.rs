@@ -214,6 +214,9 @@ type Values = BTreeMap<Vec<u8>, Arc<[u8]>>;
 /// Batches kept in memory for watches that resume from a revision.
 const RECENT_BATCHES: usize = 4096;
 
+/// A transaction slower than this (queued, computed and committed) is logged.
+const SLOW_TRANSACTION: Duration = Duration::from_millis(200);
+
 /// Attempts before a transaction that keeps losing to other writers gives up.
 const MAX_ATTEMPTS: u32 = 64;
 
@@ -318,6 +321,62 @@ pub struct Store {
     /// Why the last attempt to read other processes' commits failed, while it stays failed.
     lagging: std::sync::Mutex<Option<StoreError>>,
     shared: bool,
+    /// With a backend no other process writes (sled, memory): commits are persisted behind
+    /// the view, in order, by one task (see `transact`).
+    behind: Option<WriteBehind>,
+}
+
+/// The queue of committed batches not yet in the backend, and how far the backend got.
+struct WriteBehind {
+    queue: tokio::sync::mpsc::UnboundedSender<Batch>,
+    persisted: watch::Receiver<u64>,
+    /// Why persisting failed; from then on the store takes no writes.
+    failed: Arc<std::sync::Mutex<Option<StoreError>>>,
+}
+
+/// Most writes persisted in one backend commit.
+const MAX_WRITES_PER_PERSIST: usize = 20_000;
+
+/// Persists queued batches in order, merging those waiting into one backend commit, until
+/// the queue closes or the backend fails.
+async fn persist(
+    backend: Arc<dyn Backend>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Batch>,
+    persisted: watch::Sender<u64>,
+    failed: Arc<std::sync::Mutex<Option<StoreError>>>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut merged = first;
+        while merged.writes.len() < MAX_WRITES_PER_PERSIST {
+            match queue.try_recv() {
+                Ok(next) => {
+                    merged.last = next.last;
+                    merged.writes.extend(next.writes);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcome = match backend.commit(&merged).await {
+            Ok(Committed::Done) => Ok(()),
+            Ok(Committed::Conflict) => Err(StoreError::Backend(format!(
+                "the stored revision is not {}: another process wrote to this store",
+                merged.revision - 1
+            ))),
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(()) => {
+                persisted.send_replace(merged.last);
+            }
+            Err(error) => {
+                tracing::error!(%error, revision = merged.revision, "cannot persist committed changes; the store takes no more writes");
+                *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+                // Wake flushes waiting for this revision: they read the failure.
+                persisted.send_modify(|_| {});
+                return;
+            }
+        }
+    }
 }
 
 impl Store {
@@ -329,6 +388,22 @@ impl Store {
         let backend_news = backend.news();
         let (feed, _) = broadcast::channel(RECENT_BATCHES);
         let (revision, _) = watch::channel(view.revision);
+        let behind = backend_news.is_none().then(|| {
+            let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
+            let (persisted_tx, persisted) = watch::channel(view.revision);
+            let failed = Arc::new(std::sync::Mutex::new(None));
+            tokio::spawn(persist(
+                backend.clone(),
+                pending,
+                persisted_tx,
+                failed.clone(),
+            ));
+            WriteBehind {
+                queue,
+                persisted,
+                failed,
+            }
+        });
         let store = Arc::new(Store {
             backend,
             view: RwLock::new(view),
@@ -338,6 +413,7 @@ impl Store {
             revision,
             lagging: std::sync::Mutex::new(None),
             shared: backend_news.is_some(),
+            behind,
         });
         if let Some(news) = backend_news {
             tokio::spawn(follow(Arc::downgrade(&store), news));
@@ -355,10 +431,23 @@ impl Store {
     /// Whether this store can serve: a store shared with other processes is not while it
     /// cannot read their commits (it would serve an old view).
     pub fn check(&self) -> Result<(), StoreError> {
+        if let Some(error) = self.persist_failure() {
+            return Err(error);
+        }
         match &*self.lagging.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(error) => Err(error.clone()),
             None => Ok(()),
         }
+    }
+
+    /// Why persisting behind the view failed, if it did.
+    fn persist_failure(&self) -> Option<StoreError> {
+        let behind = self.behind.as_ref()?;
+        behind
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether other processes write to this store too (replicas on one database).
@@ -456,7 +545,9 @@ impl Store {
         &self,
         f: impl Fn(&mut dyn Txn) -> Result<T, E>,
     ) -> Result<(T, u64), TxnError<E>> {
+        let queued = std::time::Instant::now();
         let _one_writer = self.writer.lock().await;
+        let waited = queued.elapsed();
         for _attempt in 0..MAX_ATTEMPTS {
             let (value, batch) = {
                 let view = self.view();
@@ -473,10 +564,40 @@ impl Store {
             if batch.writes.is_empty() {
                 return Ok((value, self.revision()));
             }
+            let computed = queued.elapsed();
+            if let Some(behind) = &self.behind {
+                // No other process writes this backend, so the commit cannot conflict: the
+                // view takes it now and one task persists it behind, in order. A writer never
+                // waits on the disk; one that needs durability awaits `flush`.
+                if let Some(error) = self.persist_failure() {
+                    return Err(TxnError::Store(error));
+                }
+                let revision = batch.revision;
+                self.publish(vec![batch.clone()]);
+                if behind.queue.send(batch).is_err() {
+                    return Err(TxnError::Store(StoreError::Backend(
+                        "the store's persisting task has stopped".into(),
+                    )));
+                }
+                return Ok((value, revision));
+            }
             match self.backend.commit(&batch).await.map_err(TxnError::Store)? {
                 Committed::Done => {
                     let revision = batch.revision;
+                    let writes = batch.writes.len();
                     self.publish(vec![batch]);
+                    let took = queued.elapsed();
+                    if took > SLOW_TRANSACTION {
+                        // Every other writer of this process waited this long.
+                        tracing::warn!(
+                            revision,
+                            writes,
+                            waited_ms = waited.as_millis() as u64,
+                            computed_ms = (computed - waited).as_millis() as u64,
+                            total_ms = took.as_millis() as u64,
+                            "slow transaction"
+                        );
+                    }
                     return Ok((value, revision));
                 }
                 Committed::Conflict => self.catch_up().await.map_err(TxnError::Store)?,
@@ -504,6 +625,23 @@ impl Store {
 
     /// Makes every committed write durable now.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if let Some(behind) = &self.behind {
+            let target = self.revision();
+            let mut persisted = behind.persisted.clone();
+            loop {
+                if let Some(error) = self.persist_failure() {
+                    return Err(error);
+                }
+                if *persisted.borrow_and_update() >= target {
+                    break;
+                }
+                if persisted.changed().await.is_err() {
+                    return Err(self.persist_failure().unwrap_or_else(|| {
+                        StoreError::Backend("the store's persisting task has stopped".into())
+                    }));
+                }
+            }
+        }
         self.backend.flush().await
     }
 
@@ -855,6 +993,53 @@ pub(crate) mod tests {
             .map_err(|_| ())
             .unwrap()
             .1
+    }
+
+    /// A backend whose disk is full: every commit fails.
+    struct FullDisk;
+
+    #[async_trait::async_trait]
+    impl Backend for FullDisk {
+        fn kind(&self) -> &'static str {
+            "full"
+        }
+        async fn load(&self) -> Result<Snapshot, StoreError> {
+            Ok(Snapshot {
+                revision: 0,
+                entries: Vec::new(),
+            })
+        }
+        async fn commit(&self, _batch: &Batch) -> Result<Committed, StoreError> {
+            Err(StoreError::Backend("No space left on device".into()))
+        }
+        async fn changes_after(&self, _after: u64) -> Result<Option<Vec<Batch>>, StoreError> {
+            Ok(Some(Vec::new()))
+        }
+        fn news(&self) -> Option<watch::Receiver<u64>> {
+            None
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_persist_fails_its_flush_and_readiness_and_takes_no_more_writes() {
+        let store = Store::open(Arc::new(FullDisk)).await.unwrap();
+        // The first write reaches the view before the disk refuses it...
+        put(&store, Table::Nodes, b"n1", b"{}").await;
+        // ...and nobody is told it is durable: the flush fails, naming the cause.
+        let error = store.flush().await.unwrap_err();
+        assert!(error.to_string().contains("No space left"), "{error}");
+        assert!(store.check().is_err(), "not ready");
+        let refused = store
+            .transact(|txn| txn.put(Table::Nodes, b"n2", b"{}".to_vec()))
+            .await;
+        assert!(matches!(refused, Err(TxnError::Store(_))));
+        assert!(
+            store.get(Table::Nodes, b"n2").is_none(),
+            "a refused write is not shown"
+        );
     }
 
     /// The contract every backend must meet, through the store; run against each of them.

@@ -97,35 +97,13 @@ impl Backend for SledBackend {
     }
 
     async fn commit(&self, batch: &Batch) -> Result<Committed, StoreError> {
-        let result = Transactional::<Committed>::transaction(
-            self.trees.as_slice(),
-            |trees: &Vec<TransactionalTree>| {
-                let meta = trees.last().expect("meta tree opened");
-                let current = meta
-                    .get(REVISION_KEY)?
-                    .map(|bytes| revision_of(&bytes))
-                    .transpose()
-                    .map_err(|_| ConflictableTransactionError::Abort(Committed::Conflict))?
-                    .unwrap_or(0);
-                if current + 1 != batch.revision {
-                    return Err(ConflictableTransactionError::Abort(Committed::Conflict));
-                }
-                for write in &batch.writes {
-                    let tree = &trees[write.table as usize];
-                    match &write.value {
-                        Some(value) => tree.insert(write.key.as_slice(), value.as_slice())?,
-                        None => tree.remove(write.key.as_slice())?,
-                    };
-                }
-                meta.insert(REVISION_KEY, &batch.last.to_be_bytes())?;
-                Ok(())
-            },
-        );
-        match result {
-            Ok(()) => Ok(Committed::Done),
-            Err(TransactionError::Abort(outcome)) => Ok(outcome),
-            Err(TransactionError::Storage(e)) => Err(backend(e)),
-        }
+        // On the blocking pool: a sled transaction can wait on sled's own I/O (its flusher,
+        // a large batch), and an async worker that waits stalls every request on it.
+        let trees = self.trees.clone();
+        let batch = batch.clone();
+        tokio::task::spawn_blocking(move || Self::commit_now(&trees, &batch))
+            .await
+            .map_err(|e| StoreError::Backend(format!("commit: {e}")))?
     }
 
     async fn changes_after(&self, _after: u64) -> Result<Option<Vec<Batch>>, StoreError> {
@@ -148,6 +126,39 @@ impl Backend for SledBackend {
     }
 }
 
+impl SledBackend {
+    /// Commits `batch` if the stored revision is the one before it.
+    fn commit_now(trees: &[sled::Tree], batch: &Batch) -> Result<Committed, StoreError> {
+        let result =
+            Transactional::<Committed>::transaction(trees, |trees: &Vec<TransactionalTree>| {
+                let meta = trees.last().expect("meta tree opened");
+                let current = meta
+                    .get(REVISION_KEY)?
+                    .map(|bytes| revision_of(&bytes))
+                    .transpose()
+                    .map_err(|_| ConflictableTransactionError::Abort(Committed::Conflict))?
+                    .unwrap_or(0);
+                if current + 1 != batch.revision {
+                    return Err(ConflictableTransactionError::Abort(Committed::Conflict));
+                }
+                for write in &batch.writes {
+                    let tree = &trees[write.table as usize];
+                    match &write.value {
+                        Some(value) => tree.insert(write.key.as_slice(), value.as_slice())?,
+                        None => tree.remove(write.key.as_slice())?,
+                    };
+                }
+                meta.insert(REVISION_KEY, &batch.last.to_be_bytes())?;
+                Ok(())
+            });
+        match result {
+            Ok(()) => Ok(Committed::Done),
+            Err(TransactionError::Abort(outcome)) => Ok(outcome),
+            Err(TransactionError::Storage(e)) => Err(backend(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -157,7 +168,7 @@ mod tests {
 
     /// Opens `dir` again once the dropped database lets go of it: sled's flusher thread
     /// holds the directory lock until its next tick.
-    fn reopen(dir: &Path) -> SledBackend {
+    async fn reopen(dir: &Path) -> SledBackend {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match SledBackend::open(dir, DEFAULT_CACHE_BYTES) {
@@ -165,7 +176,9 @@ mod tests {
                 Err(e)
                     if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
                 {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
+                    // Asleep in the runtime: the dropped store's persisting task lets go of
+                    // the database when it runs.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
                 }
                 Err(e) => panic!("{e}"),
             }
@@ -179,9 +192,13 @@ mod tests {
             let backend = SledBackend::open(dir.path(), DEFAULT_CACHE_BYTES).unwrap();
             let store = Store::open(Arc::new(backend)).await.unwrap();
             super::super::tests::contract(&store).await;
+            // Durable once flushed: commits are persisted behind the view.
+            store.flush().await.unwrap();
             store.revision()
         };
-        let store = Store::open(Arc::new(reopen(dir.path()))).await.unwrap();
+        let store = Store::open(Arc::new(reopen(dir.path()).await))
+            .await
+            .unwrap();
         assert_eq!(store.revision(), revision);
         assert_eq!(
             store.get(Table::Events, &7u64.to_be_bytes()).as_deref(),
@@ -207,7 +224,9 @@ mod tests {
             db.flush().unwrap();
             version
         };
-        let store = Store::open(Arc::new(reopen(dir.path()))).await.unwrap();
+        let store = Store::open(Arc::new(reopen(dir.path()).await))
+            .await
+            .unwrap();
         assert!(store.revision() > old_version);
         assert!(store.get(Table::Nodes, b"old").is_some());
         let (_, revision) = store

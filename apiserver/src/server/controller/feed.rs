@@ -17,9 +17,20 @@ pub(super) async fn follow_feed(
         match item {
             Ok(Feed::Batch(applied)) => {
                 // One batch's trouble (a panic deriving state from it) must not stop the feed.
+                let started = std::time::Instant::now();
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     controller.on_batch(&applied)
                 }));
+                let took = started.elapsed();
+                if took > Duration::from_millis(100) {
+                    // Every writer waiting to read its own write waited this long.
+                    tracing::warn!(
+                        revision = applied.revision,
+                        changes = applied.changes.len(),
+                        took_ms = took.as_millis() as u64,
+                        "slow change feed batch"
+                    );
+                }
                 if outcome.is_err() {
                     tracing::error!(
                         revision = applied.revision,
@@ -45,7 +56,12 @@ impl Controller {
         let mut wake = false;
         for change in &applied.changes {
             match change.table {
-                Table::DesiredStates | Table::Assignments | Table::Rollouts => {
+                Table::DesiredStates => {
+                    refresh = true;
+                    wake = true;
+                    self.desired_states_changed.notify_one();
+                }
+                Table::Assignments | Table::Rollouts => {
                     refresh = true;
                     wake = true;
                 }

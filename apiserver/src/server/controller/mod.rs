@@ -190,6 +190,9 @@ pub struct Controller {
     /// Assignments computed for the current cache, by what of a node they depend on: one
     /// computation per distinct (labels, cordon, assigned revisions), not one per node.
     assignments_memo: Mutex<AssignmentMemo>,
+    /// Told when a DesiredState changes: the rollout loop decides at once instead of at its
+    /// next tick.
+    desired_states_changed: tokio::sync::Notify,
 }
 
 /// See `Controller::assignments_memo`.
@@ -207,12 +210,23 @@ pub struct AssignmentChanges {
     node: watch::Receiver<u64>,
 }
 
+/// What woke a long poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// DesiredStates, revisions or assignments changed: every waiting node woke.
+    Fleet,
+    /// This node changed.
+    Node,
+    /// The controller is gone.
+    Closed,
+}
+
 impl AssignmentChanges {
-    /// Waits for the next change; false when the controller is gone.
-    pub async fn changed(&mut self) -> bool {
+    /// Waits for the next change.
+    pub async fn changed(&mut self) -> Wake {
         tokio::select! {
-            fleet = self.fleet.changed() => fleet.is_ok(),
-            node = self.node.changed() => node.is_ok(),
+            fleet = self.fleet.changed() => if fleet.is_ok() { Wake::Fleet } else { Wake::Closed },
+            node = self.node.changed() => if node.is_ok() { Wake::Node } else { Wake::Closed },
         }
     }
 }
@@ -243,6 +257,7 @@ impl Controller {
             lease: Mutex::new(LeaseState::default()),
             node_epochs: Mutex::new(HashMap::new()),
             assignments_memo: Mutex::new(AssignmentMemo::default()),
+            desired_states_changed: tokio::sync::Notify::new(),
         });
         controller.refresh()?;
         // Readiness as it stands at start: transitions are reported from here on.
@@ -328,6 +343,16 @@ impl Controller {
     /// Subscribes to every change.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    /// Completes when a DesiredState changed since the last call (the rollout loop's cue).
+    pub async fn desired_states_changed(&self) {
+        self.desired_states_changed.notified().await
+    }
+
+    /// Long polls waiting for any node's assignment.
+    pub fn waiting_long_polls(&self) -> usize {
+        self.epoch.receiver_count()
     }
 
     /// Subscribes to "some assignment may have changed".

@@ -274,7 +274,14 @@ impl Controller {
         if !untracked && !in_flight {
             return Ok(());
         }
-        let nodes = self.node_views(name, now)?;
+        // Every node of the fleet is read and judged: not on an async worker, where it would
+        // hold up every request behind it (a multi-threaded runtime moves them elsewhere).
+        let nodes = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.node_views(name, now))?
+            }
+            _ => self.node_views(name, now)?,
+        };
         // After a restart, nodes get a heartbeat's grace to be heard before deadlines count:
         // an outage of the apiserver is not the nodes' silence.
         // Likewise after a takeover: nodes that talked to the old leader need a moment to
