@@ -759,11 +759,15 @@ fn every_endpoint_with_every_role() {
         server.put_status("n1", &heartbeat(5.0), Some(&own)).status,
         204
     );
-    server.apply_ok(&manifest_at_once("web", "web", &[("nginx", "1.0-1")]), op);
-    server.apply_ok(
-        &manifest_at_once("doomed", "web", &[("nginx", "1.0-1")]),
-        op,
+    // In one apply: the rollout controller decides as soon as a DesiredState changes, and
+    // must see both (they pin the same component) from its first decision.
+    let both = format!(
+        "{}---\n{}",
+        manifest_at_once("web", "web", &[("nginx", "1.0-1")]),
+        manifest_at_once("doomed", "web", &[("nginx", "1.0-1")])
     );
+    let reply = server.apply("", &both, op);
+    assert_eq!(reply.ok(200)["results"].as_array().unwrap().len(), 2);
     // Both rollouts under way (and nothing left for the controller to decide) before the calls.
     let progressing = |r: &Value| r["status"]["phase"] == "Progressing";
     for name in ["web", "doomed"] {

@@ -175,20 +175,25 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cue = rollouts.desired_states_changed();
         loop {
-            // Every second, and at once when a DesiredState changes: an apply reaches its
-            // first wave without waiting for the tick.
+            // Every second, and at once when a DesiredState brings or removes a revision: an
+            // apply reaches its first wave without waiting for the tick.
             let cued = tokio::select! {
                 _ = tick.tick() => false,
-                _ = rollouts.desired_states_changed() => true,
+                changed = cue.changed() => changed.is_ok(),
             };
             if cued {
-                // The loop's own decisions change DesiredStates too: at most 20 a second.
+                // Applies that come together are decided together.
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                cue.borrow_and_update();
             }
             if let Err(e) = rollouts.reconcile_rollouts(SystemTime::now()).await {
                 tracing::error!(error = %e, "rollout controller failed; retrying");
             }
+            // A second from this decision to the next: a rollout steps at most once a second
+            // whatever cued it.
+            tick.reset();
         }
     });
 

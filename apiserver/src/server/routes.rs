@@ -629,14 +629,21 @@ async fn get_assignment(
     // Subscribe before reading, so a change between the read and the wait is not missed.
     let mut changes = state.controller.assignment_changes(&name);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait_seconds).min(MAX_WAIT);
+    let json = |body: Vec<u8>| {
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            axum::body::Bytes::from(body),
+        )
+            .into_response()
+    };
     loop {
-        let assignment = state.controller.assignment(&name)?;
-        if q.since != Some(assignment.generation) || q.wait_seconds == 0 {
-            return Ok(Json(assignment).into_response());
+        let (generation, body) = state.controller.assignment_body(&name)?;
+        if q.since != Some(generation) || q.wait_seconds == 0 {
+            return Ok(json(body));
         }
         tokio::select! {
             woke = changes.changed() => match woke {
-                Wake::Closed => return Ok(Json(assignment).into_response()),
+                Wake::Closed => return Ok(json(body)),
                 Wake::Node => {}
                 // A change for the whole fleet wakes every waiting node at once; answering
                 // them spread over a moment keeps heartbeats and probes answered meanwhile.
@@ -645,7 +652,7 @@ async fn get_assignment(
                     tokio::time::sleep(wake_spread(&name, waiting)).await;
                 }
             },
-            _ = tokio::time::sleep_until(deadline) => return Ok(Json(assignment).into_response()),
+            _ = tokio::time::sleep_until(deadline) => return Ok(json(body)),
         }
     }
 }

@@ -3,6 +3,31 @@
 
 use super::*;
 
+/// What of a node its assignment depends on besides the revisions assigned to it.
+pub(super) struct AssignmentInputs {
+    labels: BTreeMap<String, String>,
+    cordoned: Option<Cordon>,
+    /// Both as JSON: the memo's key.
+    key: String,
+}
+
+impl AssignmentInputs {
+    pub(super) fn of(node: &NodeObject) -> Self {
+        AssignmentInputs {
+            labels: node.metadata.labels.clone(),
+            cordoned: node.status.cordoned.clone(),
+            key: serde_json::to_string(&(&node.metadata.labels, &node.status.cordoned))
+                .expect("nodes serialize"),
+        }
+    }
+}
+
+/// One computed assignment (its `node` empty) and its JSON after the name.
+pub(super) struct SharedAssignment {
+    assignment: NodeAssignment,
+    tail: Vec<u8>,
+}
+
 impl Controller {
     /// The store keys of every node's assignment to DesiredState `name`, as the cache knows
     /// them (what a delete or a rollout write replaces).
@@ -17,17 +42,62 @@ impl Controller {
 
     /// What `node` should run now.
     pub fn assignment(&self, node: &str) -> Result<NodeAssignment, Error> {
-        Ok(self.assignment_for(&self.stored_node(node)?.object))
+        let inputs = self.assignment_inputs(node)?;
+        let mut assignment = self.shared_assignment(&inputs, node).assignment.clone();
+        assignment.node = node.to_string();
+        Ok(assignment)
+    }
+
+    /// What `node` should run now, as its generation and the JSON of the answer: nodes alike
+    /// share one serialization, and only their names are written per node.
+    pub fn assignment_body(&self, node: &str) -> Result<(u64, Vec<u8>), Error> {
+        let inputs = self.assignment_inputs(node)?;
+        let shared = self.shared_assignment(&inputs, node);
+        let name = serde_json::to_string(node).expect("strings serialize");
+        let mut body = Vec::with_capacity(name.len() + shared.tail.len() + 10);
+        body.extend_from_slice(b"{\"node\":");
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(&shared.tail);
+        Ok((shared.assignment.generation, body))
+    }
+
+    /// What of `node` its assignment depends on, from what the feed keeps (no decoding).
+    fn assignment_inputs(&self, node: &str) -> Result<Arc<AssignmentInputs>, Error> {
+        let known = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .inputs
+            .get(node)
+            .cloned();
+        match known {
+            Some(inputs) => Ok(inputs),
+            None => Ok(Arc::new(AssignmentInputs::of(
+                &self.stored_node(node)?.object,
+            ))),
+        }
     }
 
     pub(super) fn assignment_for(&self, node: &NodeObject) -> NodeAssignment {
-        let cache = self.cache();
         let name = &node.metadata.name;
-        let assigned = cache.assignments.get(name);
-        // Everything of the node the assignment depends on; the rest comes from the cache.
-        let inputs =
-            serde_json::to_string(&(&node.metadata.labels, &node.status.cordoned, assigned))
-                .expect("inputs serialize");
+        let mut assignment = self
+            .shared_assignment(&AssignmentInputs::of(node), name)
+            .assignment
+            .clone();
+        assignment.node = name.clone();
+        assignment
+    }
+
+    /// The assignment of nodes with `inputs` and `node`'s assigned revisions, computed once
+    /// per distinct (labels, cordon, assigned revisions) for the current cache.
+    fn shared_assignment(&self, inputs: &AssignmentInputs, node: &str) -> Arc<SharedAssignment> {
+        let cache = self.cache();
+        let assigned = cache.assignments.get(node);
+        let key = format!(
+            "{}|{}",
+            inputs.key,
+            serde_json::to_string(&assigned).expect("revisions serialize")
+        );
         {
             let mut memo = self
                 .assignments_memo
@@ -37,24 +107,23 @@ impl Controller {
                 memo.revision = cache.revision;
                 memo.by_inputs.clear();
             }
-            if let Some(shared) = memo.by_inputs.get(&inputs) {
-                let mut assignment = NodeAssignment::clone(shared);
-                assignment.node = name.clone();
-                return assignment;
+            if let Some(shared) = memo.by_inputs.get(&key) {
+                return shared.clone();
             }
         }
-        let shared = Arc::new(self.compute_assignment(&cache, node, assigned));
+        let assignment = self.compute_assignment(&cache, inputs, assigned);
+        let full = serde_json::to_vec(&assignment).expect("assignments serialize");
+        // `{"node":"",` is where each node's name goes.
+        let tail = full[br#"{"node":"""#.len()..].to_vec();
+        let shared = Arc::new(SharedAssignment { assignment, tail });
         let mut memo = self
             .assignments_memo
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if memo.revision == cache.revision {
-            memo.by_inputs.insert(inputs, shared.clone());
+            memo.by_inputs.insert(key, shared.clone());
         }
-        drop(memo);
-        let mut assignment = NodeAssignment::clone(&shared);
-        assignment.node = name.clone();
-        assignment
+        shared
     }
 
     /// The assignment of a node with these labels, cordon and assigned revisions, without
@@ -62,16 +131,16 @@ impl Controller {
     fn compute_assignment(
         &self,
         cache: &Cache,
-        node: &NodeObject,
+        node: &AssignmentInputs,
         assigned: Option<&BTreeMap<String, u64>>,
     ) -> NodeAssignment {
         let mut states = Vec::new();
         for state in cache.states.values() {
-            if !state.spec.selector.matches(&node.metadata.labels) {
+            if !state.spec.selector.matches(&node.labels) {
                 continue;
             }
             let state_name = &state.metadata.name;
-            let revision = match &node.status.cordoned {
+            let revision = match &node.cordoned {
                 // Cordoned: what it had, and nothing new.
                 Some(cordon) => cordon.revisions.get(state_name).copied().unwrap_or(0),
                 None => assigned
@@ -103,7 +172,7 @@ impl Controller {
         for state in cache
             .states
             .values()
-            .filter(|s| s.spec.selector.matches(&node.metadata.labels))
+            .filter(|s| s.spec.selector.matches(&node.labels))
         {
             let assigned = states.iter().find(|a| a.name == state.metadata.name);
             let names: std::collections::BTreeSet<&str> = state

@@ -45,6 +45,19 @@ pub(super) async fn follow_feed(
     }
 }
 
+/// Whether a DesiredState change brings a revision to roll out, or removes one: what the
+/// rollout loop acts on at once. Its own writes (status) wait for its next tick, so a
+/// rollout still steps once a second.
+fn new_revision(change: &store::Changed) -> bool {
+    let revision = |bytes: &Option<Arc<[u8]>>| {
+        bytes
+            .as_ref()
+            .and_then(|b| DESIRED_STATES.decode(&change.key, b).ok())
+            .map(|d| d.status.revision)
+    };
+    revision(&change.value) != revision(&change.previous)
+}
+
 impl Controller {
     /// Applies one committed batch to everything derived from the store, and tells
     /// watchers and long polls. The only place derived state changes, for this replica's
@@ -59,7 +72,9 @@ impl Controller {
                 Table::DesiredStates => {
                     refresh = true;
                     wake = true;
-                    self.desired_states_changed.notify_one();
+                    if new_revision(change) {
+                        self.desired_states_changed.send_modify(|n| *n += 1);
+                    }
                 }
                 Table::Assignments | Table::Rollouts => {
                     refresh = true;
@@ -175,7 +190,12 @@ impl Controller {
                             }
                         }
                     }
-                    live.shapes.insert(name.to_string(), shape) != Some(shape)
+                    let reshaped = live.shapes.insert(name.to_string(), shape) != Some(shape);
+                    if reshaped || !live.inputs.contains_key(name) {
+                        let inputs = assignments::AssignmentInputs::of(&stored.object);
+                        live.inputs.insert(name.to_string(), Arc::new(inputs));
+                    }
+                    reshaped
                 };
                 if watching {
                     if let Ok(object) = self.decorate(stored.object, now) {
@@ -196,6 +216,7 @@ impl Controller {
                     live.ready.remove(name);
                     live.host_history.remove(name);
                     live.shapes.remove(name);
+                    live.inputs.remove(name);
                     // Its history stays (it is about what happened) and ages out with the rest.
                     live.node_events.remove(name);
                 }
@@ -225,6 +246,8 @@ impl Controller {
             for node in nodes {
                 let name = node.object.metadata.name.clone();
                 live.shapes.insert(name.clone(), node_shape(&node.object));
+                let inputs = assignments::AssignmentInputs::of(&node.object);
+                live.inputs.insert(name.clone(), Arc::new(inputs));
                 if let Some(at) = node.object.status.last_heartbeat {
                     live.heartbeats.insert(name, at);
                 }

@@ -161,6 +161,8 @@ struct Live {
     /// A digest of what of each node decides its assignment (labels, cordon): a node write
     /// that changes it wakes the long polls, a heartbeat does not.
     shapes: HashMap<String, u64>,
+    /// What of each node decides its assignment, so a long poll reads no node record.
+    inputs: HashMap<String, Arc<assignments::AssignmentInputs>>,
 }
 
 /// The apiserver's object logic.
@@ -192,7 +194,7 @@ pub struct Controller {
     assignments_memo: Mutex<AssignmentMemo>,
     /// Told when a DesiredState changes: the rollout loop decides at once instead of at its
     /// next tick.
-    desired_states_changed: tokio::sync::Notify,
+    desired_states_changed: watch::Sender<u64>,
 }
 
 /// See `Controller::assignments_memo`.
@@ -200,7 +202,7 @@ pub struct Controller {
 struct AssignmentMemo {
     /// The cache revision the entries were computed at; a newer cache clears them.
     revision: u64,
-    by_inputs: HashMap<String, Arc<NodeAssignment>>,
+    by_inputs: HashMap<String, Arc<assignments::SharedAssignment>>,
 }
 
 /// What a long poll for one node's assignment waits on: any change of DesiredStates,
@@ -257,7 +259,7 @@ impl Controller {
             lease: Mutex::new(LeaseState::default()),
             node_epochs: Mutex::new(HashMap::new()),
             assignments_memo: Mutex::new(AssignmentMemo::default()),
-            desired_states_changed: tokio::sync::Notify::new(),
+            desired_states_changed: watch::channel(0).0,
         });
         controller.refresh()?;
         // Readiness as it stands at start: transitions are reported from here on.
@@ -267,6 +269,13 @@ impl Controller {
         let shapes = nodes
             .iter()
             .map(|n| (n.object.metadata.name.clone(), node_shape(&n.object)))
+            .collect();
+        let inputs = nodes
+            .iter()
+            .map(|n| {
+                let inputs = assignments::AssignmentInputs::of(&n.object);
+                (n.object.metadata.name.clone(), Arc::new(inputs))
+            })
             .collect();
         let heartbeats: HashMap<String, SystemTime> = nodes
             .into_iter()
@@ -291,6 +300,7 @@ impl Controller {
         live.heartbeats = heartbeats;
         live.node_events = node_events;
         live.shapes = shapes;
+        live.inputs = inputs;
         drop(live);
         tokio::spawn(follow_feed(Arc::downgrade(&controller), feed));
         Ok(controller)
@@ -345,9 +355,10 @@ impl Controller {
         self.changes.subscribe()
     }
 
-    /// Completes when a DesiredState changed since the last call (the rollout loop's cue).
-    pub async fn desired_states_changed(&self) {
-        self.desired_states_changed.notified().await
+    /// Counts DesiredState changes that bring or remove a revision: the rollout loop's cue
+    /// (a receiver coalesces those it has not seen yet into one).
+    pub fn desired_states_changed(&self) -> watch::Receiver<u64> {
+        self.desired_states_changed.subscribe()
     }
 
     /// Long polls waiting for any node's assignment.

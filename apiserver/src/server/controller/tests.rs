@@ -1052,6 +1052,20 @@ async fn a_registration_wakes_only_that_nodes_long_poll_and_nodes_alike_share_on
         serde_json::to_value(&a2.states).unwrap()
     );
     assert_eq!(a3.node, "n3");
+    // The long poll's answer, written from the shared serialization, is the assignment.
+    for node in ["n1", "n2", "n3"] {
+        let (generation, body) = c.assignment_body(node).unwrap();
+        let expected = c.assignment(node).unwrap();
+        assert_eq!(generation, expected.generation);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            serde_json::to_value(&expected).unwrap()
+        );
+    }
+    assert!(matches!(
+        c.assignment_body("nobody"),
+        Err(Error::NotFound { .. })
+    ));
     // Computed once for the two web nodes and once for the db node.
     assert_eq!(c.assignments_memo.lock().unwrap().by_inputs.len(), 2);
 }
