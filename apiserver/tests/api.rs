@@ -2448,10 +2448,7 @@ fn a_slowloris_connection_is_closed_while_everyone_else_is_served() {
         }
         slowest = slowest.max(slowest_healthz(&server, 1));
     };
-    assert!(
-        slowest < Duration::from_millis(100),
-        "/healthz took {slowest:?} meanwhile"
-    );
+    assert_healthz_fast(slowest);
     assert!(
         closed >= Duration::from_secs(5),
         "closed after {closed:?}: too eager for a slow link"
@@ -2500,6 +2497,26 @@ fn open_watches(server: &Server) -> u64 {
         .find_map(|l| l.strip_prefix("shoal_watches_open "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no shoal_watches_open in\n{text}"))
+}
+
+/// What every abuse test asks of `/healthz` while the abuse runs.
+#[track_caller]
+fn assert_healthz_fast(slowest: Duration) {
+    assert!(
+        slowest < Duration::from_millis(100),
+        "/healthz took {slowest:?} meanwhile"
+    );
+}
+
+/// The server's RSS `after` (KiB) is less than `margin_mib` above `before`.
+#[track_caller]
+fn assert_rss_within(before: u64, after: u64, margin_mib: u64, when: &str) {
+    assert!(
+        after < before + margin_mib * 1024,
+        "RSS {} MiB → {} MiB {when}",
+        before / 1024,
+        after / 1024
+    );
 }
 
 /// The slowest of `n` `/healthz` answers.
@@ -2622,23 +2639,10 @@ fn a_thousand_watchers_that_never_read_cost_little_and_everyone_else_is_served()
         during / 1024,
         after / 1024
     );
-    assert!(
-        slowest < Duration::from_millis(100),
-        "/healthz took {slowest:?}"
-    );
+    assert_healthz_fast(slowest);
     // A copy of the list per watcher would be ~1000 × 300 nodes; one page each is not.
-    assert!(
-        during < before + 150 * 1024,
-        "{} MiB → {} MiB",
-        before / 1024,
-        during / 1024
-    );
-    assert!(
-        after < before + 40 * 1024,
-        "{} MiB → {} MiB after",
-        before / 1024,
-        after / 1024
-    );
+    assert_rss_within(before, during, 150, "with the watchers");
+    assert_rss_within(before, after, 40, "after the watchers");
 }
 
 /// Open file descriptors of a process (its sockets among them).
@@ -2742,16 +2746,8 @@ fn a_flood_of_idle_connections_without_a_token_leaves_room_for_nodes_and_probes(
         rss_before / 1024,
         rss_after / 1024
     );
-    assert!(
-        slowest < Duration::from_millis(100),
-        "/healthz took {slowest:?}"
-    );
-    assert!(
-        rss_after < rss_before + 30 * 1024,
-        "RSS {} → {} MiB",
-        rss_before / 1024,
-        rss_after / 1024
-    );
+    assert_healthz_fast(slowest);
+    assert_rss_within(rss_before, rss_after, 30, "after the flood");
     // And afterwards a tokenless caller is treated as before.
     server.get("/api/v1/nodes", None).error(401);
 }
@@ -2858,16 +2854,8 @@ fn hostile_bodies_and_forged_event_floods_are_refused_fast_while_everyone_else_i
         assert!(*took < Duration::from_secs(5), "{answers:?}");
     }
     assert_eq!(reports, vec![204; 5]);
-    assert!(
-        slowest < Duration::from_millis(100),
-        "/healthz took {slowest:?}"
-    );
-    assert!(
-        rss_after < rss_before + 64 * 1024,
-        "RSS {} → {} MiB",
-        rss_before / 1024,
-        rss_after / 1024
-    );
+    assert_healthz_fast(slowest);
+    assert_rss_within(rss_before, rss_after, 64, "after the hostile requests");
     // The flood kept only its own share: the quiet node's history is still there.
     let events = server
         .get("/api/v1/events?object=node/quiet&limit=100", Some(VIEWER))

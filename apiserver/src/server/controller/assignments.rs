@@ -3,12 +3,19 @@
 
 use super::*;
 
-/// What of a node its assignment depends on besides the revisions assigned to it.
+/// What of a node its assignment depends on besides the revisions assigned to it. Two are
+/// equal when their keys are (the key is both, as JSON).
 pub(super) struct AssignmentInputs {
     labels: BTreeMap<String, String>,
     cordoned: Option<Cordon>,
     /// Both as JSON: the memo's key.
     key: String,
+}
+
+impl PartialEq for AssignmentInputs {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
 }
 
 impl AssignmentInputs {

@@ -171,7 +171,7 @@ impl Controller {
                 let Ok(stored) = NODES.decode(&change.key, bytes) else {
                     return false;
                 };
-                let shape = node_shape(&stored.object);
+                let inputs = assignments::AssignmentInputs::of(&stored.object);
                 let reshaped = {
                     let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                     if let Some(at) = stored.object.status.last_heartbeat {
@@ -190,9 +190,9 @@ impl Controller {
                             }
                         }
                     }
-                    let reshaped = live.shapes.insert(name.to_string(), shape) != Some(shape);
-                    if reshaped || !live.inputs.contains_key(name) {
-                        let inputs = assignments::AssignmentInputs::of(&stored.object);
+                    // Only a change of labels or cordon: a heartbeat does not wake long polls.
+                    let reshaped = live.inputs.get(name).is_none_or(|known| **known != inputs);
+                    if reshaped {
                         live.inputs.insert(name.to_string(), Arc::new(inputs));
                     }
                     reshaped
@@ -215,7 +215,6 @@ impl Controller {
                     live.heartbeats.remove(name);
                     live.ready.remove(name);
                     live.host_history.remove(name);
-                    live.shapes.remove(name);
                     live.inputs.remove(name);
                     // Its history stays (it is about what happened) and ages out with the rest.
                     live.node_events.remove(name);
@@ -245,7 +244,6 @@ impl Controller {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             for node in nodes {
                 let name = node.object.metadata.name.clone();
-                live.shapes.insert(name.clone(), node_shape(&node.object));
                 let inputs = assignments::AssignmentInputs::of(&node.object);
                 live.inputs.insert(name.clone(), Arc::new(inputs));
                 if let Some(at) = node.object.status.last_heartbeat {

@@ -158,10 +158,9 @@ struct Live {
     ready: HashMap<String, bool>,
     /// Last heartbeat per node: the sweep reads this instead of decoding every node record.
     heartbeats: HashMap<String, SystemTime>,
-    /// A digest of what of each node decides its assignment (labels, cordon): a node write
-    /// that changes it wakes the long polls, a heartbeat does not.
-    shapes: HashMap<String, u64>,
-    /// What of each node decides its assignment, so a long poll reads no node record.
+    /// What of each node decides its assignment (labels, cordon), so a long poll reads no
+    /// node record; a node write that changes it wakes that node's long polls, a heartbeat
+    /// does not.
     inputs: HashMap<String, Arc<assignments::AssignmentInputs>>,
 }
 
@@ -266,10 +265,6 @@ impl Controller {
         let now = SystemTime::now();
         // A node that never reported has no readiness to turn; its first heartbeat is no transition.
         let nodes = controller.list_nodes_raw()?;
-        let shapes = nodes
-            .iter()
-            .map(|n| (n.object.metadata.name.clone(), node_shape(&n.object)))
-            .collect();
         let inputs = nodes
             .iter()
             .map(|n| {
@@ -299,7 +294,6 @@ impl Controller {
         live.ready = ready;
         live.heartbeats = heartbeats;
         live.node_events = node_events;
-        live.shapes = shapes;
         live.inputs = inputs;
         drop(live);
         tokio::spawn(follow_feed(Arc::downgrade(&controller), feed));
@@ -366,11 +360,6 @@ impl Controller {
         self.epoch.receiver_count()
     }
 
-    /// Subscribes to "some assignment may have changed".
-    pub fn assignment_epoch(&self) -> watch::Receiver<u64> {
-        self.epoch.subscribe()
-    }
-
     /// Subscribes to "`node`'s assignment may have changed". Subscribe before reading the
     /// assignment, so a change between the two is not missed.
     pub fn assignment_changes(&self, node: &str) -> AssignmentChanges {
@@ -398,7 +387,7 @@ impl Controller {
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .shapes
+            .inputs
             .len()
     }
 

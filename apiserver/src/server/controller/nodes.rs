@@ -13,15 +13,6 @@ pub(super) struct StoredNode {
     pub(super) object: NodeObject,
 }
 
-pub(super) fn node_shape(node: &NodeObject) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&(&node.metadata.labels, &node.status.cordoned))
-        .expect("nodes serialize")
-        .hash(&mut hasher);
-    hasher.finish()
-}
-
 /// A node's stored record inside a transaction, or 404.
 pub(super) fn node_in(txn: &dyn Txn, name: &str) -> Result<StoredNode, Error> {
     NODES
