@@ -648,8 +648,13 @@ impl Backend for PackageBackend {
             DpkgState::Unfinished(status) if dpkg_running() => Err(BackendError::Invalid(format!(
                 "dpkg is changing {package} right now (status `{status}`)"
             ))),
-            // Stuck half-way with no dpkg running: not installed, and the reconcile repairs it.
-            DpkgState::Unfinished(_) => Ok(None),
+            // No dpkg runs now, but one may have ended between the read and the look at the
+            // processes (its last state read as unfinished): read once more, then a package
+            // still half-way is stuck — not installed, and the reconcile repairs it.
+            DpkgState::Unfinished(_) => match self.dpkg_state(package).await? {
+                DpkgState::Installed(version) => Ok(Some(version)),
+                DpkgState::Absent | DpkgState::Unfinished(_) => Ok(None),
+            },
         }
     }
 
