@@ -160,12 +160,15 @@ impl GitSync {
         .trim()
         .to_string();
         {
-            let mut status = self.status.lock().expect("not poisoned");
+            let status = self.status.lock().expect("not poisoned");
             if status.head_commit.as_deref() == Some(sha.as_str()) {
                 return Ok(());
             }
-            status.head_commit = Some(sha.clone());
         }
+        // The head commit is published only together with its outcome (its problems, or the
+        // applied commit): a reader that sees a new head sees what became of it, never the
+        // problems of the commit before. A commit that could not be read or applied for a
+        // passing reason (git or the store failing) is not recorded, so the next poll retries it.
         let info = git(&self.bare, &["log", "-1", "--format=%an <%ae>%x00%s", &sha]).await?;
         let (author, subject) = info
             .trim_end()
@@ -269,6 +272,7 @@ impl GitSync {
                 )
                 .await;
             let mut status = self.status.lock().expect("not poisoned");
+            status.head_commit = Some(sha.clone());
             status.error = Some(message.clone());
             status.problems = problems;
             return Err(message);
@@ -297,6 +301,7 @@ impl GitSync {
         let mut status = self.status.lock().expect("not poisoned");
         match result {
             Ok(()) => {
+                status.head_commit = Some(sha.clone());
                 status.applied_commit = Some(sha);
                 status.error = None;
                 status.problems.clear();
