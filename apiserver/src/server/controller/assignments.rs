@@ -6,8 +6,8 @@ use super::*;
 /// What of a node its assignment depends on besides the revisions assigned to it. Two are
 /// equal when their keys are (the key is both, as JSON).
 pub(super) struct AssignmentInputs {
-    labels: BTreeMap<String, String>,
-    cordoned: Option<Cordon>,
+    pub(super) labels: BTreeMap<String, String>,
+    pub(super) cordoned: Option<Cordon>,
     /// Both as JSON: the memo's key.
     key: String,
 }
@@ -74,9 +74,9 @@ impl Controller {
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .inputs
+            .nodes
             .get(node)
-            .cloned();
+            .map(|facts| facts.inputs.clone());
         match known {
             Some(inputs) => Ok(inputs),
             None => Ok(Arc::new(AssignmentInputs::of(

@@ -44,12 +44,12 @@ pub(super) fn artifact_name(artifact: &Option<manifests::Artifact>) -> String {
 /// A stored DesiredState with the number of nodes its selector picks among `nodes`.
 pub(super) fn with_selected(
     object: &DesiredStateObject,
-    nodes: &[StoredNode],
+    nodes: &[Arc<NodeFacts>],
 ) -> DesiredStateObject {
     let mut object = object.clone();
     object.status.selected_nodes = nodes
         .iter()
-        .filter(|n| object.spec.selector.matches(&n.object.metadata.labels))
+        .filter(|n| object.spec.selector.matches(n.labels()))
         .count() as u64;
     object
 }
@@ -378,7 +378,7 @@ impl Controller {
             kind: "DesiredState",
             name: name.to_string(),
         })?;
-        Ok(with_selected(object, &self.list_nodes_raw()?))
+        Ok(with_selected(object, &self.node_facts()))
     }
 
     /// Every DesiredState, by name.
@@ -404,7 +404,7 @@ impl Controller {
         if page.is_empty() {
             return Ok(vec![]);
         }
-        let nodes = self.list_nodes_raw()?;
+        let nodes = self.node_facts();
         Ok(page
             .into_iter()
             .map(|(_, object)| with_selected(object, &nodes))

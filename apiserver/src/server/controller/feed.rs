@@ -101,11 +101,9 @@ impl Controller {
                         (None, None) => continue,
                     };
                     if let Ok(object) = DESIRED_STATES.decode(&change.key, bytes) {
-                        let object = match self.list_nodes_raw() {
-                            Ok(nodes) if kind != ChangeType::Deleted => {
-                                with_selected(&object, &nodes)
-                            }
-                            _ => object,
+                        let object = match kind {
+                            ChangeType::Deleted => object,
+                            _ => with_selected(&object, &self.node_facts()),
                         };
                         self.publish(Kind::DesiredState, kind, &name, &object);
                     }
@@ -171,7 +169,7 @@ impl Controller {
                 let Ok(stored) = NODES.decode(&change.key, bytes) else {
                     return false;
                 };
-                let inputs = assignments::AssignmentInputs::of(&stored.object);
+                let facts = NodeFacts::of(&stored);
                 let reshaped = {
                     let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                     if let Some(at) = stored.object.status.last_heartbeat {
@@ -191,10 +189,11 @@ impl Controller {
                         }
                     }
                     // Only a change of labels or cordon: a heartbeat does not wake long polls.
-                    let reshaped = live.inputs.get(name).is_none_or(|known| **known != inputs);
-                    if reshaped {
-                        live.inputs.insert(name.to_string(), Arc::new(inputs));
-                    }
+                    let reshaped = live
+                        .nodes
+                        .get(name)
+                        .is_none_or(|known| known.inputs != facts.inputs);
+                    live.nodes.insert(name.to_string(), Arc::new(facts));
                     reshaped
                 };
                 if watching {
@@ -215,7 +214,7 @@ impl Controller {
                     live.heartbeats.remove(name);
                     live.ready.remove(name);
                     live.host_history.remove(name);
-                    live.inputs.remove(name);
+                    live.nodes.remove(name);
                     // Its history stays (it is about what happened) and ages out with the rest.
                     live.node_events.remove(name);
                 }
@@ -244,8 +243,8 @@ impl Controller {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             for node in nodes {
                 let name = node.object.metadata.name.clone();
-                let inputs = assignments::AssignmentInputs::of(&node.object);
-                live.inputs.insert(name.clone(), Arc::new(inputs));
+                live.nodes
+                    .insert(name.clone(), Arc::new(NodeFacts::of(&node)));
                 if let Some(at) = node.object.status.last_heartbeat {
                     live.heartbeats.insert(name, at);
                 }

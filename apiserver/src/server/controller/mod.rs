@@ -158,10 +158,10 @@ struct Live {
     ready: HashMap<String, bool>,
     /// Last heartbeat per node: the sweep reads this instead of decoding every node record.
     heartbeats: HashMap<String, SystemTime>,
-    /// What of each node decides its assignment (labels, cordon), so a long poll reads no
-    /// node record; a node write that changes it wakes that node's long polls, a heartbeat
-    /// does not.
-    inputs: HashMap<String, Arc<assignments::AssignmentInputs>>,
+    /// What of each node requests and the rollout loop need (token hash, labels, cordon,
+    /// what it reports per DesiredState), so they decode no node record. A node write that
+    /// changes its labels or cordon wakes that node's long polls; a heartbeat does not.
+    nodes: HashMap<String, Arc<NodeFacts>>,
 }
 
 /// The apiserver's object logic.
@@ -265,12 +265,9 @@ impl Controller {
         let now = SystemTime::now();
         // A node that never reported has no readiness to turn; its first heartbeat is no transition.
         let nodes = controller.list_nodes_raw()?;
-        let inputs = nodes
+        let facts = nodes
             .iter()
-            .map(|n| {
-                let inputs = assignments::AssignmentInputs::of(&n.object);
-                (n.object.metadata.name.clone(), Arc::new(inputs))
-            })
+            .map(|n| (n.object.metadata.name.clone(), Arc::new(NodeFacts::of(n))))
             .collect();
         let heartbeats: HashMap<String, SystemTime> = nodes
             .into_iter()
@@ -294,7 +291,7 @@ impl Controller {
         live.ready = ready;
         live.heartbeats = heartbeats;
         live.node_events = node_events;
-        live.inputs = inputs;
+        live.nodes = facts;
         drop(live);
         tokio::spawn(follow_feed(Arc::downgrade(&controller), feed));
         Ok(controller)
@@ -387,7 +384,7 @@ impl Controller {
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .inputs
+            .nodes
             .len()
     }
 

@@ -13,6 +13,83 @@ pub(super) struct StoredNode {
     pub(super) object: NodeObject,
 }
 
+/// What the feed keeps of each node: enough that authenticating a node's request, its long
+/// poll, the rollout loop and the node counts of DesiredStates decode no node record (at
+/// 10,000 nodes, decoding every record took the rollout loop ~0.2 s a tick).
+pub(super) struct NodeFacts {
+    pub(super) token_sha256: String,
+    /// Labels and cordon: what its assignment depends on.
+    pub(super) inputs: Arc<assignments::AssignmentInputs>,
+    pub(super) last_heartbeat: Option<SystemTime>,
+    /// What it reports per DesiredState.
+    pub(super) applied: Vec<AppliedState>,
+    pub(super) healthy_received: BTreeMap<String, HealthyReceived>,
+    /// Per DesiredState, why its components failed (only those that did).
+    pub(super) failures: BTreeMap<String, String>,
+}
+
+impl NodeFacts {
+    pub(super) fn of(stored: &StoredNode) -> Self {
+        let node = &stored.object;
+        let report = &node.status.report;
+        let mut failing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for component in report
+            .components
+            .iter()
+            .filter(|c| matches!(c.phase, ComponentPhase::Reverted | ComponentPhase::Failed))
+        {
+            failing
+                .entry(component.desired_state.clone())
+                .or_default()
+                .push(failure_text(component));
+        }
+        NodeFacts {
+            token_sha256: stored.token_sha256.clone(),
+            inputs: Arc::new(assignments::AssignmentInputs::of(node)),
+            last_heartbeat: node.status.last_heartbeat,
+            applied: report.applied.clone(),
+            healthy_received: node.status.healthy_received.clone(),
+            failures: failing
+                .into_iter()
+                .map(|(state, texts)| (state, texts.join("; ")))
+                .collect(),
+        }
+    }
+
+    pub(super) fn labels(&self) -> &BTreeMap<String, String> {
+        &self.inputs.labels
+    }
+}
+
+/// Why a component failed, as the rollout says it: its phase and message, the first line of
+/// its probe's output, and its own last words (what an operator reads first).
+fn failure_text(c: &ComponentStatus) -> String {
+    let mut text = format!("{} {:?}", c.name, c.phase);
+    if let Some(message) = &c.message {
+        text.push_str(&format!(": {message}"));
+    }
+    if let Some(output) = &c.probe_output {
+        text.push_str(&format!(
+            " (probe: {})",
+            output.lines().next().unwrap_or("")
+        ));
+    }
+    let tail: Vec<&str> = c
+        .log_tail
+        .iter()
+        .rev()
+        .take(2)
+        .rev()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if !tail.is_empty() {
+        let log: String = tail.join(" / ").chars().take(300).collect();
+        text.push_str(&format!(" (log: {log})"));
+    }
+    text
+}
+
 /// A node's stored record inside a transaction, or 404.
 pub(super) fn node_in(txn: &dyn Txn, name: &str) -> Result<StoredNode, Error> {
     NODES
@@ -278,13 +355,23 @@ impl Controller {
     /// True when `token` is the node token of `name` (compared in constant time).
     pub fn node_token_matches(&self, name: &str, token: &str) -> Result<bool, Error> {
         use subtle::ConstantTimeEq;
-        let Some(stored) = self.find_node(name)? else {
-            return Ok(false);
+        let known = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .nodes
+            .get(name)
+            .map(|facts| facts.token_sha256.clone());
+        let expected = match known {
+            Some(hash) => hash,
+            // Not (yet) known to the feed: the store decides.
+            None => match self.find_node(name)? {
+                Some(stored) => stored.token_sha256,
+                None => return Ok(false),
+            },
         };
         let presented = sha256_hex(token);
-        Ok(bool::from(
-            presented.as_bytes().ct_eq(stored.token_sha256.as_bytes()),
-        ))
+        Ok(bool::from(presented.as_bytes().ct_eq(expected.as_bytes())))
     }
 
     /// Stores a node's heartbeat report and turns its events into Events.
@@ -363,6 +450,17 @@ impl Controller {
         let _ = object;
         self.after_events(&events).await?;
         Ok(())
+    }
+
+    /// What the feed keeps of every node, in no particular order.
+    pub(super) fn node_facts(&self) -> Vec<Arc<NodeFacts>> {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .nodes
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub(super) fn list_nodes_raw(&self) -> Result<Vec<StoredNode>, StoreError> {

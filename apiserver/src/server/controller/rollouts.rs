@@ -92,20 +92,21 @@ impl Controller {
                     })
                     .collect(),
             };
-        Ok(self
-            .list_nodes_raw()?
+        let nodes: Vec<(String, Arc<NodeFacts>)> = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .nodes
+            .iter()
+            .map(|(name, facts)| (name.clone(), facts.clone()))
+            .collect();
+        let mut views: Vec<crate::rollout::NodeView> = nodes
             .into_iter()
-            .map(|stored| {
-                let node = stored.object;
-                let report = &node.status.report;
-                let applied = report
-                    .applied
-                    .iter()
-                    .find(|a| a.desired_state == desired_state)
-                    .cloned();
+            .map(|(name, node)| {
+                let labels = node.labels();
                 let conflicts: Vec<String> = rivals
                     .iter()
-                    .filter(|(other, _)| other.spec.selector.matches(&node.metadata.labels))
+                    .filter(|(other, _)| other.spec.selector.matches(labels))
                     .flat_map(|(other, shared)| {
                         shared.iter().map(move |c| {
                             format!(
@@ -115,61 +116,31 @@ impl Controller {
                         })
                     })
                     .collect();
-                let healthy_received = node
-                    .status
-                    .healthy_received
-                    .get(desired_state)
-                    .map(|h| (h.revision, h.at));
-                let failure: Vec<String> = report
-                    .components
-                    .iter()
-                    .filter(|c| c.desired_state == desired_state)
-                    .filter(|c| {
-                        matches!(c.phase, ComponentPhase::Reverted | ComponentPhase::Failed)
-                    })
-                    .map(|c| {
-                        let mut text = format!("{} {:?}", c.name, c.phase);
-                        if let Some(message) = &c.message {
-                            text.push_str(&format!(": {message}"));
-                        }
-                        if let Some(output) = &c.probe_output {
-                            text.push_str(&format!(
-                                " (probe: {})",
-                                output.lines().next().unwrap_or("")
-                            ));
-                        }
-                        // The component's own last words: what an operator reads first.
-                        let tail: Vec<&str> = c
-                            .log_tail
-                            .iter()
-                            .rev()
-                            .take(2)
-                            .rev()
-                            .map(|l| l.trim())
-                            .filter(|l| !l.is_empty())
-                            .collect();
-                        if !tail.is_empty() {
-                            let log: String = tail.join(" / ").chars().take(300).collect();
-                            text.push_str(&format!(" (log: {log})"));
-                        }
-                        text
-                    })
-                    .collect();
                 crate::rollout::NodeView {
                     // A node that registered and never reported is not available: a wave
                     // goes on without it (within maxUnavailable) or waits for it.
-                    ready: self.is_ready(&node, now),
-                    cordoned: node.status.cordoned.is_some(),
-                    last_report: node.status.last_heartbeat,
-                    healthy_received,
-                    name: node.metadata.name,
-                    labels: node.metadata.labels,
-                    applied,
-                    failure: (!failure.is_empty()).then(|| failure.join("; ")),
+                    ready: node.last_heartbeat.is_some_and(|t| self.fresh(t, now)),
+                    cordoned: node.inputs.cordoned.is_some(),
+                    last_report: node.last_heartbeat,
+                    healthy_received: node
+                        .healthy_received
+                        .get(desired_state)
+                        .map(|h| (h.revision, h.at)),
+                    labels: labels.clone(),
+                    applied: node
+                        .applied
+                        .iter()
+                        .find(|a| a.desired_state == desired_state)
+                        .cloned(),
+                    failure: node.failures.get(desired_state).cloned(),
                     conflict: (!conflicts.is_empty()).then(|| conflicts.join("; ")),
+                    name,
                 }
             })
-            .collect())
+            .collect();
+        // By name, as the store lists them: waves are planned in a stable order.
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(views)
     }
 
     /// One tick of the rollout controller over every DesiredState. One DesiredState's
@@ -321,16 +292,17 @@ impl Controller {
             && update.last_good.is_none()
             && base_rollout.status.phase == RolloutPhase::RolledBack;
         let pinned: Vec<String> = if rolled_back {
-            self.list_nodes_raw()?
-                .into_iter()
-                .filter(|n| {
-                    n.object.status.cordoned.as_ref().is_some_and(|c| {
+            let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            live.nodes
+                .iter()
+                .filter(|(_, n)| {
+                    n.inputs.cordoned.as_ref().is_some_and(|c| {
                         c.revisions
                             .get(name)
                             .is_some_and(|r| *r > base_rollout.spec.from_revision)
                     })
                 })
-                .map(|n| n.object.metadata.name)
+                .map(|(name, _)| name.clone())
                 .collect()
         } else {
             vec![]
