@@ -30,6 +30,9 @@ struct Options {
     binary: String,
     /// Keep the store in a throwaway PostgreSQL cluster instead of sled.
     postgres: bool,
+    /// Only open the connections (one `/healthz` each) and report the server's RSS: the
+    /// floor the HTTP stack alone sets.
+    floor: bool,
 }
 
 fn options() -> Options {
@@ -41,6 +44,7 @@ fn options() -> Options {
         concurrency: 64,
         binary: concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/apiserver").to_string(),
         postgres: false,
+        floor: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -59,6 +63,11 @@ fn options() -> Options {
             "--apiserver" => o.binary = value,
             "--postgres" => {
                 o.postgres = true;
+                i += 1;
+                continue;
+            }
+            "--floor" => {
+                o.floor = true;
                 i += 1;
                 continue;
             }
@@ -92,7 +101,7 @@ impl Drop for Server {
 const JOIN: &str = "bench-join-token-0123456789abcdef";
 const OPERATOR: &str = "bench-operator-token-0123456789ab";
 
-fn start(binary: &str, store: Option<&str>) -> Server {
+fn start(binary: &str, store: Option<&str>, extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
     let tokens = dir.path().join("tokens.yaml");
     std::fs::write(
@@ -110,6 +119,7 @@ fn start(binary: &str, store: Option<&str>) -> Server {
             tokens.to_str().unwrap(),
         ])
         .args(store.map(|url| ["--store", url]).into_iter().flatten())
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -140,6 +150,36 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// `nodes` HTTP/2 connections that each asked `/healthz` once and stay open: the server's
+/// RSS before and with them.
+async fn floor(url: &str, pid: u32, nodes: usize) {
+    let before = rss_mib(pid);
+    let mut clients = Vec::with_capacity(nodes);
+    for _ in 0..nodes {
+        let c = client();
+        let r = c.get(format!("{url}/healthz")).send().await.unwrap();
+        assert!(r.status().is_success());
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let with = rss_mib(pid);
+    println!(
+        "floor: {nodes} idle HTTP/2 connections: RSS {before:.1} MiB before, {with:.1} MiB with them ({:.1} KiB each)",
+        (with - before) * 1024.0 / nodes as f64
+    );
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -239,7 +279,18 @@ async fn main() {
         Some(cluster) => Some(cluster.create_database("bench").await),
         None => None,
     };
-    let server = start(&o.binary, store_url.as_deref());
+    // The floor's connections carry no token: let them all in.
+    let extra: &[&str] = if o.floor {
+        &[
+            "--max-anonymous-connections",
+            "100000",
+            "--max-anonymous-connections-per-peer",
+            "100000",
+        ]
+    } else {
+        &[]
+    };
+    let server = start(&o.binary, store_url.as_deref(), extra);
     let url = server.url.clone();
     let pid = server.child.id();
     println!(
@@ -248,6 +299,12 @@ async fn main() {
         o.interval.as_secs(),
         if o.postgres { "postgres" } else { "sled" }
     );
+
+    if o.floor {
+        floor(&url, pid, o.nodes).await;
+        drop(server);
+        std::process::exit(0);
+    }
 
     let admin = client();
     let apply = |version: &'static str| {
@@ -443,10 +500,11 @@ async fn main() {
         percentile(&prop, 99.0),
         prop.last().copied().unwrap_or(f64::NAN)
     );
+    let connected_peak = peak_rss_mib(pid);
     println!(
-        "apiserver peak RSS with {} nodes connected: {:.1} MiB",
+        "apiserver RSS with {} nodes connected: {:.1} MiB now, {connected_peak:.1} MiB at peak",
         o.nodes,
-        peak_rss_mib(pid)
+        rss_mib(pid)
     );
 
     // Saturated throughput, same server, same run (the fleet's connections stay open).
@@ -461,6 +519,16 @@ async fn main() {
     println!(
         "apiserver peak RSS at the end: {:.1} MiB",
         peak_rss_mib(pid)
+    );
+    // One line for scripts and the targets: the peak RSS is the one with the
+    // fleet connected, before the saturation runs.
+    println!(
+        "figures: nodes={} hb_p99_ms={:.1} hb_max_ms={:.1} apply_p99_ms={:.1} rss_mib={connected_peak:.0} ratio={:.2}",
+        o.nodes,
+        percentile(&hb, 99.0),
+        hb.last().copied().unwrap_or(f64::NAN),
+        percentile(&prop, 99.0),
+        heartbeat / healthz
     );
     running.store(false, Ordering::Relaxed);
     drop(server);

@@ -45,17 +45,42 @@ pub(super) async fn follow_feed(
     }
 }
 
-/// Whether a DesiredState change brings a revision to roll out, or removes one: what the
-/// rollout loop acts on at once. Its own writes (status) wait for its next tick, so a
-/// rollout still steps once a second.
-fn new_revision(change: &store::Changed) -> bool {
-    let revision = |bytes: &Option<Arc<[u8]>>| {
+/// What a DesiredState change means for the rollout loop and the long polls.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct DesiredStateChange {
+    /// It brings a revision to roll out, or removes one: the rollout loop acts at once. Its
+    /// own writes (status) wait for its next tick, so a rollout still steps once a second.
+    pub(super) new_revision: bool,
+    /// Its selector, spec, newest or last good revision changed (or it came or went): an
+    /// assignment may have changed. Other status (what the rollout writes as it waits)
+    /// wakes no long poll: at 10,000 nodes each wake costs every long poll a round.
+    pub(super) assignments: bool,
+}
+
+pub(super) fn desired_state_change(change: &store::Changed) -> DesiredStateChange {
+    let decode = |bytes: &Option<Arc<[u8]>>| {
         bytes
             .as_ref()
             .and_then(|b| DESIRED_STATES.decode(&change.key, b).ok())
-            .map(|d| d.status.revision)
     };
-    revision(&change.value) != revision(&change.previous)
+    let (before, after) = (decode(&change.previous), decode(&change.value));
+    let revision = |d: &Option<DesiredStateObject>| d.as_ref().map(|d| d.status.revision);
+    let shape = |d: &Option<DesiredStateObject>| {
+        d.as_ref().map(|d| {
+            (
+                serde_json::to_value(&d.spec).ok(),
+                d.status.revision,
+                d.status.last_good_revision,
+            )
+        })
+    };
+    DesiredStateChange {
+        new_revision: revision(&before) != revision(&after),
+        // Undecodable either side: wake, as before.
+        assignments: before.is_none() != change.previous.is_none()
+            || after.is_none() != change.value.is_none()
+            || shape(&before) != shape(&after),
+    }
 }
 
 impl Controller {
@@ -71,16 +96,19 @@ impl Controller {
             match change.table {
                 Table::DesiredStates => {
                     refresh = true;
-                    wake = true;
-                    if new_revision(change) {
+                    let what = desired_state_change(change);
+                    wake |= what.assignments;
+                    if what.new_revision {
                         self.desired_states_changed.send_modify(|n| *n += 1);
                     }
                 }
-                Table::Assignments | Table::Rollouts => {
+                Table::Assignments => {
                     refresh = true;
                     wake = true;
                 }
-                Table::Revisions => refresh = true,
+                // A rollout's own record changes no assignment (the assignments it makes
+                // are their own table); a revision matters once a DesiredState names it.
+                Table::Rollouts | Table::Revisions => refresh = true,
                 Table::Nodes | Table::Events | Table::Leases => {}
             }
         }

@@ -1069,3 +1069,68 @@ async fn a_registration_wakes_only_that_nodes_long_poll_and_nodes_alike_share_on
     // Computed once for the two web nodes and once for the db node.
     assert_eq!(c.assignments_memo.lock().unwrap().by_inputs.len(), 2);
 }
+
+#[tokio::test]
+async fn only_a_desired_state_change_that_can_change_an_assignment_wakes_long_polls() {
+    let c = controller().await;
+    apply(&c, &manifest("web", "web", &[("tool", "1.0")])).await;
+    let base = c.get_desired_state("web").unwrap();
+    let bytes = |d: &DesiredStateObject| -> Option<Arc<[u8]>> {
+        Some(serde_json::to_vec(d).unwrap().into())
+    };
+    let change = |before: Option<&DesiredStateObject>, after: Option<&DesiredStateObject>| {
+        feed::desired_state_change(&store::Changed {
+            table: Table::DesiredStates,
+            key: b"web".to_vec(),
+            value: after.and_then(bytes),
+            previous: before.and_then(bytes),
+        })
+    };
+    let mut counted = base.clone();
+    counted.status.selected_nodes += 7;
+    counted.metadata.resource_version = "99".into();
+    assert_eq!(
+        change(Some(&base), Some(&counted)),
+        feed::DesiredStateChange {
+            new_revision: false,
+            assignments: false
+        },
+        "status the rollout writes as it waits wakes nobody"
+    );
+    let mut good = base.clone();
+    good.status.last_good_revision += 1;
+    assert_eq!(
+        change(Some(&base), Some(&good)),
+        feed::DesiredStateChange {
+            new_revision: false,
+            assignments: true
+        }
+    );
+    let mut newer = base.clone();
+    newer.status.revision += 1;
+    newer.spec.components[0].version = Some("2.0".into());
+    assert_eq!(
+        change(Some(&base), Some(&newer)),
+        feed::DesiredStateChange {
+            new_revision: true,
+            assignments: true
+        }
+    );
+    for (before, after) in [(None, Some(&base)), (Some(&base), None)] {
+        assert_eq!(
+            change(before, after),
+            feed::DesiredStateChange {
+                new_revision: true,
+                assignments: true
+            }
+        );
+    }
+    // Bytes that do not decode wake, as any change did before.
+    let garbage = feed::desired_state_change(&store::Changed {
+        table: Table::DesiredStates,
+        key: b"web".to_vec(),
+        value: Some(b"{not json".to_vec().into()),
+        previous: bytes(&base),
+    });
+    assert!(garbage.assignments);
+}
