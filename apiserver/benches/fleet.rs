@@ -182,6 +182,24 @@ async fn floor(url: &str, pid: u32, nodes: usize) {
     );
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -372,7 +390,11 @@ async fn main() {
     let nodes = Arc::new(nodes);
 
     // Every node: one long poll loop and one heartbeat loop on its own connection.
-    let heartbeat_latency = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let heartbeat_latency = Arc::new(Mutex::new(Vec::<(Instant, f64)>::new()));
+    // Every long-poll answer: when, and whether it was unchanged (a timeout or a wake-up
+    // that moved nothing).
+    let answers = Arc::new(Mutex::new(Vec::<(Instant, bool)>::new()));
+    let fleet_started = Instant::now();
     let propagation = Arc::new(Mutex::new(Vec::<f64>::new()));
     let applied_at = Arc::new(Mutex::new(None::<Instant>));
     let recording = Arc::new(AtomicBool::new(false));
@@ -410,7 +432,7 @@ async fn main() {
                                 latency
                                     .lock()
                                     .await
-                                    .push(t.elapsed().as_secs_f64() * 1000.0);
+                                    .push((t, t.elapsed().as_secs_f64() * 1000.0));
                             }
                         }
                         _ => {
@@ -426,6 +448,7 @@ async fn main() {
         let applied_at = applied_at.clone();
         let running = running.clone();
         let failures = failures.clone();
+        let answers = answers.clone();
         tasks.push(tokio::spawn(async move {
             let node = &nodes[i];
             let mut since: Option<u64> = None;
@@ -456,6 +479,10 @@ async fn main() {
                     }
                 };
                 let generation = v["generation"].as_u64();
+                answers
+                    .lock()
+                    .await
+                    .push((Instant::now(), generation == since));
                 if since.is_some() && generation != since {
                     if let Some(at) = *applied_at.lock().await {
                         propagation
@@ -469,16 +496,89 @@ async fn main() {
         }));
     }
 
-    // Let every node connect and settle, then measure steady state.
-    tokio::time::sleep(o.interval + Duration::from_secs(2)).await;
+    // Let every node connect and settle: each sends its first heartbeat (within one
+    // interval), then the first revision's rollout reaches every node (it waits for them to
+    // be Ready) and completes. Only then is the fleet in steady state.
+    tokio::time::sleep(o.interval).await;
+    let settled = Instant::now() + Duration::from_secs(120);
+    loop {
+        let phase = admin
+            .get(format!("{url}/api/v1/rollouts/bench"))
+            .bearer_auth(OPERATOR)
+            .send()
+            .await
+            .ok();
+        let phase = match phase {
+            Some(r) => r.json::<serde_json::Value>().await.ok(),
+            None => None,
+        };
+        if phase.as_ref().and_then(|r| r["status"]["phase"].as_str()) == Some("Complete") {
+            break;
+        }
+        assert!(
+            Instant::now() < settled,
+            "the first rollout did not complete within 2 minutes: {phase:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     recording.store(true, Ordering::Relaxed);
     tokio::time::sleep(o.steady / 2).await;
     *applied_at.lock().await = Some(Instant::now());
+    let cpu_before = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
     apply("1.1").await;
-    tokio::time::sleep(o.steady / 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu_after = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
+    println!(
+        "CPU in the 2 s from the apply: apiserver {:.2} s, load generator {:.2} s (of 4 on two cores)",
+        cpu_after.0 - cpu_before.0,
+        cpu_after.1 - cpu_before.1
+    );
+    tokio::time::sleep((o.steady / 2).saturating_sub(Duration::from_secs(2))).await;
     recording.store(false, Ordering::Relaxed);
 
-    let mut hb = heartbeat_latency.lock().await.clone();
+    let samples = heartbeat_latency.lock().await.clone();
+    let applied = applied_at.lock().await.expect("applied");
+    // Where the slow heartbeats are, by second from the apply (negative: before it).
+    let mut slow: std::collections::BTreeMap<i64, usize> = Default::default();
+    for (sent, ms) in &samples {
+        if *ms > 50.0 {
+            let at = if *sent >= applied {
+                sent.duration_since(applied).as_secs_f64()
+            } else {
+                -applied.duration_since(*sent).as_secs_f64()
+            };
+            *slow.entry(at.floor() as i64).or_default() += 1;
+        }
+    }
+    println!(
+        "heartbeats over 50 ms, by second from the apply: {}",
+        slow.iter()
+            .map(|(s, n)| format!("{s:+}s:{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut by_second: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
+    for (at, unchanged) in answers.lock().await.iter() {
+        let entry = by_second
+            .entry(at.duration_since(fleet_started).as_secs())
+            .or_default();
+        if *unchanged {
+            entry.1 += 1;
+        } else {
+            entry.0 += 1;
+        }
+    }
+    println!(
+        "long-poll answers by second from the fleet's start (changed/unchanged), apply at {:.1}s: {}",
+        applied.duration_since(fleet_started).as_secs_f64(),
+        by_second
+            .iter()
+            .map(|(s, (c, u))| format!("{s}s:{c}/{u}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut hb: Vec<f64> = samples.iter().map(|(_, ms)| *ms).collect();
     hb.sort_by(f64::total_cmp);
     let mut prop = propagation.lock().await.clone();
     prop.sort_by(f64::total_cmp);

@@ -594,10 +594,10 @@ struct AssignmentQuery {
 }
 
 /// Waking a long poll costs about this much; a fleet-wide wake is spread over the waiters.
-const WAKE_COST: Duration = Duration::from_micros(25);
+const WAKE_COST: Duration = Duration::from_micros(70);
 
 /// The most a woken long poll is held back.
-const MAX_WAKE_SPREAD: Duration = Duration::from_millis(250);
+const MAX_WAKE_SPREAD: Duration = Duration::from_millis(700);
 
 /// How long the long poll of `node` waits before answering a wake, when `waiting` long
 /// polls woke with it: a stable share of `waiting × WAKE_COST` (at most 250 ms), so a fleet
@@ -644,12 +644,10 @@ async fn get_assignment(
         tokio::select! {
             woke = changes.changed() => match woke {
                 Wake::Closed => return Ok(json(body)),
-                Wake::Node => {}
                 // A change for the whole fleet wakes every waiting node at once; answering
                 // them spread over a moment keeps heartbeats and probes answered meanwhile.
-                Wake::Fleet => {
-                    let waiting = state.controller.waiting_long_polls();
-                    tokio::time::sleep(wake_spread(&name, waiting)).await;
+                Wake::Changed { together } => {
+                    tokio::time::sleep(wake_spread(&name, together)).await;
                 }
             },
             _ = tokio::time::sleep_until(deadline) => return Ok(json(body)),

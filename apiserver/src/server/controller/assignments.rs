@@ -31,7 +31,7 @@ impl AssignmentInputs {
 
 /// One computed assignment (its `node` empty) and its JSON after the name.
 pub(super) struct SharedAssignment {
-    assignment: NodeAssignment,
+    pub(super) assignment: NodeAssignment,
     tail: Vec<u8>,
 }
 
@@ -97,7 +97,11 @@ impl Controller {
 
     /// The assignment of nodes with `inputs` and `node`'s assigned revisions, computed once
     /// per distinct (labels, cordon, assigned revisions) for the current cache.
-    fn shared_assignment(&self, inputs: &AssignmentInputs, node: &str) -> Arc<SharedAssignment> {
+    pub(super) fn shared_assignment(
+        &self,
+        inputs: &AssignmentInputs,
+        node: &str,
+    ) -> Arc<SharedAssignment> {
         let cache = self.cache();
         let assigned = cache.assignments.get(node);
         let key = format!(

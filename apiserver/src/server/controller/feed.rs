@@ -146,10 +146,7 @@ impl Controller {
                     }
                 }
                 Table::Nodes => {
-                    let reshaped = self.on_node_change(&name, change, now, watching);
-                    if reshaped {
-                        self.wake_node(&name);
-                    }
+                    self.on_node_change(&name, change, now, watching);
                 }
                 Table::Events => {
                     let Some(Ok(event)) =
@@ -178,26 +175,27 @@ impl Controller {
             }
         }
         if wake {
-            self.bump_epoch();
+            self.wake_moved_assignments();
         }
         self.processed.send_replace(applied.last);
     }
 
-    /// A node record written or removed: heartbeats, readiness and watchers follow.
-    /// Returns whether its assignment may have changed.
+    /// A node record written or removed: heartbeats, readiness, watchers and, when its
+    /// labels or cordon changed (or it came or went), its long polls follow.
     pub(super) fn on_node_change(
         &self,
         name: &str,
         change: &store::Changed,
         now: SystemTime,
         watching: bool,
-    ) -> bool {
+    ) {
         match &change.value {
             Some(bytes) => {
                 let Ok(stored) = NODES.decode(&change.key, bytes) else {
-                    return false;
+                    return;
                 };
                 let facts = NodeFacts::of(&stored);
+                let inputs = facts.inputs.clone();
                 let reshaped = {
                     let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                     if let Some(at) = stored.object.status.last_heartbeat {
@@ -234,7 +232,9 @@ impl Controller {
                         self.publish(Kind::Node, kind, name, &object);
                     }
                 }
-                reshaped
+                if reshaped {
+                    self.wake_reshaped_node(name, &inputs);
+                }
             }
             None => {
                 {
@@ -255,7 +255,11 @@ impl Controller {
                         self.publish(Kind::Node, ChangeType::Deleted, name, &stored.object);
                     }
                 }
-                true
+                self.generations
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(name);
+                self.wake_nodes(std::iter::once(name));
             }
         }
     }
@@ -278,7 +282,13 @@ impl Controller {
                 }
             }
         }
-        self.bump_epoch();
+        // What this replica missed may have moved any assignment, and what it last told
+        // each node is not to be trusted: every long poll looks again.
+        self.generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        self.wake_moved_assignments();
         self.processed.send_replace(self.store.revision());
         let _ = self.changes.send(Change {
             kind: Kind::DesiredState,

@@ -175,7 +175,6 @@ pub struct Controller {
     store: Arc<Store>,
     config: ControllerConfig,
     changes: broadcast::Sender<Change>,
-    epoch: watch::Sender<u64>,
     cache: RwLock<Arc<Cache>>,
     /// One refresh at a time: two interleaved ones could store the older scan last.
     refreshing: Mutex<()>,
@@ -185,9 +184,12 @@ pub struct Controller {
     processed: watch::Sender<u64>,
     identity: String,
     lease: Mutex<LeaseState>,
-    /// Per node with a long poll waiting: bumped when what of that node decides its
-    /// assignment changes (a registration wakes that node, not every long poll).
-    node_epochs: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Per node with a long poll waiting: bumped when that node's assignment may have
+    /// changed (a registration wakes that node, not every long poll).
+    node_epochs: Mutex<HashMap<String, watch::Sender<NodeWake>>>,
+    /// The generation of each node's assignment as of the last change: a change of
+    /// DesiredStates or assignments wakes exactly the nodes whose generation it moved.
+    generations: Mutex<HashMap<String, u64>>,
     /// Assignments computed for the current cache, by what of a node they depend on: one
     /// computation per distinct (labels, cordon, assigned revisions), not one per node.
     assignments_memo: Mutex<AssignmentMemo>,
@@ -204,20 +206,28 @@ struct AssignmentMemo {
     by_inputs: HashMap<String, Arc<assignments::SharedAssignment>>,
 }
 
-/// What a long poll for one node's assignment waits on: any change of DesiredStates,
-/// revisions or assignments, or a change of that node.
+/// What a long poll for one node's assignment waits on: a change of that node's
+/// assignment (or of the node itself).
 pub struct AssignmentChanges {
-    fleet: watch::Receiver<u64>,
-    node: watch::Receiver<u64>,
+    node: watch::Receiver<NodeWake>,
+}
+
+/// The value behind each node's wake-up: a counter, and how many nodes the change that
+/// bumped it woke together.
+#[derive(Debug, Clone, Copy, Default)]
+struct NodeWake {
+    count: u64,
+    together: usize,
 }
 
 /// What woke a long poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
-    /// DesiredStates, revisions or assignments changed: every waiting node woke.
-    Fleet,
-    /// This node changed.
-    Node,
+    /// This node's assignment may have changed, in a change that woke `together` nodes.
+    Changed {
+        /// Nodes woken by the same change (1 for a change of this node alone).
+        together: usize,
+    },
     /// The controller is gone.
     Closed,
 }
@@ -225,9 +235,11 @@ pub enum Wake {
 impl AssignmentChanges {
     /// Waits for the next change.
     pub async fn changed(&mut self) -> Wake {
-        tokio::select! {
-            fleet = self.fleet.changed() => if fleet.is_ok() { Wake::Fleet } else { Wake::Closed },
-            node = self.node.changed() => if node.is_ok() { Wake::Node } else { Wake::Closed },
+        match self.node.changed().await {
+            Ok(()) => Wake::Changed {
+                together: self.node.borrow_and_update().together,
+            },
+            Err(_) => Wake::Closed,
         }
     }
 }
@@ -240,7 +252,6 @@ impl Controller {
     /// A controller over `store`; loads its cache.
     pub fn new(store: Arc<Store>, config: ControllerConfig) -> Result<Arc<Self>, StoreError> {
         let (changes, _) = broadcast::channel(4096);
-        let (epoch, _) = watch::channel(0);
         // Subscribed before the first read: no change can fall between the two.
         let feed = store.subscribe();
         let (processed, _) = watch::channel(store.revision());
@@ -249,7 +260,6 @@ impl Controller {
             store,
             config,
             changes,
-            epoch,
             cache: RwLock::new(Arc::new(Cache::default())),
             refreshing: Mutex::new(()),
             live: Mutex::new(Live::default()),
@@ -257,6 +267,7 @@ impl Controller {
             identity: replica_identity(),
             lease: Mutex::new(LeaseState::default()),
             node_epochs: Mutex::new(HashMap::new()),
+            generations: Mutex::new(HashMap::new()),
             assignments_memo: Mutex::new(AssignmentMemo::default()),
             desired_states_changed: watch::channel(0).0,
         });
@@ -293,6 +304,7 @@ impl Controller {
         live.node_events = node_events;
         live.nodes = facts;
         drop(live);
+        controller.wake_moved_assignments();
         tokio::spawn(follow_feed(Arc::downgrade(&controller), feed));
         Ok(controller)
     }
@@ -352,11 +364,6 @@ impl Controller {
         self.desired_states_changed.subscribe()
     }
 
-    /// Long polls waiting for any node's assignment.
-    pub fn waiting_long_polls(&self) -> usize {
-        self.epoch.receiver_count()
-    }
-
     /// Subscribes to "`node`'s assignment may have changed". Subscribe before reading the
     /// assignment, so a change between the two is not missed.
     pub fn assignment_changes(&self, node: &str) -> AssignmentChanges {
@@ -371,12 +378,9 @@ impl Controller {
         }
         let node = epochs
             .entry(node.to_string())
-            .or_insert_with(|| watch::channel(0).0)
+            .or_insert_with(|| watch::channel(NodeWake::default()).0)
             .subscribe();
-        AssignmentChanges {
-            fleet: self.epoch.subscribe(),
-            node,
-        }
+        AssignmentChanges { node }
     }
 
     /// Nodes known to the feed.
@@ -388,16 +392,67 @@ impl Controller {
             .len()
     }
 
-    /// Wakes the long polls of `node`.
-    fn wake_node(&self, node: &str) {
-        if let Some(sender) = self
+    /// Wakes the long polls of `nodes`, telling each how many woke together.
+    fn wake_nodes<'a>(&self, nodes: impl ExactSizeIterator<Item = &'a str>) {
+        let together = nodes.len();
+        let epochs = self
             .node_epochs
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(node)
-        {
-            sender.send_modify(|e| *e += 1);
+            .unwrap_or_else(PoisonError::into_inner);
+        for node in nodes {
+            if let Some(sender) = epochs.get(node) {
+                sender.send_modify(|wake| {
+                    wake.count += 1;
+                    wake.together = together;
+                });
+            }
         }
+    }
+
+    /// After a change that can move assignments (DesiredStates, assignments, a resync):
+    /// computes every node's assignment generation (once per distinct node inputs, through
+    /// the memo) and wakes the long polls of exactly the nodes whose generation moved. A
+    /// change that moves nothing (a rollout completing onto the revision nodes already
+    /// run) wakes nobody; before, it woke all 10,000 long polls to find that out.
+    fn wake_moved_assignments(&self) {
+        let nodes: Vec<(String, Arc<assignments::AssignmentInputs>)> = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .nodes
+            .iter()
+            .map(|(name, facts)| (name.clone(), facts.inputs.clone()))
+            .collect();
+        let mut moved = Vec::new();
+        {
+            let mut known = self
+                .generations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if known.len() > nodes.len() {
+                let alive: std::collections::HashSet<&str> =
+                    nodes.iter().map(|(n, _)| n.as_str()).collect();
+                known.retain(|name, _| alive.contains(name.as_str()));
+            }
+            for (name, inputs) in &nodes {
+                let generation = self.shared_assignment(inputs, name).assignment.generation;
+                if known.insert(name.clone(), generation) != Some(generation) {
+                    moved.push(name.as_str());
+                }
+            }
+        }
+        self.wake_nodes(moved.into_iter());
+    }
+
+    /// A change of one node (labels, cordon, registration): records its generation and
+    /// wakes its long polls.
+    fn wake_reshaped_node(&self, name: &str, inputs: &assignments::AssignmentInputs) {
+        let generation = self.shared_assignment(inputs, name).assignment.generation;
+        self.generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), generation);
+        self.wake_nodes(std::iter::once(name));
     }
 
     fn publish(&self, kind: Kind, change: ChangeType, name: &str, object: impl Serialize) {
@@ -411,10 +466,6 @@ impl Controller {
                 object,
             });
         }
-    }
-
-    fn bump_epoch(&self) {
-        self.epoch.send_modify(|e| *e += 1);
     }
 
     fn cache(&self) -> Arc<Cache> {

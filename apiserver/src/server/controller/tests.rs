@@ -1025,7 +1025,7 @@ async fn a_registration_wakes_only_that_nodes_long_poll_and_nodes_alike_share_on
     // Another node registers: its commit is applied to everything derived (register waits
     // for that), and n1's long poll is not woken.
     register(&c, "n2", "web").await;
-    assert!(!n1.fleet.has_changed().unwrap() && !n1.node.has_changed().unwrap());
+    assert!(!n1.node.has_changed().unwrap());
     // The node itself registering (new labels) wakes its own.
     register(&c, "n3", "db").await;
     assert!(
@@ -1033,12 +1033,28 @@ async fn a_registration_wakes_only_that_nodes_long_poll_and_nodes_alike_share_on
         "n3's own registration wakes it"
     );
     assert!(!n1.node.has_changed().unwrap());
-    // A new DesiredState wakes every long poll.
-    apply(&c, &manifest("web", "web", &[("nginx", "1.0-1")])).await;
-    tokio::time::timeout(Duration::from_secs(5), n1.changed())
+    let mut later = later;
+    later.node.borrow_and_update();
+    // A new DesiredState moves no assignment until the rollout controller assigns its
+    // first revision; that wakes the nodes it selects, together, and no other.
+    for node in ["n1", "n2", "n3"] {
+        c.report(node, NodeReport::default()).await.unwrap();
+    }
+    let one_wave = format!(
+        "{}  rollout: {{waves: [\"100%\"]}}\n",
+        manifest("web", "web", &[("nginx", "1.0-1")])
+    );
+    apply(&c, &one_wave).await;
+    assert!(!n1.node.has_changed().unwrap(), "nothing to run yet");
+    c.reconcile_rollouts(SystemTime::now()).await.unwrap();
+    let woke = tokio::time::timeout(Duration::from_secs(5), n1.changed())
         .await
-        .expect("an apply wakes n1");
-    assert!(later.fleet.has_changed().unwrap());
+        .expect("the first wave wakes n1");
+    assert_eq!(woke, Wake::Changed { together: 2 }, "n1 and n2");
+    assert!(
+        !later.node.has_changed().unwrap(),
+        "n3 (db) is not selected"
+    );
     // Nodes alike get the same assignment (and generation), each under its own name.
     let (a1, a2, a3) = (
         c.assignment("n1").unwrap(),
