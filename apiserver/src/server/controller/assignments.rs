@@ -70,13 +70,7 @@ impl Controller {
 
     /// What of `node` its assignment depends on, from what the feed keeps (no decoding).
     fn assignment_inputs(&self, node: &str) -> Result<Arc<AssignmentInputs>, Error> {
-        let known = self
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .nodes
-            .get(node)
-            .map(|facts| facts.inputs.clone());
+        let known = self.facts_of(node).map(|facts| facts.inputs.clone());
         match known {
             Some(inputs) => Ok(inputs),
             None => Ok(Arc::new(AssignmentInputs::of(

@@ -355,13 +355,7 @@ impl Controller {
     /// True when `token` is the node token of `name` (compared in constant time).
     pub fn node_token_matches(&self, name: &str, token: &str) -> Result<bool, Error> {
         use subtle::ConstantTimeEq;
-        let known = self
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .nodes
-            .get(name)
-            .map(|facts| facts.token_sha256.clone());
+        let known = self.facts_of(name).map(|facts| facts.token_sha256.clone());
         let expected = match known {
             Some(hash) => hash,
             // Not (yet) known to the feed: the store decides.
@@ -450,6 +444,16 @@ impl Controller {
         let _ = object;
         self.after_events(&events).await?;
         Ok(())
+    }
+
+    /// What the feed keeps of `name`, if it knows the node.
+    pub(super) fn facts_of(&self, name: &str) -> Option<Arc<NodeFacts>> {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .nodes
+            .get(name)
+            .cloned()
     }
 
     /// What the feed keeps of every node, in no particular order.
