@@ -21,72 +21,6 @@ pub struct SledBackend {
     db: sled::Db,
     /// The table trees in `Table::ALL` order, then the meta tree.
     trees: Vec<sled::Tree>,
-    /// Commits run here, one after the other (the store persists its batches in order).
-    writer: Background,
-    /// Flushes run here, beside commits: a flush waits on the disk, a commit need not.
-    flusher: Background,
-}
-
-/// A thread of its own at a lower scheduling priority (nice 10), for sled's CPU work.
-///
-/// The store's view takes writes at once and persists them behind it, so persisting is
-/// never what a request waits for — except a flush, which waits for what came before it.
-/// At 10,000 nodes, persisting a rollout wave (10,000 assignments) costs sled most of a
-/// second of CPU; at normal priority that second was taken from the async workers while
-/// every node's heartbeat waited. At nice 10 the kernel gives the workers the cores first
-/// and sled what is left, which on an idle-enough server is all it needs. sled's own
-/// threads (its flusher) are started from here and inherit the priority.
-struct Background {
-    jobs: std::sync::mpsc::Sender<Job>,
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The nice value the background threads ask for.
-const BACKGROUND_NICE: u8 = 25; // `thread_priority`'s 0–99 scale: about nice +10 on Linux
-
-impl Background {
-    fn start(name: &str) -> std::io::Result<Self> {
-        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                lower_current_thread_priority();
-                // Ends when the backend (the only sender) is dropped.
-                while let Ok(job) = queue.recv() {
-                    job();
-                }
-            })?;
-        Ok(Background { jobs })
-    }
-
-    /// Runs `f` on this thread and waits for its result without blocking an async worker.
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let (done, result) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = done.send(f());
-            }))
-            .map_err(|_| StoreError::Backend("the sled worker thread is gone".into()))?;
-        result
-            .await
-            .map_err(|_| StoreError::Backend("the sled worker thread stopped mid-job".into()))
-    }
-}
-
-/// Lowers the calling thread's priority; failing (a sandbox that forbids it, a process
-/// already niced further) leaves it as it was, which only costs latency elsewhere.
-fn lower_current_thread_priority() {
-    use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
-    let Ok(value) = ThreadPriorityValue::try_from(BACKGROUND_NICE) else {
-        return;
-    };
-    if let Err(error) = set_current_thread_priority(ThreadPriority::Crossplatform(value)) {
-        tracing::debug!(?error, "cannot lower the sled threads' priority");
-    }
 }
 
 fn backend(e: sled::Error) -> StoreError {
@@ -105,27 +39,11 @@ fn revision_of(bytes: &[u8]) -> Result<u64, StoreError> {
 impl SledBackend {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let thread = |name| {
-            Background::start(name)
-                .map_err(|e| StoreError::Backend(format!("cannot start a thread: {e}")))
-        };
-        let writer = thread("sled-writer")?;
-        let flusher = thread("sled-flusher")?;
-        // Opened on the writer's thread, so that the threads sled starts share its priority.
-        let config = sled::Config::new()
+        let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(200));
-        let (opened, result) = std::sync::mpsc::channel();
-        writer
-            .jobs
-            .send(Box::new(move || {
-                let _ = opened.send(config.open());
-            }))
-            .map_err(|_| StoreError::Backend("the sled worker thread is gone".into()))?;
-        let db = result
-            .recv()
-            .map_err(|_| StoreError::Backend("the sled worker thread stopped".into()))?
+            .flush_every_ms(Some(200))
+            .open()
             .map_err(|e| {
                 StoreError::Backend(format!(
                     "cannot open the data directory {}: {e} (is another apiserver using it?)",
@@ -148,12 +66,7 @@ impl SledBackend {
             db.flush().map_err(backend)?;
         }
         trees.push(meta);
-        Ok(SledBackend {
-            db,
-            trees,
-            writer,
-            flusher,
-        })
+        Ok(SledBackend { db, trees })
     }
 
     fn meta(&self) -> &sled::Tree {
@@ -184,13 +97,13 @@ impl Backend for SledBackend {
     }
 
     async fn commit(&self, batch: &Batch) -> Result<Committed, StoreError> {
-        // Off the async workers: a sled transaction can wait on sled's own I/O (its flusher,
+        // On the blocking pool: a sled transaction can wait on sled's own I/O (its flusher,
         // a large batch), and an async worker that waits stalls every request on it.
         let trees = self.trees.clone();
         let batch = batch.clone();
-        self.writer
-            .run(move || Self::commit_now(&trees, &batch))
-            .await?
+        tokio::task::spawn_blocking(move || Self::commit_now(&trees, &batch))
+            .await
+            .map_err(|e| StoreError::Backend(format!("commit: {e}")))?
     }
 
     async fn changes_after(&self, _after: u64) -> Result<Option<Vec<Batch>>, StoreError> {
@@ -202,12 +115,12 @@ impl Backend for SledBackend {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        // On its own thread, and awaited to the end: sled's own `flush_async` leaves a
+        // On the blocking pool, and awaited to the end: sled's own `flush_async` leaves a
         // worker holding the database (and its directory lock) after it resolves.
         let db = self.db.clone();
-        self.flusher
-            .run(move || db.flush())
-            .await?
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Backend(format!("flush: {e}")))?
             .map(|_| ())
             .map_err(backend)
     }
