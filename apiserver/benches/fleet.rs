@@ -215,9 +215,24 @@ fn manifest(version: &str) -> String {
     )
 }
 
-fn report_body(i: usize) -> String {
+/// A heartbeat of node `i`, Healthy at `revision` of `bench` once it was assigned one (as
+/// a nodelet reports, so the rollout's waves bake).
+fn report_body(i: usize, revision: u64) -> String {
+    let (applied, components) = if revision == 0 {
+        (String::new(), String::new())
+    } else {
+        (
+            format!(
+                r#"{{"desiredState":"bench","revision":{revision},"phase":"Healthy","healthySince":"2026-01-01T00:00:{:02}Z"}}"#,
+                revision % 60
+            ),
+            format!(
+                r#"{{"name":"tool","kind":"package","desiredState":"bench","revision":{revision},"desiredVersion":"1.0","version":"1.0","phase":"Healthy"}}"#
+            ),
+        )
+    };
     format!(
-        r#"{{"nodeletVersion":"bench","observedGeneration":0,"host":{{"cpuPercent":{}.5,"memoryUsedBytes":1000000,"memoryTotalBytes":8000000000,"diskUsedBytes":5,"diskTotalBytes":10,"uptimeSeconds":100,"processCount":80}},"components":[{{"name":"tool","kind":"package","desiredState":"bench","revision":1,"desiredVersion":"1.0","version":"1.0","phase":"Healthy"}}]}}"#,
+        r#"{{"nodeletVersion":"bench","observedGeneration":0,"host":{{"cpuPercent":{}.5,"memoryUsedBytes":1000000,"memoryTotalBytes":8000000000,"diskUsedBytes":5,"diskTotalBytes":10,"uptimeSeconds":100,"processCount":80}},"applied":[{applied}],"components":[{components}]}}"#,
         i % 100
     )
 }
@@ -226,6 +241,8 @@ struct Node {
     name: String,
     token: String,
     client: reqwest::Client,
+    /// The revision of `bench` its long poll last received (0: none yet).
+    assigned: AtomicU64,
 }
 
 fn client() -> reqwest::Client {
@@ -265,7 +282,7 @@ async fn saturate(
                         own.put(format!("{url}/api/v1/nodes/{}/status", node.name))
                             .bearer_auth(&node.token)
                             .header("content-type", "application/json")
-                            .body(report_body(i))
+                            .body(report_body(i, node.assigned.load(Ordering::Relaxed)))
                             .send()
                             .await
                             .map(|r| r.status())
@@ -376,6 +393,7 @@ async fn main() {
                 name,
                 token: v["token"].as_str().unwrap().to_string(),
                 client,
+                assigned: AtomicU64::new(0),
             }
         }));
     }
@@ -424,7 +442,7 @@ async fn main() {
                         .put(format!("{url}/api/v1/nodes/{}/status", node.name))
                         .bearer_auth(&node.token)
                         .header("content-type", "application/json")
-                        .body(report_body(i))
+                        .body(report_body(i, node.assigned.load(Ordering::Relaxed)))
                         .send()
                         .await;
                     match r {
@@ -480,6 +498,13 @@ async fn main() {
                     }
                 };
                 let generation = v["generation"].as_u64();
+                if let Some(revision) = v["states"]
+                    .as_array()
+                    .and_then(|states| states.iter().find(|s| s["name"] == "bench"))
+                    .and_then(|s| s["revision"].as_u64())
+                {
+                    node.assigned.store(revision, Ordering::Relaxed);
+                }
                 answers
                     .lock()
                     .await
@@ -518,7 +543,8 @@ async fn main() {
         }
         assert!(
             Instant::now() < settled,
-            "the first rollout did not complete within 2 minutes: {phase:?}"
+            "the first rollout did not complete within 2 minutes: {:?}",
+            phase.as_ref().map(|r| &r["status"])
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -19,6 +19,14 @@
 //!   of everything it writes, and `txn.next_id()` hands out further numbers (event
 //!   sequence numbers) from the same counter, all inside the transaction.
 //!
+//! - **Nothing is shown before it is durable.** With a backend only this process writes
+//!   (sled, memory), commits are queued and one task persists them in order, merging
+//!   what waits into one backend commit and one flush (a group commit). Until a batch is
+//!   on disk it lives in the view's *pending* layer, which only the next transactions
+//!   read (they build on it); readers, the feed and everything derived from it see the
+//!   batch once it is durable. A writer is answered then too, so whatever anyone was
+//!   shown or acknowledged survives a kill -9.
+//!
 //! Serialising every write is affordable for a control plane: a commit is one short
 //! backend transaction, and the closures only read memory.
 
@@ -229,6 +237,52 @@ struct View {
     tables: Vec<Values>,
     /// The newest batches, oldest first, for resuming watches.
     recent: VecDeque<Arc<Applied>>,
+    /// Batches committed by this process but not yet durable: read by transactions only.
+    pending: Pending,
+}
+
+/// Per key: `last` of the pending batch that wrote it, and the value (`None`: removed).
+type PendingValues = BTreeMap<Vec<u8>, (u64, Option<Arc<[u8]>>)>;
+
+/// The writes of committed batches not yet durable, newest value per key.
+struct Pending {
+    /// Per table.
+    tables: Vec<PendingValues>,
+    /// The revision after the newest pending batch; the view's revision when none waits.
+    revision: u64,
+}
+
+impl Pending {
+    fn new(revision: u64) -> Pending {
+        Pending {
+            tables: Table::ALL.iter().map(|_| BTreeMap::new()).collect(),
+            revision,
+        }
+    }
+
+    fn add(&mut self, batch: &Batch) {
+        for write in &batch.writes {
+            self.tables[write.table.position()].insert(
+                write.key.clone(),
+                (batch.last, write.value.as_deref().map(Arc::from)),
+            );
+        }
+        self.revision = batch.last;
+    }
+
+    /// Forgets what `batch` wrote, unless a later pending batch wrote the key again.
+    fn settle(&mut self, batch: &Batch) {
+        for write in &batch.writes {
+            let table = &mut self.tables[write.table.position()];
+            if table
+                .get(&write.key)
+                .is_some_and(|(last, _)| *last <= batch.last)
+            {
+                table.remove(&write.key);
+            }
+        }
+        self.revision = self.revision.max(batch.last);
+    }
 }
 
 /// One write as applied to the view, with the value it replaced.
@@ -261,12 +315,14 @@ impl View {
             revision: 0,
             tables: Table::ALL.iter().map(|_| Values::new()).collect(),
             recent: VecDeque::new(),
+            pending: Pending::new(0),
         }
     }
 
     fn from_snapshot(snapshot: Snapshot) -> View {
         let mut view = View::empty();
         view.revision = snapshot.revision;
+        view.pending = Pending::new(snapshot.revision);
         for (table, key, value) in snapshot.entries {
             view.tables[table.position()].insert(key, value.into());
         }
@@ -326,10 +382,9 @@ pub struct Store {
     behind: Option<WriteBehind>,
 }
 
-/// The queue of committed batches not yet in the backend, and how far the backend got.
+/// The queue of committed batches not yet durable.
 struct WriteBehind {
     queue: tokio::sync::mpsc::UnboundedSender<Batch>,
-    persisted: watch::Receiver<u64>,
     /// Why persisting failed; from then on the store takes no writes.
     failed: Arc<std::sync::Mutex<Option<StoreError>>>,
 }
@@ -337,42 +392,72 @@ struct WriteBehind {
 /// Most writes persisted in one backend commit.
 const MAX_WRITES_PER_PERSIST: usize = 20_000;
 
-/// Persists queued batches in order, merging those waiting into one backend commit, until
-/// the queue closes or the backend fails.
+/// Persists queued batches in order, merging those waiting into one backend commit and
+/// one flush, then shows them (view, feed, waiting writers), until the queue closes, the
+/// store is dropped or the backend fails.
 async fn persist(
+    store: std::sync::Weak<Store>,
     backend: Arc<dyn Backend>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Batch>,
-    persisted: watch::Sender<u64>,
     failed: Arc<std::sync::Mutex<Option<StoreError>>>,
 ) {
     while let Some(first) = queue.recv().await {
-        let mut merged = first;
-        while merged.writes.len() < MAX_WRITES_PER_PERSIST {
+        let mut batches = vec![first];
+        let mut writes = batches[0].writes.len();
+        while writes < MAX_WRITES_PER_PERSIST {
             match queue.try_recv() {
                 Ok(next) => {
-                    merged.last = next.last;
-                    merged.writes.extend(next.writes);
+                    writes += next.writes.len();
+                    batches.push(next);
                 }
                 Err(_) => break,
             }
         }
-        let outcome = match backend.commit(&merged).await {
-            Ok(Committed::Done) => Ok(()),
+        let merged = if batches.len() == 1 {
+            None
+        } else {
+            Some(Batch {
+                revision: batches[0].revision,
+                last: batches[batches.len() - 1].last,
+                writes: batches.iter().flat_map(|b| b.writes.clone()).collect(),
+            })
+        };
+        let merged = merged.as_ref().unwrap_or(&batches[0]);
+        let started = std::time::Instant::now();
+        let outcome = match backend.commit(merged).await {
+            Ok(Committed::Done) => {
+                let committed = started.elapsed();
+                let flushed = backend.flush().await;
+                let took = started.elapsed();
+                if took > SLOW_TRANSACTION {
+                    // Every write of this process waited this long to be shown.
+                    tracing::warn!(
+                        revision = merged.revision,
+                        batches = batches.len(),
+                        writes,
+                        commit_ms = committed.as_millis() as u64,
+                        flush_ms = (took - committed).as_millis() as u64,
+                        "slow persist"
+                    );
+                }
+                flushed
+            }
             Ok(Committed::Conflict) => Err(StoreError::Backend(format!(
                 "the stored revision is not {}: another process wrote to this store",
                 merged.revision - 1
             ))),
             Err(error) => Err(error),
         };
+        let Some(store) = store.upgrade() else {
+            return;
+        };
         match outcome {
-            Ok(()) => {
-                persisted.send_replace(merged.last);
-            }
+            Ok(()) => store.publish(batches),
             Err(error) => {
                 tracing::error!(%error, revision = merged.revision, "cannot persist committed changes; the store takes no more writes");
                 *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
-                // Wake flushes waiting for this revision: they read the failure.
-                persisted.send_modify(|_| {});
+                // Wake the writers waiting for their batches: they read the failure.
+                store.revision.send_modify(|_| {});
                 return;
             }
         }
@@ -388,20 +473,13 @@ impl Store {
         let backend_news = backend.news();
         let (feed, _) = broadcast::channel(RECENT_BATCHES);
         let (revision, _) = watch::channel(view.revision);
+        let mut queued = None;
         let behind = backend_news.is_none().then(|| {
-            let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
-            let (persisted_tx, persisted) = watch::channel(view.revision);
-            let failed = Arc::new(std::sync::Mutex::new(None));
-            tokio::spawn(persist(
-                backend.clone(),
-                pending,
-                persisted_tx,
-                failed.clone(),
-            ));
+            let (queue, receiver) = tokio::sync::mpsc::unbounded_channel();
+            queued = Some(receiver);
             WriteBehind {
                 queue,
-                persisted,
-                failed,
+                failed: Arc::new(std::sync::Mutex::new(None)),
             }
         });
         let store = Arc::new(Store {
@@ -415,6 +493,14 @@ impl Store {
             shared: backend_news.is_some(),
             behind,
         });
+        if let (Some(queue), Some(behind)) = (queued, &store.behind) {
+            tokio::spawn(persist(
+                Arc::downgrade(&store),
+                store.backend.clone(),
+                queue,
+                behind.failed.clone(),
+            ));
+        }
         if let Some(news) = backend_news {
             tokio::spawn(follow(Arc::downgrade(&store), news));
         }
@@ -538,47 +624,60 @@ impl Store {
     }
 
     /// Runs `f` as one transaction and returns its value and the revision it committed at
-    /// (the store's current revision when it wrote nothing). An `Err` from `f` writes
-    /// nothing. `f` may run more than once (when another replica committed first), so it
-    /// must not have effects outside the transaction.
+    /// (the store's current revision when it wrote nothing), once what it wrote is durable
+    /// and shown. An `Err` from `f` writes nothing. `f` may run more than once (when
+    /// another replica committed first), so it must not have effects outside the
+    /// transaction.
     pub async fn transact<T, E>(
         &self,
         f: impl Fn(&mut dyn Txn) -> Result<T, E>,
     ) -> Result<(T, u64), TxnError<E>> {
         let queued = std::time::Instant::now();
-        let _one_writer = self.writer.lock().await;
+        let one_writer = self.writer.lock().await;
         let waited = queued.elapsed();
         for _attempt in 0..MAX_ATTEMPTS {
-            let (value, batch) = {
+            let (value, batch, base) = {
                 let view = self.view();
+                // Built on what is committed, durable or not: commits are serial.
+                let base = view.pending.revision.max(view.revision);
                 let mut txn = ViewTxn {
                     view: &view,
                     writes: BTreeMap::new(),
                     order: Vec::new(),
-                    revision: view.revision + 1,
-                    last: view.revision + 1,
+                    revision: base + 1,
+                    last: base + 1,
                 };
                 let value = f(&mut txn).map_err(TxnError::Aborted)?;
-                (value, txn.into_batch())
+                (value, txn.into_batch(), base)
             };
             if batch.writes.is_empty() {
-                return Ok((value, self.revision()));
+                // It may have read writes not yet durable: answer once they are.
+                drop(one_writer);
+                self.shown(base).await.map_err(TxnError::Store)?;
+                return Ok((value, base));
             }
             let computed = queued.elapsed();
             if let Some(behind) = &self.behind {
-                // No other process writes this backend, so the commit cannot conflict: the
-                // view takes it now and one task persists it behind, in order. A writer never
-                // waits on the disk; one that needs durability awaits `flush`.
+                // No other process writes this backend, so the commit cannot conflict: it
+                // joins the pending layer (the next transaction builds on it) and one task
+                // persists it, in order, and then shows it.
                 if let Some(error) = self.persist_failure() {
                     return Err(TxnError::Store(error));
                 }
-                let revision = batch.revision;
-                self.publish(vec![batch.clone()]);
+                let (revision, last) = (batch.revision, batch.last);
+                self.view
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pending
+                    .add(&batch);
                 if behind.queue.send(batch).is_err() {
                     return Err(TxnError::Store(StoreError::Backend(
                         "the store's persisting task has stopped".into(),
                     )));
                 }
+                // The next writer computes while this one waits for the disk.
+                drop(one_writer);
+                self.shown(last).await.map_err(TxnError::Store)?;
                 return Ok((value, revision));
             }
             match self.backend.commit(&batch).await.map_err(TxnError::Store)? {
@@ -623,26 +722,29 @@ impl Store {
         })
     }
 
-    /// Makes every committed write durable now.
+    /// Waits until every write committed so far (queued ones too) is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        if let Some(behind) = &self.behind {
-            let target = self.revision();
-            let mut persisted = behind.persisted.clone();
-            loop {
-                if let Some(error) = self.persist_failure() {
-                    return Err(error);
-                }
-                if *persisted.borrow_and_update() >= target {
-                    break;
-                }
-                if persisted.changed().await.is_err() {
-                    return Err(self.persist_failure().unwrap_or_else(|| {
-                        StoreError::Backend("the store's persisting task has stopped".into())
-                    }));
-                }
-            }
+        if self.behind.is_some() {
+            let target = self.view().pending.revision;
+            return self.shown(target).await;
         }
         self.backend.flush().await
+    }
+
+    /// Waits until the view shows revision `revision`, which this process committed: it
+    /// is durable then. Fails when persisting failed.
+    async fn shown(&self, revision: u64) -> Result<(), StoreError> {
+        let mut shown = self.revision.subscribe();
+        loop {
+            if *shown.borrow_and_update() >= revision {
+                return Ok(());
+            }
+            if let Some(error) = self.persist_failure() {
+                return Err(error);
+            }
+            // The sender lives in `self`: it cannot close while we borrow it.
+            let _ = shown.changed().await;
+        }
     }
 
     /// Brings the view up to the backend: applies what others committed, or reloads a
@@ -701,6 +803,7 @@ impl Store {
                 );
                 continue;
             }
+            view.pending.settle(&batch);
             let applied = Arc::new(view.apply(batch));
             if view.recent.len() == RECENT_BATCHES {
                 view.recent.pop_front();
@@ -791,6 +894,9 @@ impl Txn for ViewTxn<'_> {
         if let Some(write) = self.writes.get(&(table, key.to_vec())) {
             return Ok(write.clone());
         }
+        if let Some((_, pending)) = self.view.pending.tables[table.position()].get(key) {
+            return Ok(pending.as_deref().map(<[u8]>::to_vec));
+        }
         Ok(self.view.tables[table.position()]
             .get(key)
             .map(|v| v.to_vec()))
@@ -801,6 +907,16 @@ impl Txn for ViewTxn<'_> {
             prefixed(&self.view.tables[table.position()], prefix)
                 .map(|(k, v)| (k.clone(), v.to_vec()))
                 .collect();
+        let pending = &self.view.pending.tables[table.position()];
+        for (key, (_, value)) in pending
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            match value {
+                Some(value) => merged.insert(key.clone(), value.to_vec()),
+                None => merged.remove(key),
+            };
+        }
         for ((t, key), value) in &self.writes {
             if *t != table || !key.starts_with(prefix) {
                 continue;
@@ -1024,13 +1140,21 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_that_cannot_persist_fails_its_flush_and_readiness_and_takes_no_more_writes() {
+    async fn a_store_that_cannot_persist_fails_its_writes_and_readiness_and_shows_nothing() {
         let store = Store::open(Arc::new(FullDisk)).await.unwrap();
-        // The first write reaches the view before the disk refuses it...
-        put(&store, Table::Nodes, b"n1", b"{}").await;
-        // ...and nobody is told it is durable: the flush fails, naming the cause.
-        let error = store.flush().await.unwrap_err();
-        assert!(error.to_string().contains("No space left"), "{error}");
+        // The first write is refused by the disk: its writer is told so, naming the cause,
+        // and nobody ever saw it.
+        let error = store
+            .transact(|txn| txn.put(Table::Nodes, b"n1", b"{}".to_vec()))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&error, TxnError::Store(e) if e.to_string().contains("No space left")),
+            "{error:?}"
+        );
+        assert!(store.get(Table::Nodes, b"n1").is_none(), "never shown");
+        assert!(store.flush().await.is_err());
         assert!(store.check().is_err(), "not ready");
         let refused = store
             .transact(|txn| txn.put(Table::Nodes, b"n2", b"{}".to_vec()))
@@ -1040,6 +1164,107 @@ pub(crate) mod tests {
             store.get(Table::Nodes, b"n2").is_none(),
             "a refused write is not shown"
         );
+    }
+
+    /// A memory backend whose flush (its disk) waits until the test opens the gate.
+    struct SlowDisk {
+        inner: MemoryBackend,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for SlowDisk {
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+        async fn load(&self) -> Result<Snapshot, StoreError> {
+            self.inner.load().await
+        }
+        async fn commit(&self, batch: &Batch) -> Result<Committed, StoreError> {
+            self.inner.commit(batch).await
+        }
+        async fn changes_after(&self, after: u64) -> Result<Option<Vec<Batch>>, StoreError> {
+            self.inner.changes_after(after).await
+        }
+        fn news(&self) -> Option<watch::Receiver<u64>> {
+            None
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            self.gate.acquire().await.expect("open").forget();
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_is_shown_or_acknowledged_before_it_is_durable() {
+        let disk = Arc::new(SlowDisk {
+            inner: MemoryBackend::default(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let store = Store::open(disk.clone()).await.unwrap();
+        let mut feed = store.subscribe();
+        let first = store.revision() + 1;
+        let write = |key: &'static [u8], value: &'static [u8]| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .transact(|txn| {
+                        let seen = txn.get(Table::Nodes, b"n1")?;
+                        let scanned = txn.scan_prefix(Table::Nodes, b"n")?;
+                        txn.put(Table::Nodes, key, value.to_vec())?;
+                        Ok::<_, StoreError>((seen, scanned.len()))
+                    })
+                    .await
+                    .map_err(|_| ())
+                    .unwrap()
+            })
+        };
+        let pending = |revision: u64| {
+            let store = store.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while store.view().pending.revision < revision {
+                        tokio::task::yield_now().await;
+                    }
+                })
+                .await
+                .expect("the transaction commits within 10 s");
+            }
+        };
+        // Once a batch has joined the pending layer, its writer only waits for the disk,
+        // which holds every flush: nobody sees it, the feed carries nothing, and its writer
+        // is not answered...
+        let one = write(b"n1", b"1");
+        pending(first).await;
+        tokio::task::yield_now().await;
+        assert_eq!(store.get(Table::Nodes, b"n1"), None);
+        assert_eq!(store.revision(), first - 1);
+        assert!(feed.try_recv().is_err(), "the feed carries nothing yet");
+        assert!(!one.is_finished(), "answered before durable");
+        // ...while the next transaction builds on it (and waits likewise).
+        let second = write(b"n2", b"2");
+        pending(first + 1).await;
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished(), "answered before durable");
+        assert_eq!(store.get(Table::Nodes, b"n2"), None);
+        let mut revision = store.watch_revision();
+        // Both batches are persisted (one flush each, or one for both): open the gate once
+        // per flush until the second writer is answered, and it saw the first write.
+        disk.gate.add_permits(1);
+        revision.wait_for(|r| *r >= first).await.unwrap();
+        assert_eq!(store.get(Table::Nodes, b"n1").as_deref(), Some(&b"1"[..]));
+        assert_eq!(one.await.unwrap(), ((None, 0), first));
+        disk.gate.add_permits(1);
+        let ((seen, scanned), at) = second.await.unwrap();
+        assert_eq!((seen.as_deref(), scanned), (Some(&b"1"[..]), 1));
+        assert_eq!(at, first + 1);
+        assert_eq!(store.get(Table::Nodes, b"n2").as_deref(), Some(&b"2"[..]));
+        let revisions: Vec<u64> = std::iter::from_fn(|| match feed.try_recv() {
+            Ok(Feed::Batch(b)) => Some(b.revision),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(revisions, vec![first, first + 1], "in order, each once");
     }
 
     /// The contract every backend must meet, through the store; run against each of them.

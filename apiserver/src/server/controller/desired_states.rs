@@ -263,8 +263,6 @@ impl Controller {
             Err(store::TxnError::Store(e)) => return Err(e.into()),
         };
         if !written.is_empty() {
-            // Durable before anyone is told: sled itself only flushes every 200 ms.
-            self.store.flush().await?;
             self.caught_up(revision).await;
             self.after_events(&events).await?;
         }
@@ -366,7 +364,6 @@ impl Controller {
             Ok((object, event))
         })
         .await?;
-        self.store.flush().await?;
         self.after_events(&[event]).await?;
         Ok(object)
     }

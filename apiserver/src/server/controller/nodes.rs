@@ -342,8 +342,8 @@ impl Controller {
                 Ok((object, event))
             })
             .await?;
-        // The node keeps only the token: losing its hash in a crash would lock the node out.
-        self.store.flush().await?;
+        // Durable once answered (as every awaited write): the node keeps only the token, and
+        // losing its hash in a crash would lock the node out.
         let _ = node;
         self.after_events(&[event]).await?;
         Ok(RegisterResponse {
@@ -388,6 +388,8 @@ impl Controller {
                 component: None,
             });
         }
+        // Answered once durable, as every write: the node forgets its events once they are
+        // acknowledged.
         let ((object, events), _) = self
             .transact(|txn| -> Result<_, Error> {
                 let version = txn.revision().to_string();
@@ -426,11 +428,6 @@ impl Controller {
                 Ok((stored.object, events))
             })
             .await?;
-        // The node forgets its events once they are acknowledged, so those must be on disk.
-        // A plain heartbeat is not flushed: the next one replaces it anyway.
-        if !events.is_empty() {
-            self.store.flush().await?;
-        }
         let was_ready = {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             live.heartbeats.insert(name.to_string(), now);
@@ -677,7 +674,6 @@ impl Controller {
                 Ok((stored.object, event))
             })
             .await?;
-        self.store.flush().await?;
         let node = self.decorate(node, now)?;
         self.after_events(&[event]).await?;
         Ok(node)
@@ -713,7 +709,6 @@ impl Controller {
             Ok((stored.object, event))
         })
         .await?;
-        self.store.flush().await?;
         self.after_events(&[event]).await?;
         Ok(node)
     }

@@ -384,7 +384,6 @@ impl Controller {
             Err(store::TxnError::Aborted(Error::Conflict { .. })) => return Ok(false),
             other => other?.0 .0,
         };
-        self.store.flush().await?;
         self.after_events(&events).await?;
         Ok(true)
     }
