@@ -454,11 +454,17 @@ fn shoal_at(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// An apiserver on a free port with its data in `dir`, and its URL.
 fn apiserver_in(dir: &Path) -> (std::process::Child, String) {
+    apiserver_with(dir, &[])
+}
+
+/// An apiserver on a free port with its data in `dir` and `extra` arguments, and its URL.
+fn apiserver_with(dir: &Path, extra: &[&str]) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
         .arg("--data")
         .arg(dir.join("data"))
         .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -565,4 +571,66 @@ fn rollout_status_follows_exactly_one_revision_and_pause_works_right_after_apply
     assert!(out.contains("has no revision 9"), "{out}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn a_private_ca_is_trusted_with_ca_file_and_named_as_the_problem_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shoal_tls::testing::Files {
+        ca: ca_file,
+        cert,
+        key,
+    } = shoal_tls::testing::private_ca("Acme Fleet CA", &["127.0.0.1"]).write_to(dir.path());
+    let (mut server, url) = apiserver_with(dir.path(), &["--tls-cert", &cert, "--tls-key", &key]);
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+    // Without the CA: exit 2, and the message says it is the certificate, who issued it and
+    // what to pass, instead of "unreachable".
+    let (code, _, stderr) = shoal_at(&url, &["get", "nodes"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("TLS certificate problem"), "{stderr}");
+    assert!(stderr.contains("CN=Acme Fleet CA"), "{stderr}");
+    assert!(stderr.contains("unknown issuer"), "{stderr}");
+    assert!(stderr.contains("--ca-file"), "{stderr}");
+    assert!(!stderr.contains("connection refused"), "{stderr}");
+
+    // With it (flag or environment), the CLI talks to the apiserver.
+    let (code, stdout, stderr) = shoal_at(&url, &["--ca-file", &ca_file, "get", "nodes"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["--server", &url, "get", "desiredstates"])
+        .env("SHOAL_CA_FILE", &ca_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // A name the certificate does not hold: said so, with the names it holds.
+    let localhost = url.replace("127.0.0.1", "localhost");
+    let (code, _, stderr) = shoal_at(&localhost, &["--ca-file", &ca_file, "get", "nodes"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("does not hold the name `localhost`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("; it holds 127.0.0.1"), "{stderr}");
+
+    // A CA file that is not one: a clear error, nothing sent.
+    let bogus = dir.path().join("bogus.pem");
+    std::fs::write(&bogus, "not a certificate\n").unwrap();
+    let bogus = bogus.to_str().unwrap();
+    let (code, _, stderr) = shoal_at(&url, &["--ca-file", bogus, "get", "nodes"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--ca-file"), "{stderr}");
+    assert!(stderr.contains("bogus.pem"), "{stderr}");
+
+    // Skipping verification works, and says loudly what it costs.
+    let (code, _, stderr) = shoal_at(&url, &["--insecure-skip-tls-verify", "get", "nodes"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: --insecure-skip-tls-verify"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("NOT checked"), "{stderr}");
+    server.kill().unwrap();
+    server.wait().unwrap();
 }

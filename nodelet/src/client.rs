@@ -64,8 +64,9 @@ fn unavailable(status: reqwest::StatusCode) -> bool {
 }
 
 impl HttpClient {
-    /// A client for the apiserver at `servers`: URLs, each possibly several comma-separated.
-    pub fn new(servers: &[String]) -> Result<Self, String> {
+    /// A client for the apiserver at `servers` (URLs, each possibly several
+    /// comma-separated) that trusts `cas` besides the platform's roots.
+    pub fn new(servers: &[String], cas: &[reqwest::Certificate]) -> Result<Self, String> {
         let bases: Vec<String> = servers
             .iter()
             .flat_map(|s| s.split(','))
@@ -80,7 +81,11 @@ impl HttpClient {
                 "--server {bad}: not a URL (expected https://HOST:PORT)"
             ));
         }
-        let http = reqwest::Client::builder()
+        let http = cas
+            .iter()
+            .fold(reqwest::Client::builder(), |builder, ca| {
+                builder.add_root_certificate(ca.clone())
+            })
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(2)
             // The apiserver closes an HTTP/1 connection that sends no request head for 10 s
@@ -121,7 +126,20 @@ impl HttpClient {
                     self.current.store(index, Ordering::Relaxed);
                     return check(Ok(response)).await;
                 }
-                Err(e) => failures.push(format!("{base}: {e}")),
+                Err(e) => match shoal_tls::refused_certificate(&e) {
+                    // Said as what it is (not "unreachable"), with the names and the issuer:
+                    // reading those takes a second handshake, off the async workers.
+                    Some(reason) => {
+                        let url = base.clone();
+                        let problem =
+                            tokio::task::spawn_blocking(move || shoal_tls::diagnose(&reason, &url))
+                                .await
+                                .map(|p| p.to_string())
+                                .unwrap_or_else(|_| e.to_string());
+                        failures.push(format!("{base}: {problem}"));
+                    }
+                    None => failures.push(format!("{base}: {e}")),
+                },
             }
         }
         Err(ClientError::Unreachable(failures.join("; ")))

@@ -33,6 +33,10 @@ struct Args {
         conflicts_with = "join_token"
     )]
     token: Option<String>,
+    /// CA certificates (PEM) to trust besides the platform's, for the apiserver and artifact
+    /// downloads: for a fleet whose certificates a private CA issued.
+    #[arg(long, env = "SHOAL_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// Node name (a DNS label). Default: the hostname.
     #[arg(long)]
     name: Option<String>,
@@ -177,7 +181,11 @@ async fn run(args: Args) -> Result<(), String> {
     let mut labels = host::self_labels();
     labels.extend(parse_labels(&args.labels)?);
 
-    let client = Arc::new(HttpClient::new(&args.server)?);
+    let cas = match &args.ca_file {
+        Some(path) => shoal_tls::read_ca_file(path)?,
+        None => Vec::new(),
+    };
+    let client = Arc::new(HttpClient::new(&args.server, &cas)?);
     let stored = dir.load_assignment()?;
     let first_boot = stored.is_none() && dir.load()?.applied.is_empty();
     let tokens = connect(&args, client.clone(), &dir, &name, &labels, first_boot)?;
@@ -209,7 +217,12 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let artifacts = ArtifactCache::new(
         state_dir.join("artifacts"),
-        limits.client_builder().build().map_err(|e| e.to_string())?,
+        cas.iter()
+            .fold(limits.client_builder(), |builder, ca| {
+                builder.add_root_certificate(ca.clone())
+            })
+            .build()
+            .map_err(|e| e.to_string())?,
     )
     .with_limits(limits);
     let shared = Arc::new(Shared::default());

@@ -1047,3 +1047,51 @@ fn two_apiservers_on_one_database_finish_a_rollout_when_the_leader_is_killed() {
         served.len()
     );
 }
+
+#[test]
+fn a_nodelet_trusts_a_private_ca_with_ca_file_and_names_the_certificate_problem_without_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = shoal_tls::testing::private_ca("Acme Fleet CA", &["127.0.0.1"]);
+    let shoal_tls::testing::Files {
+        ca: ca_file,
+        cert,
+        key,
+    } = ca.write_to(tmp.path());
+    let mut server = Apiserver::start_with(
+        &tmp.path().join("api"),
+        "127.0.0.1",
+        vec!["--tls-cert".into(), cert, "--tls-key".into(), key],
+    );
+    server.ca_pem = Some(ca.ca_pem.clone());
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+
+    // Without the CA, the nodelet says that the certificate is the problem, who issued it
+    // and what to pass, and never registers.
+    let lost = Nodelet::start(&server.url, "lost", "role=tls", &tmp.path().join("lost"));
+    let said = wait_for(LONG, "the nodelet names the certificate problem", || {
+        let log = lost.log();
+        log.contains("TLS certificate problem").then_some(log)
+    });
+    assert!(said.contains("CN=Acme Fleet CA"), "{said}");
+    assert!(said.contains("unknown issuer"), "{said}");
+    assert!(said.contains("--ca-file"), "{said}");
+
+    // With it, the nodelet registers and heartbeats over HTTPS.
+    let _found = Nodelet::start_with_args(
+        &server.url,
+        "found",
+        "role=tls",
+        &tmp.path().join("found"),
+        1,
+        vec!["--ca-file".into(), ca_file],
+    );
+    wait_for(LONG, "the trusting nodelet heartbeats", || {
+        server.get("/api/v1/nodes/found")?["status"]["lastHeartbeat"]
+            .as_str()
+            .map(|_| ())
+    });
+    assert!(
+        server.get("/api/v1/nodes/lost").is_none(),
+        "a nodelet that does not trust the certificate registered"
+    );
+}

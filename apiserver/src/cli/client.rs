@@ -73,14 +73,27 @@ fn unavailable(status: StatusCode) -> bool {
     )
 }
 
+/// Which certificates the CLI accepts from the apiserver.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// CA certificates (PEM) trusted besides the platform's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Accept any certificate (`--insecure-skip-tls-verify`).
+    pub skip_verify: bool,
+}
+
 impl Client {
     /// A client for `server` (one URL, or several comma-separated), sending `token` if given.
     pub fn new(server: &str, token: Option<String>) -> Result<Self, CliError> {
-        Client::with_servers(&[server.to_string()], token)
+        Client::with_servers(&[server.to_string()], token, &Trust::default())
     }
 
     /// A client for several replicas of the apiserver.
-    pub fn with_servers(servers: &[String], token: Option<String>) -> Result<Self, CliError> {
+    pub fn with_servers(
+        servers: &[String],
+        token: Option<String>,
+        trust: &Trust,
+    ) -> Result<Self, CliError> {
         let bases = server_list(servers);
         if bases.is_empty() {
             return Err(CliError::new(
@@ -94,7 +107,16 @@ impl Client {
                 "pass --server http://HOST:PORT (repeated, or comma-separated, for replicas) or set SHOAL_SERVER",
             ));
         }
-        let http = Http::builder()
+        let mut http = Http::builder();
+        if let Some(path) = &trust.ca_file {
+            for certificate in shoal_tls::read_ca_file(path).map_err(|e| {
+                CliError::new(e, "pass a PEM file with the CA certificate(s) that issued the apiserver's certificate")
+            })? {
+                http = http.add_root_certificate(certificate);
+            }
+        }
+        let http = http
+            .danger_accept_invalid_certs(trust.skip_verify)
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
             // Under the apiserver's 10 s header-read timeout: a watch that waits never
@@ -133,6 +155,8 @@ impl Client {
     ) -> Result<Response, CliError> {
         let first = self.current.load(Ordering::Relaxed) % self.bases.len();
         let mut failures = Vec::new();
+        // The hint for the first replica whose certificate was refused.
+        let mut certificate = None;
         for step in 0..self.bases.len() {
             let index = (first + step) % self.bases.len();
             let base = &self.bases[index];
@@ -148,6 +172,11 @@ impl Client {
                     return Err(api_error(response));
                 }
                 Err(e) => {
+                    if let Some(problem) = shoal_tls::certificate_problem(&e, base) {
+                        failures.push(format!("{base}: {}", problem.message));
+                        certificate.get_or_insert(problem.hint);
+                        continue;
+                    }
                     let reason = if e.is_connect() {
                         "connection refused or host unreachable".to_string()
                     } else if e.is_timeout() {
@@ -161,6 +190,9 @@ impl Client {
                     }
                 }
             }
+        }
+        if let Some(hint) = certificate {
+            return Err(CliError::new(failures.join("; "), hint));
         }
         Err(CliError::new(
             format!("cannot reach the apiserver at {}", failures.join("; ")),

@@ -38,6 +38,14 @@ pub struct Cli {
     /// Bearer token (operator or viewer).
     #[arg(long, env = "SHOAL_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificates (PEM) to trust besides the platform's: for an apiserver whose
+    /// certificate a private CA issued.
+    #[arg(long, env = "SHOAL_CA_FILE", global = true, value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Do not check the apiserver's certificate at all. For a first test only: anyone on
+    /// the path can then read and change what the CLI sends, its token included.
+    #[arg(long, global = true)]
+    pub insecure_skip_tls_verify: bool,
     /// Output format.
     #[arg(short = 'o', long, value_enum, global = true, default_value_t = Output::Table)]
     pub output: Output,
@@ -265,7 +273,18 @@ pub fn run(cli: Cli) -> u8 {
 }
 
 fn connect(cli: &Cli) -> Result<Client, CliError> {
-    Client::with_servers(&cli.server, cli.token.clone())
+    let trust = client::Trust {
+        ca_file: cli.ca_file.clone(),
+        skip_verify: cli.insecure_skip_tls_verify,
+    };
+    if trust.skip_verify {
+        eprintln!(
+            "warning: --insecure-skip-tls-verify: the apiserver's certificate is NOT checked; \
+             anyone on the network path can read and change this traffic, the token included. \
+             Pass --ca-file FILE with the CA that issued it instead."
+        );
+    }
+    Client::with_servers(&cli.server, cli.token.clone(), &trust)
 }
 
 /// Prints a value as YAML or JSON.

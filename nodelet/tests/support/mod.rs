@@ -99,8 +99,10 @@ pub struct Apiserver {
     pub dir: PathBuf,
     /// The address it listens on (loopback, or a test network's bridge).
     pub host: String,
-    /// Extra arguments (`--store URL`).
+    /// Extra arguments (`--store URL`, `--tls-cert …`).
     pub args: Vec<String>,
+    /// The CA (PEM) that issued its certificate, when it serves HTTPS under a private CA.
+    pub ca_pem: Option<String>,
 }
 
 impl Apiserver {
@@ -122,6 +124,7 @@ impl Apiserver {
             dir: dir.to_path_buf(),
             host: host.to_string(),
             args,
+            ca_pem: None,
         };
         server.restart();
         server
@@ -156,7 +159,12 @@ impl Apiserver {
             line.contains("listening"),
             "apiserver did not start: {line}"
         );
-        self.url = format!("http://{}:{}", self.host, self.port);
+        let scheme = if line.contains("https://") {
+            "https"
+        } else {
+            "http"
+        };
+        self.url = format!("{scheme}://{}:{}", self.host, self.port);
         self.proc = Some(Proc {
             child,
             name: "apiserver".into(),
@@ -169,11 +177,16 @@ impl Apiserver {
         }
     }
 
-    fn client() -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap()
+    fn client(&self) -> reqwest::blocking::Client {
+        let builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
+        match &self.ca_pem {
+            Some(pem) => builder.add_root_certificate(
+                reqwest::Certificate::from_pem(pem.as_bytes()).expect("a PEM certificate"),
+            ),
+            None => builder,
+        }
+        .build()
+        .unwrap()
     }
 
     pub fn apply(&self, yaml: &str) -> serde_json::Value {
@@ -187,7 +200,8 @@ impl Apiserver {
 
     /// POSTs `body` to `path` as the operator; the reply must be a success.
     fn post_body(&self, path: &str, body: String) -> serde_json::Value {
-        let response = Self::client()
+        let response = self
+            .client()
             .post(format!("{}{path}", self.url))
             .bearer_auth(OPERATOR)
             .body(body)
@@ -200,7 +214,8 @@ impl Apiserver {
     }
 
     pub fn get(&self, path: &str) -> Option<serde_json::Value> {
-        let response = Self::client()
+        let response = self
+            .client()
             .get(format!("{}{path}", self.url))
             .bearer_auth(OPERATOR)
             .send()
