@@ -196,6 +196,10 @@ pub struct Controller {
     /// Told when a DesiredState changes: the rollout loop decides at once instead of at its
     /// next tick.
     desired_states_changed: watch::Sender<u64>,
+    /// Heartbeats waiting to be committed together (see `Controller::report`).
+    reports: Mutex<Vec<nodes::QueuedReport>>,
+    /// Held by the one caller that commits the queued heartbeats.
+    report_committer: tokio::sync::Mutex<()>,
 }
 
 /// See `Controller::assignments_memo`.
@@ -270,6 +274,8 @@ impl Controller {
             generations: Mutex::new(HashMap::new()),
             assignments_memo: Mutex::new(AssignmentMemo::default()),
             desired_states_changed: watch::channel(0).0,
+            reports: Mutex::new(Vec::new()),
+            report_committer: tokio::sync::Mutex::new(()),
         });
         controller.refresh()?;
         // Readiness as it stands at start: transitions are reported from here on.

@@ -103,6 +103,20 @@ pub(super) fn node_in(txn: &dyn Txn, name: &str) -> Result<StoredNode, Error> {
 /// When the server first received Healthy for each DesiredState the report says is Healthy:
 /// kept while the node reports the same healthy spell (revision and its own `healthySince`),
 /// restarted with a new one, dropped when it is not Healthy. The server's clock only.
+/// Heartbeats committed in one transaction at most.
+const MAX_REPORTS_PER_COMMIT: usize = 256;
+
+/// A heartbeat waiting for its commit (see `Controller::report`).
+pub(super) struct QueuedReport {
+    name: String,
+    /// The report, without its events.
+    report: NodeReport,
+    node_events: Vec<NodeEvent>,
+    /// When the server received it.
+    now: SystemTime,
+    done: tokio::sync::oneshot::Sender<Result<Vec<Event>, Error>>,
+}
+
 pub(super) fn healthy_received(
     before: &BTreeMap<String, HealthyReceived>,
     report: &NodeReport,
@@ -388,46 +402,40 @@ impl Controller {
                 component: None,
             });
         }
-        // Answered once durable, as every write: the node forgets its events once they are
-        // acknowledged.
-        let ((object, events), _) = self
-            .transact(|txn| -> Result<_, Error> {
-                let version = txn.revision().to_string();
-                let seqs: Vec<u64> = node_events.iter().map(|_| txn.next_id()).collect();
-                let mut stored = node_in(txn, name)?;
-                stored.object.status.last_heartbeat = Some(now);
-                stored.object.status.healthy_received =
-                    healthy_received(&stored.object.status.healthy_received, &report, now);
-                stored.object.status.report = report.clone();
-                stored.object.metadata.resource_version = version.clone();
-                NODES.put(txn, name.as_bytes(), &stored)?;
-                let mut events = Vec::new();
-                for (node_event, seq) in node_events.iter().zip(&seqs) {
-                    let event = self.new_event(
-                        *seq,
-                        node_event.time,
-                        node_event.kind,
-                        &node_event.reason,
-                        &format!("node/{name}"),
-                        match &node_event.component {
-                            // "demo: demo 1.2.0 failed" would say the name twice.
-                            Some(component)
-                                if !node_event.message.starts_with(component.as_str()) =>
-                            {
-                                format!("{component}: {}", node_event.message)
-                            }
-                            _ => node_event.message.clone(),
-                        },
-                        Some(name.to_string()),
-                        node_event.desired_state.clone(),
-                        node_event.revision,
-                    )?;
-                    EVENTS.put(txn, &event.seq.to_be_bytes(), &event)?;
-                    events.push(event);
+        // Answered once durable, as every write (the node forgets its events once they are
+        // acknowledged), and committed together with the heartbeats that arrive meanwhile.
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(QueuedReport {
+                name: name.to_string(),
+                report,
+                node_events,
+                now,
+                done,
+            });
+        {
+            // Whoever holds this commits everything queued, this report included unless an
+            // earlier holder took it (and answered it before letting go).
+            let _committer = self.report_committer.lock().await;
+            loop {
+                let batch: Vec<QueuedReport> = {
+                    let mut queue = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+                    let take = queue.len().min(MAX_REPORTS_PER_COMMIT);
+                    queue.drain(..take).collect()
+                };
+                if batch.is_empty() {
+                    break;
                 }
-                Ok((stored.object, events))
-            })
-            .await?;
+                self.commit_reports(batch).await;
+            }
+        }
+        let events = committed.await.map_err(|_| {
+            Error::Store(StoreError::Backend(
+                "the heartbeat's commit was dropped".into(),
+            ))
+        })??;
         let was_ready = {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             live.heartbeats.insert(name.to_string(), now);
@@ -438,9 +446,93 @@ impl Controller {
         if was_ready == Some(false) && self.leader_epoch().is_some() {
             self.node_readiness_event(name, true, now).await?;
         }
-        let _ = object;
         self.after_events(&events).await?;
         Ok(())
+    }
+
+    /// Stores queued heartbeats in one transaction and answers each: a report of a node
+    /// that is gone gets its own error, and does not fail the others.
+    async fn commit_reports(&self, batch: Vec<QueuedReport>) {
+        let outcome = self
+            .transact(|txn| -> Result<Vec<Result<Vec<Event>, Error>>, Error> {
+                let version = txn.revision().to_string();
+                let mut answers = Vec::with_capacity(batch.len());
+                for queued in &batch {
+                    answers.push(self.put_report(txn, queued, &version)?);
+                }
+                Ok(answers)
+            })
+            .await;
+        match outcome {
+            Ok((answers, _)) => {
+                for (queued, answer) in batch.into_iter().zip(answers) {
+                    let _ = queued.done.send(answer);
+                }
+            }
+            Err(error) => {
+                let error = Error::from(error);
+                let text = error.to_string();
+                for queued in batch {
+                    let _ = queued
+                        .done
+                        .send(Err(Error::Store(StoreError::Backend(text.clone()))));
+                }
+            }
+        }
+    }
+
+    /// Writes one heartbeat inside a batch's transaction: `Ok(Err(_))` is this report's own
+    /// failure (nothing of it written), `Err(_)` the store's (the whole batch fails).
+    fn put_report(
+        &self,
+        txn: &mut dyn Txn,
+        queued: &QueuedReport,
+        version: &str,
+    ) -> Result<Result<Vec<Event>, Error>, Error> {
+        let QueuedReport {
+            name,
+            report,
+            node_events,
+            now,
+            ..
+        } = queued;
+        let mut stored = match node_in(txn, name) {
+            Ok(stored) => stored,
+            Err(error @ Error::Store(_)) => return Err(error),
+            Err(error) => return Ok(Err(error)),
+        };
+        let mut events = Vec::new();
+        for node_event in node_events {
+            let seq = txn.next_id();
+            let event = self.new_event(
+                seq,
+                node_event.time,
+                node_event.kind,
+                &node_event.reason,
+                &format!("node/{name}"),
+                match &node_event.component {
+                    // "demo: demo 1.2.0 failed" would say the name twice.
+                    Some(component) if !node_event.message.starts_with(component.as_str()) => {
+                        format!("{component}: {}", node_event.message)
+                    }
+                    _ => node_event.message.clone(),
+                },
+                Some(name.to_string()),
+                node_event.desired_state.clone(),
+                node_event.revision,
+            )?;
+            events.push(event);
+        }
+        stored.object.status.last_heartbeat = Some(*now);
+        stored.object.status.healthy_received =
+            healthy_received(&stored.object.status.healthy_received, report, *now);
+        stored.object.status.report = report.clone();
+        stored.object.metadata.resource_version = version.to_string();
+        NODES.put(txn, name.as_bytes(), &stored)?;
+        for event in &events {
+            EVENTS.put(txn, &event.seq.to_be_bytes(), event)?;
+        }
+        Ok(Ok(events))
     }
 
     /// What the feed keeps of `name`, if it knows the node.

@@ -1150,3 +1150,61 @@ async fn only_a_desired_state_change_that_can_change_an_assignment_wakes_long_po
     });
     assert!(garbage.assignments);
 }
+
+#[tokio::test]
+async fn heartbeats_that_arrive_together_share_a_commit_and_a_gone_node_fails_alone() {
+    let c = controller().await;
+    for i in 0..40 {
+        register(&c, &format!("n{i}"), "web").await;
+    }
+    let before = c.store.revision();
+    let mut names: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+    names.insert(20, "gone".into());
+    let answers = futures::future::join_all(names.iter().map(|name| {
+        let mut report = NodeReport::default();
+        report.events = vec![NodeEvent {
+            time: SystemTime::now(),
+            kind: EventType::Normal,
+            reason: "Hello".into(),
+            message: format!("from {name}"),
+            desired_state: None,
+            revision: None,
+            component: None,
+        }];
+        c.report(name, report)
+    }))
+    .await;
+    for (name, answer) in names.iter().zip(&answers) {
+        match name.as_str() {
+            "gone" => assert!(
+                matches!(answer, Err(Error::NotFound { .. })),
+                "{name}: {answer:?}"
+            ),
+            _ => assert!(answer.is_ok(), "{name}: {answer:?}"),
+        }
+    }
+    // Every report of a known node is stored, with its event, and none of the gone one's.
+    for name in names.iter().filter(|n| *n != "gone") {
+        let node = c.get_node(name).unwrap();
+        assert!(node.status.last_heartbeat.is_some(), "{name}");
+    }
+    let hellos: Vec<String> = c
+        .events(0, 1000, None)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.reason == "Hello")
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(hellos.len(), 40);
+    assert!(!hellos.iter().any(|m| m.contains("gone")));
+    // The first report commits alone; the 40 that queued behind it share one or a few.
+    let commits = c
+        .store
+        .resume(before)
+        .unwrap()
+        .0
+        .into_iter()
+        .filter(|b| b.changes.iter().any(|w| w.table == Table::Nodes))
+        .count();
+    assert!(commits <= 4, "{commits} commits for 41 heartbeats");
+}
