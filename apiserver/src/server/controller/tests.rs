@@ -1161,16 +1161,18 @@ async fn heartbeats_that_arrive_together_share_a_commit_and_a_gone_node_fails_al
     let mut names: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
     names.insert(20, "gone".into());
     let answers = futures::future::join_all(names.iter().map(|name| {
-        let mut report = NodeReport::default();
-        report.events = vec![NodeEvent {
-            time: SystemTime::now(),
-            kind: EventType::Normal,
-            reason: "Hello".into(),
-            message: format!("from {name}"),
-            desired_state: None,
-            revision: None,
-            component: None,
-        }];
+        let report = NodeReport {
+            events: vec![NodeEvent {
+                time: SystemTime::now(),
+                kind: EventType::Normal,
+                reason: "Hello".into(),
+                message: format!("from {name}"),
+                desired_state: None,
+                revision: None,
+                component: None,
+            }],
+            ..NodeReport::default()
+        };
         c.report(name, report)
     }))
     .await;
