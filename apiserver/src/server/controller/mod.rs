@@ -170,6 +170,9 @@ struct Live {
 /// that panics is caught (one DesiredState's problem), and must not poison every later
 /// request through a lock it held.
 pub struct Controller {
+    /// Itself, for work that must outlive the request that started it (a batch of
+    /// heartbeats is committed by a task of its own, not by a request that can be dropped).
+    me: std::sync::Weak<Controller>,
     /// When this process started: deadlines are judged only after nodes could report.
     started: SystemTime,
     store: Arc<Store>,
@@ -198,8 +201,11 @@ pub struct Controller {
     desired_states_changed: watch::Sender<u64>,
     /// Heartbeats waiting to be committed together (see `Controller::report`).
     reports: Mutex<Vec<nodes::QueuedReport>>,
-    /// Held by the one caller that commits the queued heartbeats.
+    /// Held by the one task that commits the queued heartbeats.
     report_committer: tokio::sync::Mutex<()>,
+    /// Whether a task is on its way to commit the queue (so a heartbeat starts one only
+    /// when none is).
+    report_drainer: std::sync::atomic::AtomicBool,
 }
 
 /// See `Controller::assignments_memo`.
@@ -259,7 +265,8 @@ impl Controller {
         // Subscribed before the first read: no change can fall between the two.
         let feed = store.subscribe();
         let (processed, _) = watch::channel(store.revision());
-        let controller = Arc::new(Controller {
+        let controller = Arc::new_cyclic(|me| Controller {
+            me: me.clone(),
             started: SystemTime::now(),
             store,
             config,
@@ -276,6 +283,7 @@ impl Controller {
             desired_states_changed: watch::channel(0).0,
             reports: Mutex::new(Vec::new()),
             report_committer: tokio::sync::Mutex::new(()),
+            report_drainer: std::sync::atomic::AtomicBool::new(false),
         });
         controller.refresh()?;
         // Readiness as it stands at start: transitions are reported from here on.

@@ -415,20 +415,14 @@ impl Controller {
                 now,
                 done,
             });
+        // A task of its own commits what is queued: a request dropped by its client (the
+        // connection closed) must not take the other nodes' heartbeats of its batch along.
+        if !self
+            .report_drainer
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
-            // Whoever holds this commits everything queued, this report included unless an
-            // earlier holder took it (and answered it before letting go).
-            let _committer = self.report_committer.lock().await;
-            loop {
-                let batch: Vec<QueuedReport> = {
-                    let mut queue = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
-                    let take = queue.len().min(MAX_REPORTS_PER_COMMIT);
-                    queue.drain(..take).collect()
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                self.commit_reports(batch).await;
+            if let Some(me) = self.me.upgrade() {
+                tokio::spawn(async move { me.commit_queued_reports().await });
             }
         }
         let events = committed.await.map_err(|_| {
@@ -448,6 +442,27 @@ impl Controller {
         }
         self.after_events(&events).await?;
         Ok(())
+    }
+
+    /// Commits every queued heartbeat, in batches; whoever holds the committer commits
+    /// what queued meanwhile, so concurrent heartbeats share transactions.
+    async fn commit_queued_reports(&self) {
+        let _committer = self.report_committer.lock().await;
+        loop {
+            // Cleared before taking: a report queued after the take starts a task of its
+            // own (which waits for this one), one queued before it is in this batch.
+            self.report_drainer
+                .store(false, std::sync::atomic::Ordering::Release);
+            let batch: Vec<QueuedReport> = {
+                let mut queue = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+                let take = queue.len().min(MAX_REPORTS_PER_COMMIT);
+                queue.drain(..take).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            self.commit_reports(batch).await;
+        }
     }
 
     /// Stores queued heartbeats in one transaction and answers each: a report of a node

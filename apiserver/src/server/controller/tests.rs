@@ -1210,3 +1210,23 @@ async fn heartbeats_that_arrive_together_share_a_commit_and_a_gone_node_fails_al
         .count();
     assert!(commits <= 4, "{commits} commits for 41 heartbeats");
 }
+
+#[tokio::test]
+async fn a_heartbeat_request_dropped_by_its_client_takes_no_other_heartbeat_along() {
+    let c = controller().await;
+    for name in ["a", "b", "c"] {
+        register(&c, name, "web").await;
+    }
+    // `a`'s request is queued and then dropped (its connection closed) before its commit.
+    let mut dropped = Box::pin(c.report("a", NodeReport::default()));
+    assert!(futures::poll!(&mut dropped).is_pending());
+    drop(dropped);
+    let (b, cc) = futures::future::join(
+        c.report("b", NodeReport::default()),
+        c.report("c", NodeReport::default()),
+    )
+    .await;
+    assert!(b.is_ok() && cc.is_ok(), "{b:?} {cc:?}");
+    // The queued report was committed all the same, by the task that commits the queue.
+    assert!(c.get_node("a").unwrap().status.last_heartbeat.is_some());
+}
