@@ -41,6 +41,11 @@ struct Args {
     /// Seconds without a heartbeat before a node is not Ready.
     #[arg(long, default_value_t = 40)]
     ready_grace_seconds: u64,
+    /// Seconds between stored heartbeats of a node whose report did not change (sled;
+    /// the others are kept in memory). With a store shared by several apiservers every
+    /// heartbeat is stored.
+    #[arg(long, default_value_t = 60)]
+    heartbeat_persist_seconds: u64,
     /// Git repository (URL or path) to sync manifests from.
     #[arg(long)]
     git_repo: Option<String>,
@@ -131,6 +136,7 @@ fn main() -> ExitCode {
         controller: ControllerConfig {
             event_retention: args.event_retention,
             ready_grace: Duration::from_secs(args.ready_grace_seconds),
+            heartbeat_persist_interval: Duration::from_secs(args.heartbeat_persist_seconds),
             lease_duration: Duration::from_secs(args.lease_seconds.max(1)),
             ..ControllerConfig::default()
         },

@@ -213,6 +213,8 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     let tls = tls.map(|config| config.get_inner());
     let served = serve::serve(listener, app, tls, limits, shutdown_signal()).await;
     served.map_err(|e| format!("server failed: {e}"))?;
+    // Heartbeats answered before their commit are stored before the process ends.
+    controller.store_queued_reports().await;
     store.flush().await.map_err(|e| e.to_string())?;
     tracing::info!("apiserver stopped");
     Ok(())

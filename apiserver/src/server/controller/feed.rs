@@ -199,7 +199,12 @@ impl Controller {
                 let reshaped = {
                     let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                     if let Some(at) = stored.object.status.last_heartbeat {
-                        let heard = live.heartbeats.insert(name.to_string(), at) != Some(at);
+                        // Never backwards: a heartbeat kept in memory may be newer.
+                        let known = live.heartbeats.get(name).copied();
+                        let heard = known != Some(at);
+                        if known.is_none_or(|known| known < at) {
+                            live.heartbeats.insert(name.to_string(), at);
+                        }
                         // Host history follows the feed, so every replica keeps the same one
                         // whichever replica the node reports to.
                         if let (true, Some(host)) = (heard, &stored.object.status.report.host) {
@@ -240,6 +245,7 @@ impl Controller {
                 {
                     let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                     live.heartbeats.remove(name);
+                    live.stored_reports.remove(name);
                     live.ready.remove(name);
                     live.host_history.remove(name);
                     live.nodes.remove(name);

@@ -76,6 +76,11 @@ pub struct ControllerConfig {
     /// How long the leader lease lasts unrenewed (a store shared by several apiservers):
     /// a replica takes over within about this long after the leader dies.
     pub lease_duration: Duration,
+    /// With a store only this process writes: a heartbeat that changes nothing but the
+    /// node's host metrics is stored only if the node's stored heartbeat is older than this
+    /// (the others are kept in memory). A heartbeat time known only from the store gets this
+    /// much more than `ready_grace` before its node counts as not Ready.
+    pub heartbeat_persist_interval: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -85,6 +90,7 @@ impl Default for ControllerConfig {
             ready_grace: Duration::from_secs(40),
             host_history: 60,
             lease_duration: Duration::from_secs(10),
+            heartbeat_persist_interval: Duration::from_secs(60),
         }
     }
 }
@@ -156,8 +162,13 @@ struct Live {
     host_history: HashMap<String, VecDeque<HostSample>>,
     /// Readiness last seen by the readiness sweep, to report transitions once.
     ready: HashMap<String, bool>,
-    /// Last heartbeat per node: the sweep reads this instead of decoding every node record.
+    /// Last heartbeat per node, stored or only heard: the sweep and the rollout loop read
+    /// this instead of decoding every node record.
     heartbeats: HashMap<String, SystemTime>,
+    /// Per node, what this process last stored of its report (see
+    /// `nodes::report_digest`) and when that report arrived: a heartbeat that brings nothing
+    /// new is kept in memory.
+    stored_reports: HashMap<String, (u64, SystemTime)>,
     /// What of each node requests and the rollout loop need (token hash, labels, cordon,
     /// what it reports per DesiredState), so they decode no node record. A node write that
     /// changes its labels or cordon wakes that node's long polls; a heartbeat does not.
@@ -200,7 +211,7 @@ pub struct Controller {
     /// next tick.
     desired_states_changed: watch::Sender<u64>,
     /// Heartbeats waiting to be committed together (see `Controller::report`).
-    reports: Mutex<Vec<nodes::QueuedReport>>,
+    reports: Mutex<nodes::ReportQueue>,
     /// Held by the one task that commits the queued heartbeats.
     report_committer: tokio::sync::Mutex<()>,
     /// Whether a task is on its way to commit the queue (so a heartbeat starts one only
@@ -281,7 +292,7 @@ impl Controller {
             generations: Mutex::new(HashMap::new()),
             assignments_memo: Mutex::new(AssignmentMemo::default()),
             desired_states_changed: watch::channel(0).0,
-            reports: Mutex::new(Vec::new()),
+            reports: Mutex::new(nodes::ReportQueue::default()),
             report_committer: tokio::sync::Mutex::new(()),
             report_drainer: std::sync::atomic::AtomicBool::new(false),
         });

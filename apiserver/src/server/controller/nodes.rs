@@ -114,7 +114,114 @@ pub(super) struct QueuedReport {
     node_events: Vec<NodeEvent>,
     /// When the server received it.
     now: SystemTime,
-    done: tokio::sync::oneshot::Sender<Result<Vec<Event>, Error>>,
+    /// See `report_digest`.
+    digest: u64,
+    /// The request waiting for the commit; `None` for a report that was answered when it
+    /// was queued (it carried no events, so the node forgets nothing on the answer).
+    done: Option<tokio::sync::oneshot::Sender<Result<(), Error>>>,
+}
+
+/// Heartbeats waiting for their group commit, in arrival order. A node has at most one
+/// report answered early in the queue: a newer one takes its place, so the queue is bounded
+/// by the fleet however fast nodes (or a flood of one node) report.
+#[derive(Default)]
+pub(super) struct ReportQueue {
+    entries: VecDeque<QueuedReport>,
+    /// Sequence number of `entries[0]`.
+    head: u64,
+    /// Per node, the sequence number of its report answered early, while still queued.
+    early: HashMap<String, u64>,
+}
+
+impl ReportQueue {
+    /// Queues `queued`; a report answered early replaces the node's earlier one of that
+    /// kind still in the queue unless a waiting report of the node queued after it (only
+    /// the newest state of a node matters, and reports are stored in the order sent).
+    fn push(&mut self, queued: QueuedReport) {
+        if queued.done.is_some() {
+            // Stored after the node's earlier reports, and before any later one: a later
+            // report answered early queues behind it instead of taking an earlier place.
+            self.early.remove(&queued.name);
+        } else {
+            if let Some(&seq) = self.early.get(&queued.name) {
+                let at = (seq - self.head) as usize;
+                self.entries[at] = queued;
+                return;
+            }
+            let seq = self.head + self.entries.len() as u64;
+            self.early.insert(queued.name.clone(), seq);
+        }
+        self.entries.push_back(queued);
+    }
+
+    /// Takes up to `most` of the oldest reports.
+    fn take(&mut self, most: usize) -> Vec<QueuedReport> {
+        let take = self.entries.len().min(most);
+        let batch: Vec<QueuedReport> = self.entries.drain(..take).collect();
+        for (i, queued) in batch.iter().enumerate() {
+            if queued.done.is_none()
+                && self.early.get(&queued.name) == Some(&(self.head + i as u64))
+            {
+                self.early.remove(&queued.name);
+            }
+        }
+        self.head += take as u64;
+        batch
+    }
+}
+
+/// `time` without what RFC 3339 with milliseconds drops.
+fn whole_millis(time: SystemTime) -> SystemTime {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => {
+            SystemTime::UNIX_EPOCH
+                + Duration::from_millis(since.as_millis().min(u64::MAX as u128) as u64)
+        }
+        Err(_) => time,
+    }
+}
+
+/// A digest of what a report says apart from host metrics and events: two reports with the
+/// same digest differ only in figures that are kept in memory between stored reports.
+pub(super) fn report_digest(report: &NodeReport) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let lasting = (
+        &report.nodelet_version,
+        report.observed_generation,
+        &report.applied,
+        &report.components,
+        &report.probes,
+        &report.disk_pressure,
+    );
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // Serialising cannot fail for these types; an empty text still hashes consistently.
+    serde_json::to_vec(&lasting)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Whether a report must be stored: it carries events, it says something the stored one
+/// does not, the stored heartbeat is `interval` old, or other replicas read heartbeats
+/// from the store. `stored` is the digest and arrival of the report this process stored last.
+pub(super) fn must_store(
+    digest: u64,
+    has_events: bool,
+    shared: bool,
+    stored: Option<(u64, SystemTime)>,
+    now: SystemTime,
+    interval: Duration,
+) -> bool {
+    if has_events || shared {
+        return true;
+    }
+    match stored {
+        None => true,
+        Some((known, at)) => {
+            // A clock that went back stores at once rather than after the jump.
+            known != digest || now.duration_since(at).map_or(true, |age| age >= interval)
+        }
+    }
 }
 
 pub(super) fn healthy_received(
@@ -402,9 +509,52 @@ impl Controller {
                 component: None,
             });
         }
-        // Answered once durable, as every write (the node forgets its events once they are
-        // acknowledged), and committed together with the heartbeats that arrive meanwhile.
-        let (done, committed) = tokio::sync::oneshot::channel();
+        // A report with events is answered once durable, as every write: the node forgets
+        // its events once they are acknowledged. One without events holds nothing the node
+        // would forget — it sends its whole state again within one interval — so it is
+        // answered at once and committed with the next group; until then nobody is shown
+        // it, and a crash loses only a heartbeat the next one replaces. Heartbeats thereby
+        // never wait for a disk flush (a 10,000-assignment wave took 200–500 ms to persist).
+        let waits = !node_events.is_empty();
+        let digest = report_digest(&report);
+        let stored = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stored_reports
+            .get(name)
+            .copied();
+        let store_it = must_store(
+            digest,
+            waits,
+            self.store.is_shared(),
+            stored,
+            now,
+            self.config.heartbeat_persist_interval,
+        );
+        if !waits {
+            // What a commit would refuse, refused now: an unknown node, a store that
+            // cannot persist.
+            if self.facts_of(name).is_none() && self.find_node(name)?.is_none() {
+                return Err(Error::NotFound {
+                    kind: "Node",
+                    name: name.to_string(),
+                });
+            }
+            self.store.check()?;
+        }
+        if !store_it {
+            // Nothing new but the host's figures: heard, and kept in memory until the next
+            // stored report (at 10,000 nodes, storing every heartbeat was most of what the
+            // store wrote, and every write waits for a disk flush).
+            return self.heard(name, now, report.host).await;
+        }
+        let (done, committed) = if waits {
+            let (done, committed) = tokio::sync::oneshot::channel();
+            (Some(done), Some(committed))
+        } else {
+            (None, None)
+        };
         self.reports
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -413,6 +563,7 @@ impl Controller {
                 report,
                 node_events,
                 now,
+                digest,
                 done,
             });
         // A task of its own commits what is queued: a request dropped by its client (the
@@ -422,42 +573,35 @@ impl Controller {
             .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
             if let Some(me) = self.me.upgrade() {
-                tokio::spawn(async move { me.commit_queued_reports().await });
+                tokio::spawn(async move { me.store_queued_reports().await });
             }
         }
-        let events = committed.await.map_err(|_| {
-            Error::Store(StoreError::Backend(
-                "the heartbeat's commit was dropped".into(),
-            ))
-        })??;
-        let was_ready = {
-            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-            live.heartbeats.insert(name.to_string(), now);
-            live.ready.insert(name.to_string(), true)
-        };
-        // Readiness events are the leader's to raise (a follower's view of who was NotReady
-        // is its own); the leader's sweep notices a node heard by another replica.
-        if was_ready == Some(false) && self.leader_epoch().is_some() {
-            self.node_readiness_event(name, true, now).await?;
+        match committed {
+            Some(committed) => committed.await.map_err(|_| {
+                Error::Store(StoreError::Backend(
+                    "the heartbeat's commit was dropped".into(),
+                ))
+            })?,
+            None => Ok(()),
         }
-        self.after_events(&events).await?;
-        Ok(())
     }
 
     /// Commits every queued heartbeat, in batches; whoever holds the committer commits
-    /// what queued meanwhile, so concurrent heartbeats share transactions.
-    async fn commit_queued_reports(&self) {
+    /// what queued meanwhile, so concurrent heartbeats share transactions. Returns once
+    /// everything queued before the call is stored (shutdown calls it for the heartbeats
+    /// answered before their commit).
+    pub async fn store_queued_reports(&self) {
         let _committer = self.report_committer.lock().await;
         loop {
             // Cleared before taking: a report queued after the take starts a task of its
             // own (which waits for this one), one queued before it is in this batch.
             self.report_drainer
                 .store(false, std::sync::atomic::Ordering::Release);
-            let batch: Vec<QueuedReport> = {
-                let mut queue = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
-                let take = queue.len().min(MAX_REPORTS_PER_COMMIT);
-                queue.drain(..take).collect()
-            };
+            let batch = self
+                .reports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(MAX_REPORTS_PER_COMMIT);
             if batch.is_empty() {
                 return;
             }
@@ -481,19 +625,89 @@ impl Controller {
         match outcome {
             Ok((answers, _)) => {
                 for (queued, answer) in batch.into_iter().zip(answers) {
-                    let _ = queued.done.send(answer);
+                    let answer = match answer {
+                        Ok(events) => {
+                            self.live
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .stored_reports
+                                .insert(queued.name.clone(), (queued.digest, queued.now));
+                            self.after_report(&queued.name, queued.now, &events).await
+                        }
+                        Err(error) => Err(error),
+                    };
+                    match (queued.done, answer) {
+                        (Some(done), answer) => {
+                            let _ = done.send(answer);
+                        }
+                        (None, Ok(())) => {}
+                        (None, Err(error)) => tracing::warn!(
+                            node = %queued.name,
+                            %error,
+                            "a heartbeat answered before its commit was not stored"
+                        ),
+                    }
                 }
             }
             Err(error) => {
                 let error = Error::from(error);
                 let text = error.to_string();
                 for queued in batch {
-                    let _ = queued
-                        .done
-                        .send(Err(Error::Store(StoreError::Backend(text.clone()))));
+                    match queued.done {
+                        Some(done) => {
+                            let _ = done.send(Err(Error::Store(StoreError::Backend(text.clone()))));
+                        }
+                        None => tracing::warn!(
+                            node = %queued.name,
+                            error = %text,
+                            "a heartbeat answered before its commit was not stored"
+                        ),
+                    }
                 }
             }
         }
+    }
+
+    /// A heartbeat kept in memory: the node is heard (Ready again, an event if it was not),
+    /// and its host figures join its history.
+    async fn heard(
+        &self,
+        name: &str,
+        now: SystemTime,
+        host: Option<HostMetrics>,
+    ) -> Result<(), Error> {
+        if let Some(metrics) = host {
+            let keep = self.config.host_history;
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let history = live.host_history.entry(name.to_string()).or_default();
+            history.push_back(HostSample { time: now, metrics });
+            while history.len() > keep {
+                history.pop_front();
+            }
+        }
+        self.after_report(name, now, &[]).await
+    }
+
+    /// What follows a stored heartbeat: the node is heard (and Ready again, an event if it
+    /// was not), and its events count against its share of the retention.
+    async fn after_report(
+        &self,
+        name: &str,
+        now: SystemTime,
+        events: &[Event],
+    ) -> Result<(), Error> {
+        let was_ready = {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            live.heartbeats.insert(name.to_string(), now);
+            live.ready.insert(name.to_string(), true)
+        };
+        // Readiness events are the leader's to raise (a follower's view of who was NotReady
+        // is its own); the leader's sweep notices a node heard by another replica.
+        if was_ready == Some(false) && self.leader_epoch().is_some() {
+            self.node_readiness_event(name, true, now).await?;
+        }
+        self.after_events(events).await?;
+        Ok(())
     }
 
     /// Writes one heartbeat inside a batch's transaction: `Ok(Err(_))` is this report's own
@@ -579,14 +793,23 @@ impl Controller {
             .collect()
     }
 
+    /// Whether a heartbeat at `heartbeat` still makes its node Ready at `now`. One this
+    /// process heard counts for `ready_grace`; one known only from the store (from before
+    /// this process started) may be up to `heartbeat_persist_interval` older than the node's
+    /// last heartbeat, since unchanged heartbeats are not all stored.
     pub(super) fn fresh(&self, heartbeat: SystemTime, now: SystemTime) -> bool {
-        now.duration_since(heartbeat).unwrap_or_default() <= self.config.ready_grace
+        let mut grace = self.config.ready_grace;
+        // Stored times have whole milliseconds: one of the start's millisecond was heard here.
+        if heartbeat < whole_millis(self.started) {
+            grace += self.config.heartbeat_persist_interval;
+        }
+        now.duration_since(heartbeat).unwrap_or_default() <= grace
     }
 
     pub(super) fn is_ready(&self, node: &NodeObject, now: SystemTime) -> bool {
         node.status
             .last_heartbeat
-            .is_some_and(|t| now.duration_since(t).unwrap_or_default() <= self.config.ready_grace)
+            .is_some_and(|t| self.fresh(t, now))
     }
 
     /// Adds the computed conditions and the host history to a stored node.
@@ -595,17 +818,30 @@ impl Controller {
         mut node: NodeObject,
         now: SystemTime,
     ) -> Result<NodeObject, Error> {
+        {
+            // A heartbeat kept in memory is newer than the stored one: show it, and its
+            // host figures (the newest of the history).
+            let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let name = &node.metadata.name;
+            if let Some(&heard) = live.heartbeats.get(name) {
+                // The stored time has whole milliseconds; the same heartbeat in memory has more.
+                if node
+                    .status
+                    .last_heartbeat
+                    .is_none_or(|stored| stored < whole_millis(heard))
+                {
+                    node.status.last_heartbeat = Some(heard);
+                    if let Some(sample) = live.host_history.get(name).and_then(|h| h.back()) {
+                        node.status.report.host = Some(sample.metrics.clone());
+                    }
+                }
+            }
+            if let Some(history) = live.host_history.get(name) {
+                node.status.host_history = history.iter().cloned().collect();
+            }
+        }
         let assignment = self.assignment_for(&node);
         node.status.conditions = conditions(&node, &assignment, self.is_ready(&node, now));
-        if let Some(history) = self
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .host_history
-            .get(&node.metadata.name)
-        {
-            node.status.host_history = history.iter().cloned().collect();
-        }
         Ok(node)
     }
 
@@ -818,5 +1054,150 @@ impl Controller {
         .await?;
         self.after_events(&[event]).await?;
         Ok(node)
+    }
+}
+
+#[cfg(test)]
+mod report_queue_tests {
+    use super::*;
+
+    #[test]
+    fn a_report_is_stored_when_it_says_something_new_or_the_stored_one_is_old() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let minute = Duration::from_secs(60);
+        let later = |s: u64| t0 + Duration::from_secs(s);
+        // Nothing stored yet by this process.
+        assert!(must_store(1, false, false, None, t0, minute));
+        // The same report 10 s later: memory only; 60 s later: stored again.
+        assert!(!must_store(
+            1,
+            false,
+            false,
+            Some((1, t0)),
+            later(10),
+            minute
+        ));
+        assert!(must_store(
+            1,
+            false,
+            false,
+            Some((1, t0)),
+            later(60),
+            minute
+        ));
+        // Something new, events, or replicas reading the store: stored.
+        assert!(must_store(
+            2,
+            false,
+            false,
+            Some((1, t0)),
+            later(10),
+            minute
+        ));
+        assert!(must_store(1, true, false, Some((1, t0)), later(10), minute));
+        assert!(must_store(1, false, true, Some((1, t0)), later(10), minute));
+        // A clock that went back does not keep a report out of the store for ever.
+        assert!(must_store(
+            1,
+            false,
+            false,
+            Some((1, t0)),
+            t0 - minute,
+            minute
+        ));
+    }
+
+    #[test]
+    fn the_digest_ignores_host_figures_and_events_but_nothing_else() {
+        let base = NodeReport {
+            applied: vec![AppliedState {
+                desired_state: "web".into(),
+                revision: 2,
+                phase: ComponentPhase::Healthy,
+                commit: None,
+                healthy_since: None,
+            }],
+            ..NodeReport::default()
+        };
+        let mut busier = base.clone();
+        busier.host = Some(HostMetrics {
+            cpu_percent: 99.0,
+            ..HostMetrics::default()
+        });
+        assert_eq!(report_digest(&base), report_digest(&busier));
+        let mut reverted = base.clone();
+        reverted.applied[0].phase = ComponentPhase::Reverted;
+        assert_ne!(report_digest(&base), report_digest(&reverted));
+        let mut pressed = base.clone();
+        pressed.disk_pressure = Some("/var: 99%".into());
+        assert_ne!(report_digest(&base), report_digest(&pressed));
+    }
+
+    fn queued(name: &str, cpu: f64, waits: bool) -> QueuedReport {
+        QueuedReport {
+            name: name.to_string(),
+            report: NodeReport {
+                host: Some(HostMetrics {
+                    cpu_percent: cpu,
+                    ..HostMetrics::default()
+                }),
+                ..NodeReport::default()
+            },
+            node_events: Vec::new(),
+            now: SystemTime::UNIX_EPOCH,
+            digest: 0,
+            done: waits.then(|| tokio::sync::oneshot::channel().0),
+        }
+    }
+
+    fn cpu(q: &QueuedReport) -> f64 {
+        q.report.host.as_ref().unwrap().cpu_percent
+    }
+
+    #[test]
+    fn a_report_answered_early_replaces_the_nodes_queued_one_in_place() {
+        let mut queue = ReportQueue::default();
+        queue.push(queued("a", 1.0, false));
+        queue.push(queued("b", 2.0, false));
+        queue.push(queued("a", 3.0, false));
+        let batch = queue.take(10);
+        assert_eq!(batch.len(), 2);
+        assert_eq!((batch[0].name.as_str(), cpu(&batch[0])), ("a", 3.0));
+        assert_eq!((batch[1].name.as_str(), cpu(&batch[1])), ("b", 2.0));
+    }
+
+    #[test]
+    fn a_report_that_waits_for_its_commit_is_never_replaced_nor_overtaken() {
+        let mut queue = ReportQueue::default();
+        queue.push(queued("a", 1.0, true));
+        queue.push(queued("a", 2.0, false));
+        queue.push(queued("a", 3.0, false));
+        queue.push(queued("a", 4.0, true));
+        queue.push(queued("a", 5.0, false));
+        queue.push(queued("a", 6.0, false));
+        let batch = queue.take(10);
+        let seen: Vec<f64> = batch.iter().map(cpu).collect();
+        // Stored in the order sent, so the newest state is the one that stays; early
+        // reports merge only with those queued since the last waiting one.
+        assert_eq!(seen, vec![1.0, 3.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn after_a_partial_take_new_reports_find_their_place() {
+        let mut queue = ReportQueue::default();
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            queue.push(queued(name, i as f64, false));
+        }
+        let first = queue.take(2);
+        assert_eq!(first.len(), 2);
+        // "a" left the queue: its next report queues anew; "c" is still queued: replaced.
+        queue.push(queued("a", 10.0, false));
+        queue.push(queued("c", 20.0, false));
+        let rest = queue.take(10);
+        let seen: Vec<(&str, f64)> = rest.iter().map(|q| (q.name.as_str(), cpu(q))).collect();
+        assert_eq!(seen, vec![("c", 20.0), ("a", 10.0)]);
+        assert!(queue.take(10).is_empty());
+        queue.push(queued("c", 30.0, false));
+        assert_eq!(queue.take(10).len(), 1);
     }
 }

@@ -19,6 +19,9 @@ impl Default for Backoff {
     }
 }
 
+/// A rollout decision slower than this (nodes read, judged and written) is logged.
+const SLOW_DECISION: Duration = Duration::from_millis(200);
+
 impl Controller {
     /// One rollout.
     pub fn get_rollout(&self, name: &str) -> Result<RolloutObject, Error> {
@@ -92,14 +95,16 @@ impl Controller {
                     })
                     .collect(),
             };
-        let nodes: Vec<(String, Arc<NodeFacts>)> = self
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .nodes
-            .iter()
-            .map(|(name, facts)| (name.clone(), facts.clone()))
-            .collect();
+        let (nodes, heard): (Vec<(String, Arc<NodeFacts>)>, HashMap<String, SystemTime>) = {
+            let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            (
+                live.nodes
+                    .iter()
+                    .map(|(name, facts)| (name.clone(), facts.clone()))
+                    .collect(),
+                live.heartbeats.clone(),
+            )
+        };
         let mut views: Vec<crate::rollout::NodeView> = nodes
             .into_iter()
             .map(|(name, node)| {
@@ -116,12 +121,18 @@ impl Controller {
                         })
                     })
                     .collect();
+                // Heard, stored or not: a heartbeat kept in memory says the same as the
+                // stored report (only host figures differ), so it is fresh evidence too.
+                let last_report = match (node.last_heartbeat, heard.get(&name)) {
+                    (Some(stored), Some(&heard)) => Some(stored.max(heard)),
+                    (stored, heard) => stored.or(heard.copied()),
+                };
                 crate::rollout::NodeView {
                     // A node that registered and never reported is not available: a wave
                     // goes on without it (within maxUnavailable) or waits for it.
-                    ready: node.last_heartbeat.is_some_and(|t| self.fresh(t, now)),
+                    ready: last_report.is_some_and(|t| self.fresh(t, now)),
                     cordoned: node.inputs.cordoned.is_some(),
-                    last_report: node.last_heartbeat,
+                    last_report,
                     healthy_received: node
                         .healthy_received
                         .get(desired_state)
@@ -245,6 +256,7 @@ impl Controller {
         if !untracked && !in_flight {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         // Every node of the fleet is read and judged: not on an async worker, where it would
         // hold up every request behind it (a multi-threaded runtime moves them elsewhere).
         let nodes = match tokio::runtime::Handle::current().runtime_flavor() {
@@ -258,9 +270,11 @@ impl Controller {
         // Likewise after a takeover: nodes that talked to the old leader need a moment to
         // find this one.
         let judge_from = self.leading_since() + self.config.ready_grace;
-        if let Some(update) =
-            crate::rollout::decide(state, current.as_ref(), &nodes, now, Some(judge_from))
-        {
+        let decision =
+            crate::rollout::decide(state, current.as_ref(), &nodes, now, Some(judge_from));
+        let decided = started.elapsed();
+        if let Some(update) = decision {
+            let assigned = update.assign.len();
             self.write_rollout(
                 name,
                 current
@@ -271,6 +285,17 @@ impl Controller {
                 Some(epoch),
             )
             .await?;
+            // An apply reaches nodes only after this: a slow one is worth a line.
+            if started.elapsed() > SLOW_DECISION {
+                tracing::warn!(
+                    desired_state = %name,
+                    nodes = nodes.len(),
+                    assigned,
+                    decide_ms = decided.as_millis() as u64,
+                    total_ms = started.elapsed().as_millis() as u64,
+                    "slow rollout decision"
+                );
+            }
         }
         Ok(())
     }

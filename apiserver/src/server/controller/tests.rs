@@ -525,7 +525,8 @@ async fn a_flooding_node_evicts_only_its_own_history() {
     let report = |name: &'static str, events: Vec<NodeEvent>| {
         let c = c.clone();
         async move {
-            c.report(
+            report_stored(
+                &c,
                 name,
                 NodeReport {
                     events,
@@ -581,7 +582,9 @@ async fn readiness_sweep_reports_each_transition_once() {
     register(&c, "n1", "web").await;
     register(&c, "quiet", "web").await;
     assert_eq!(ready(&c, "n1"), ConditionStatus::Unknown);
-    c.report("n1", NodeReport::default()).await.unwrap();
+    report_stored(&c, "n1", NodeReport::default())
+        .await
+        .unwrap();
     assert_eq!(ready(&c, "n1"), ConditionStatus::True);
     let heartbeat = c.get_node("n1").unwrap().status.last_heartbeat.unwrap();
     let readiness_events = |c: &Controller| -> Vec<(String, Option<String>)> {
@@ -614,7 +617,9 @@ async fn readiness_sweep_reports_each_transition_once() {
     assert_eq!(event.time, late);
 
     // Heartbeats return: one NodeReady, at once.
-    c.report("n1", NodeReport::default()).await.unwrap();
+    report_stored(&c, "n1", NodeReport::default())
+        .await
+        .unwrap();
     assert_eq!(ready(&c, "n1"), ConditionStatus::True);
     c.sweep_readiness(SystemTime::now()).await.unwrap();
     assert_eq!(
@@ -636,7 +641,9 @@ async fn a_first_heartbeat_is_not_reported_as_resumed() {
         .await
         .unwrap();
     // … do not turn the first heartbeat into "heartbeats resumed".
-    c.report("n1", NodeReport::default()).await.unwrap();
+    report_stored(&c, "n1", NodeReport::default())
+        .await
+        .unwrap();
     assert_eq!(reasons(&c), vec!["Registered"]);
 }
 
@@ -686,7 +693,8 @@ async fn node_tokens_are_checked_and_rotated_on_registration() {
 }
 
 async fn healthy(c: &Controller, node: &str, state: &str, revision: u64, since: SystemTime) {
-    c.report(
+    report_stored(
+        &c,
         node,
         NodeReport {
             applied: vec![AppliedState {
@@ -706,7 +714,9 @@ async fn healthy(c: &Controller, node: &str, state: &str, revision: u64, since: 
 /// Registers a node that has reported once (a node never heard from takes no wave).
 async fn heard(c: &Controller, name: &str, role: &str) {
     register(c, name, role).await;
-    c.report(name, NodeReport::default()).await.unwrap();
+    report_stored(&c, name, NodeReport::default())
+        .await
+        .unwrap();
 }
 
 fn assigned(c: &Controller, node: &str, state: &str) -> Option<u64> {
@@ -877,7 +887,8 @@ async fn a_cordoned_node_pinned_to_an_aborted_revision_goes_back_with_the_others
     c.reconcile_rollouts(SystemTime::now()).await.unwrap();
     assert_eq!(assigned(&c, "n1", "web"), Some(2));
     c.set_cordon("n1", true, "ops").await.unwrap();
-    c.report(
+    report_stored(
+        &c,
         "n1",
         NodeReport {
             applied: vec![AppliedState {
@@ -959,7 +970,8 @@ async fn heartbeats_store_the_report_events_and_host_history() {
     .await;
     register(&c, "n1", "web").await;
     for cpu in [1.0, 2.0, 3.0] {
-        c.report(
+        report_stored(
+            &c,
             "n1",
             NodeReport {
                 host: Some(HostMetrics {
@@ -999,7 +1011,7 @@ async fn heartbeats_store_the_report_events_and_host_history() {
     );
     assert!(drift.last().unwrap().message.starts_with("nginx: "));
     assert!(matches!(
-        c.report("ghost", NodeReport::default()).await,
+        report_stored(&c, "ghost", NodeReport::default()).await,
         Err(Error::NotFound { .. })
     ));
 }
@@ -1038,7 +1050,9 @@ async fn a_registration_wakes_only_that_nodes_long_poll_and_nodes_alike_share_on
     // A new DesiredState moves no assignment until the rollout controller assigns its
     // first revision; that wakes the nodes it selects, together, and no other.
     for node in ["n1", "n2", "n3"] {
-        c.report(node, NodeReport::default()).await.unwrap();
+        report_stored(&c, node, NodeReport::default())
+            .await
+            .unwrap();
     }
     let one_wave = format!(
         "{}  rollout: {{waves: [\"100%\"]}}\n",
@@ -1173,7 +1187,7 @@ async fn heartbeats_that_arrive_together_share_a_commit_and_a_gone_node_fails_al
             }],
             ..NodeReport::default()
         };
-        c.report(name, report)
+        report_stored(&c, name, report)
     }))
     .await;
     for (name, answer) in names.iter().zip(&answers) {
@@ -1217,16 +1231,89 @@ async fn a_heartbeat_request_dropped_by_its_client_takes_no_other_heartbeat_alon
     for name in ["a", "b", "c"] {
         register(&c, name, "web").await;
     }
-    // `a`'s request is queued and then dropped (its connection closed) before its commit.
-    let mut dropped = Box::pin(c.report("a", NodeReport::default()));
+    // `a`'s request (it carries an event, so it waits for its commit) is queued and then
+    // dropped (its connection closed) before its commit.
+    let with_event = NodeReport {
+        events: vec![NodeEvent {
+            time: SystemTime::now(),
+            kind: EventType::Normal,
+            reason: "Hello".into(),
+            message: "from a".into(),
+            desired_state: None,
+            revision: None,
+            component: None,
+        }],
+        ..NodeReport::default()
+    };
+    let mut dropped = Box::pin(c.report("a", with_event));
     assert!(futures::poll!(&mut dropped).is_pending());
     drop(dropped);
     let (b, cc) = futures::future::join(
-        c.report("b", NodeReport::default()),
-        c.report("c", NodeReport::default()),
+        report_stored(&c, "b", NodeReport::default()),
+        report_stored(&c, "c", NodeReport::default()),
     )
     .await;
     assert!(b.is_ok() && cc.is_ok(), "{b:?} {cc:?}");
     // The queued report was committed all the same, by the task that commits the queue.
     assert!(c.get_node("a").unwrap().status.last_heartbeat.is_some());
+}
+
+#[tokio::test]
+async fn a_heartbeat_without_events_is_answered_before_its_commit_and_stored_after() {
+    let c = controller().await;
+    register(&c, "a", "web").await;
+    // Nothing is committed while the test holds the committer: the answer cannot have
+    // waited for a commit.
+    let committer = c.report_committer.lock().await;
+    c.report("a", NodeReport::default()).await.unwrap();
+    assert!(c.get_node("a").unwrap().status.last_heartbeat.is_none());
+    // An unknown node is refused at once, as its commit would refuse it.
+    assert!(matches!(
+        c.report("ghost", NodeReport::default()).await,
+        Err(Error::NotFound { .. })
+    ));
+    drop(committer);
+    c.store_queued_reports().await;
+    assert!(c.get_node("a").unwrap().status.last_heartbeat.is_some());
+}
+
+/// A report, and then every queued report stored: what a test reads next includes it.
+async fn report_stored(c: &Controller, name: &str, report: NodeReport) -> Result<(), Error> {
+    let answer = c.report(name, report).await;
+    c.store_queued_reports().await;
+    answer
+}
+
+#[tokio::test]
+async fn an_unchanged_heartbeat_is_heard_in_memory_and_stored_only_when_old() {
+    let c = controller().await;
+    register(&c, "a", "web").await;
+    let host = |cpu: f64| NodeReport {
+        host: Some(HostMetrics {
+            cpu_percent: cpu,
+            ..HostMetrics::default()
+        }),
+        ..NodeReport::default()
+    };
+    report_stored(&c, "a", host(1.0)).await.unwrap();
+    let stored = c.get_node("a").unwrap().status.last_heartbeat.unwrap();
+    let revision = c.store.revision();
+    // Stored times have whole milliseconds: the next heartbeat comes in a later one.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    // The same report with other host figures: no commit, but the node shows it.
+    report_stored(&c, "a", host(2.0)).await.unwrap();
+    assert_eq!(
+        c.store.revision(),
+        revision,
+        "an unchanged heartbeat was stored"
+    );
+    let node = c.get_node("a").unwrap();
+    assert!(node.status.last_heartbeat.unwrap() > stored);
+    assert_eq!(node.status.report.host.as_ref().unwrap().cpu_percent, 2.0);
+    assert_eq!(node.status.host_history.len(), 2);
+    // Something new is stored at once.
+    let mut changed = host(3.0);
+    changed.nodelet_version = "2.0.0".into();
+    report_stored(&c, "a", changed).await.unwrap();
+    assert!(c.store.revision() > revision);
 }
