@@ -199,10 +199,12 @@ impl Controller {
                 let reshaped = {
                     let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
                     if let Some(at) = stored.object.status.last_heartbeat {
-                        // Never backwards: a heartbeat kept in memory may be newer.
+                        // Never backwards: a heartbeat kept in memory may be newer, or be
+                        // this one (heard when it was queued, with more than the
+                        // milliseconds stored).
                         let known = live.heartbeats.get(name).copied();
-                        let heard = known != Some(at);
-                        if known.is_none_or(|known| known < at) {
+                        let heard = known.is_none_or(|known| nodes::whole_millis(known) < at);
+                        if heard {
                             live.heartbeats.insert(name.to_string(), at);
                         }
                         // Host history follows the feed, so every replica keeps the same one

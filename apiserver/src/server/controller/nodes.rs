@@ -131,6 +131,8 @@ pub(super) struct ReportQueue {
     head: u64,
     /// Per node, the sequence number of its report answered early, while still queued.
     early: HashMap<String, u64>,
+    /// Per node, how many of its reports are queued or being stored.
+    per_node: HashMap<String, usize>,
 }
 
 impl ReportQueue {
@@ -151,7 +153,13 @@ impl ReportQueue {
             let seq = self.head + self.entries.len() as u64;
             self.early.insert(queued.name.clone(), seq);
         }
+        *self.per_node.entry(queued.name.clone()).or_default() += 1;
         self.entries.push_back(queued);
+    }
+
+    /// Whether a report of `name` is queued or being stored.
+    fn holds(&self, name: &str) -> bool {
+        self.per_node.contains_key(name)
     }
 
     /// Takes up to `most` of the oldest reports.
@@ -168,10 +176,23 @@ impl ReportQueue {
         self.head += take as u64;
         batch
     }
+
+    /// Reports of `names` taken earlier are stored (or failed): they are no longer in
+    /// flight.
+    fn finished<'a>(&mut self, names: impl Iterator<Item = &'a str>) {
+        for name in names {
+            if let Some(count) = self.per_node.get_mut(name) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_node.remove(name);
+                }
+            }
+        }
+    }
 }
 
 /// `time` without what RFC 3339 with milliseconds drops.
-fn whole_millis(time: SystemTime) -> SystemTime {
+pub(super) fn whole_millis(time: SystemTime) -> SystemTime {
     match time.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(since) => {
             SystemTime::UNIX_EPOCH
@@ -517,13 +538,26 @@ impl Controller {
         // never wait for a disk flush (a 10,000-assignment wave took 200–500 ms to persist).
         let waits = !node_events.is_empty();
         let digest = report_digest(&report);
-        let stored = self
-            .live
+        // A report of the node still queued is newer than the stored one: until it is
+        // stored, what the node says is compared with nothing (and so stored, in order).
+        let in_flight = self
+            .reports
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .stored_reports
-            .get(name)
-            .copied();
+            .holds(name);
+        let stored = match in_flight {
+            true => None,
+            false => self
+                .live
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .stored_reports
+                .get(name)
+                .copied(),
+        };
+        // It says exactly what the stored report says: its time can be shown, and taken
+        // as evidence with the stored state, before it is stored itself.
+        let same = stored.is_some_and(|(known, _)| known == digest);
         let store_it = must_store(
             digest,
             waits,
@@ -548,6 +582,9 @@ impl Controller {
             // stored report (at 10,000 nodes, storing every heartbeat was most of what the
             // store wrote, and every write waits for a disk flush).
             return self.heard(name, now, report.host).await;
+        }
+        if same && !waits {
+            self.heard(name, now, report.host.clone()).await?;
         }
         let (done, committed) = if waits {
             let (done, committed) = tokio::sync::oneshot::channel();
@@ -612,6 +649,15 @@ impl Controller {
     /// Stores queued heartbeats in one transaction and answers each: a report of a node
     /// that is gone gets its own error, and does not fail the others.
     async fn commit_reports(&self, batch: Vec<QueuedReport>) {
+        let names: Vec<String> = batch.iter().map(|q| q.name.clone()).collect();
+        self.store_reports(batch).await;
+        self.reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .finished(names.iter().map(String::as_str));
+    }
+
+    async fn store_reports(&self, batch: Vec<QueuedReport>) {
         let outcome = self
             .transact(|txn| -> Result<Vec<Result<Vec<Event>, Error>>, Error> {
                 let version = txn.revision().to_string();
@@ -1199,5 +1245,20 @@ mod report_queue_tests {
         assert!(queue.take(10).is_empty());
         queue.push(queued("c", 30.0, false));
         assert_eq!(queue.take(10).len(), 1);
+    }
+
+    #[test]
+    fn a_node_is_in_flight_from_its_report_queued_until_that_report_is_stored() {
+        let mut queue = ReportQueue::default();
+        assert!(!queue.holds("a"));
+        queue.push(queued("a", 1.0, false));
+        queue.push(queued("a", 2.0, false));
+        queue.push(queued("a", 3.0, true));
+        let batch = queue.take(10);
+        assert_eq!(batch.len(), 2);
+        // Taken is not stored yet.
+        assert!(queue.holds("a"));
+        queue.finished(batch.iter().map(|q| q.name.as_str()));
+        assert!(!queue.holds("a"));
     }
 }
