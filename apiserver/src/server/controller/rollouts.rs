@@ -95,16 +95,14 @@ impl Controller {
                     })
                     .collect(),
             };
-        let (nodes, heard): (Vec<(String, Arc<NodeFacts>)>, HashMap<String, SystemTime>) = {
-            let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-            (
-                live.nodes
-                    .iter()
-                    .map(|(name, facts)| (name.clone(), facts.clone()))
-                    .collect(),
-                live.heartbeats.clone(),
-            )
-        };
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let nodes: Vec<(String, Arc<NodeFacts>)> = live
+            .nodes
+            .iter()
+            .map(|(name, facts)| (name.clone(), facts.clone()))
+            .collect();
+        let heard: HashMap<String, SystemTime> = live.heartbeats.clone();
+        drop(live);
         let mut views: Vec<crate::rollout::NodeView> = nodes
             .into_iter()
             .map(|(name, node)| {

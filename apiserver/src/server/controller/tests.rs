@@ -694,7 +694,7 @@ async fn node_tokens_are_checked_and_rotated_on_registration() {
 
 async fn healthy(c: &Controller, node: &str, state: &str, revision: u64, since: SystemTime) {
     report_stored(
-        &c,
+        c,
         node,
         NodeReport {
             applied: vec![AppliedState {
@@ -714,7 +714,7 @@ async fn healthy(c: &Controller, node: &str, state: &str, revision: u64, since: 
 /// Registers a node that has reported once (a node never heard from takes no wave).
 async fn heard(c: &Controller, name: &str, role: &str) {
     register(c, name, role).await;
-    report_stored(&c, name, NodeReport::default())
+    report_stored(c, name, NodeReport::default())
         .await
         .unwrap();
 }
