@@ -970,6 +970,8 @@ async fn heartbeats_store_the_report_events_and_host_history() {
     .await;
     register(&c, "n1", "web").await;
     for cpu in [1.0, 2.0, 3.0] {
+        // Stored heartbeat times have whole milliseconds: two in one are one heartbeat.
+        tokio::time::sleep(Duration::from_millis(2)).await;
         report_stored(
             &c,
             "n1",
