@@ -714,9 +714,7 @@ async fn healthy(c: &Controller, node: &str, state: &str, revision: u64, since: 
 /// Registers a node that has reported once (a node never heard from takes no wave).
 async fn heard(c: &Controller, name: &str, role: &str) {
     register(c, name, role).await;
-    report_stored(c, name, NodeReport::default())
-        .await
-        .unwrap();
+    report_stored(c, name, NodeReport::default()).await.unwrap();
 }
 
 fn assigned(c: &Controller, node: &str, state: &str) -> Option<u64> {
