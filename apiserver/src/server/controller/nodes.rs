@@ -556,8 +556,9 @@ impl Controller {
                 .copied(),
         };
         // It says exactly what the stored report says: its time can be shown, and taken
-        // as evidence with the stored state, before it is stored itself.
-        let same = stored.is_some_and(|(known, _)| known == digest);
+        // as evidence with the stored state, before it is stored itself. Not with replicas:
+        // another one may have stored something else of the node since this one did.
+        let same = !self.store.is_shared() && stored.is_some_and(|(known, _)| known == digest);
         let store_it = must_store(
             digest,
             waits,
