@@ -43,8 +43,9 @@ impl SledBackend {
             .path(dir)
             .cache_capacity(cache_bytes)
             // No flusher of sled's own: the store flushes after every group commit (nothing is
-            // shown before), and a background fsync on a slow disk stalled commits behind it
-            // (single-write commits of 300–700 ms in the 10,000-node bench).
+            // shown before), so a periodic fsync besides would only add disk work. (Turning it
+            // off did not remove sled's occasional 100–450 ms single-write commits on a slow
+            // disk; docs/benchmarks.md.)
             .flush_every_ms(None)
             .open()
             .map_err(|e| {
