@@ -210,15 +210,7 @@ impl Controller {
                         // Host history follows the feed, so every replica keeps the same one
                         // whichever replica the node reports to.
                         if let (true, Some(host)) = (heard, &stored.object.status.report.host) {
-                            let keep = self.config.host_history;
-                            let history = live.host_history.entry(name.to_string()).or_default();
-                            history.push_back(HostSample {
-                                time: at,
-                                metrics: host.clone(),
-                            });
-                            while history.len() > keep {
-                                history.pop_front();
-                            }
+                            live.add_host_sample(name, at, host.clone(), self.config.host_history);
                         }
                     }
                     // Only a change of labels or cordon: a heartbeat does not wake long polls.

@@ -175,6 +175,17 @@ struct Live {
     nodes: HashMap<String, Arc<NodeFacts>>,
 }
 
+impl Live {
+    /// Appends a host sample to `name`'s history, keeping the newest `keep`.
+    fn add_host_sample(&mut self, name: &str, time: SystemTime, metrics: HostMetrics, keep: usize) {
+        let history = self.host_history.entry(name.to_string()).or_default();
+        history.push_back(HostSample { time, metrics });
+        while history.len() > keep {
+            history.pop_front();
+        }
+    }
+}
+
 /// The apiserver's object logic.
 ///
 /// Its locks are taken with `unwrap_or_else(PoisonError::into_inner)`: a rollout decision

@@ -724,13 +724,10 @@ impl Controller {
         host: Option<HostMetrics>,
     ) -> Result<(), Error> {
         if let Some(metrics) = host {
-            let keep = self.config.host_history;
-            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-            let history = live.host_history.entry(name.to_string()).or_default();
-            history.push_back(HostSample { time: now, metrics });
-            while history.len() > keep {
-                history.pop_front();
-            }
+            self.live
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .add_host_sample(name, now, metrics, self.config.host_history);
         }
         self.after_report(name, now, &[]).await
     }
