@@ -109,6 +109,9 @@ fn suggest_dns_label(name: &str) -> String {
     mapped.trim_matches('-').chars().take(63).collect()
 }
 
+/// Service names whose unit (`shoal-<name>.service`) is one of shoal's own daemons.
+pub const RESERVED_SERVICE_NAMES: [&str; 2] = ["nodelet", "apiserver"];
+
 /// True for a component name: usable as a directory name and a dpkg or module name.
 pub fn is_component_name(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -233,6 +236,17 @@ fn check_component(errors: &mut Vec<FieldError>, path: &FieldPath, component: &C
                 format!("`{}` is not a valid component name", component.name),
             )
             .hint("use lowercase letters, digits, '-', '_', '.' and '+', starting with a letter or digit, at most 63 characters"),
+        );
+    }
+    if component.kind == ComponentKind::Service
+        && RESERVED_SERVICE_NAMES.contains(&component.name.as_str())
+    {
+        errors.push(
+            FieldError::new(
+                path.key("name"),
+                format!("`{}` is reserved: a service runs as the systemd unit shoal-<name>.service, and shoal-{}.service is shoal's own daemon", component.name, component.name),
+            )
+            .hint("give the service another name"),
         );
     }
     let present = component.state == ComponentState::Present;
@@ -833,6 +847,23 @@ mod tests {
             !all.contains("bakeSeconds"),
             "30 days exactly is allowed:\n{all}"
         );
+    }
+
+    #[test]
+    fn a_service_named_after_a_shoal_daemon_is_refused() {
+        for (name, refused) in [
+            ("nodelet", true),
+            ("apiserver", true),
+            ("nodelet-ui", false),
+        ] {
+            let text = format!("apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {{name: web}}\nspec:\n  selector: {{matchLabels: {{role: web}}}}\n  components:\n    - {{name: {name}, kind: service, version: 1.0.0, artifact: {{url: 'http://h/w.tgz', sha256: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'}}, service: {{exec: [bin/w]}}}}\n");
+            let parsed = crate::parse_str("t.yaml", &text);
+            let reserved = parsed
+                .diagnostics
+                .iter()
+                .any(|d| d.field == "spec.components[0].name" && d.message.contains("reserved"));
+            assert_eq!(reserved, refused, "{name}: {:?}", parsed.diagnostics);
+        }
     }
 
     #[test]

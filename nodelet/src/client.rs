@@ -63,24 +63,33 @@ fn unavailable(status: reqwest::StatusCode) -> bool {
     matches!(status.as_u16(), 502..=504)
 }
 
+/// The apiserver URLs in `servers` (each possibly several, comma-separated), checked.
+pub fn server_urls(servers: &[String]) -> Result<Vec<String>, String> {
+    let bases: Vec<String> = servers
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if bases.is_empty() {
+        return Err("no apiserver URL: pass --server URL (repeated or comma-separated for replicas) or set SHOAL_SERVER".into());
+    }
+    if let Some(bad) = bases
+        .iter()
+        .find(|b| reqwest::Url::parse(b).map_or(true, |u| !matches!(u.scheme(), "http" | "https")))
+    {
+        return Err(format!(
+            "--server {bad}: not an http(s) URL (expected https://HOST:PORT)"
+        ));
+    }
+    Ok(bases)
+}
+
 impl HttpClient {
     /// A client for the apiserver at `servers` (URLs, each possibly several
     /// comma-separated) that trusts `cas` besides the platform's roots.
     pub fn new(servers: &[String], cas: &[reqwest::Certificate]) -> Result<Self, String> {
-        let bases: Vec<String> = servers
-            .iter()
-            .flat_map(|s| s.split(','))
-            .map(|s| s.trim().trim_end_matches('/').to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        if bases.is_empty() {
-            return Err("no apiserver URL: pass --server URL (repeated or comma-separated for replicas) or set SHOAL_SERVER".into());
-        }
-        if let Some(bad) = bases.iter().find(|b| reqwest::Url::parse(b).is_err()) {
-            return Err(format!(
-                "--server {bad}: not a URL (expected https://HOST:PORT)"
-            ));
-        }
+        let bases = server_urls(servers)?;
         let http = cas
             .iter()
             .fold(reqwest::Client::builder(), |builder, ca| {

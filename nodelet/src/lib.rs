@@ -7,6 +7,7 @@ pub mod backend;
 pub mod client;
 pub mod command;
 pub mod host;
+pub mod install;
 pub mod journal;
 pub mod lifecycle;
 pub mod plan;

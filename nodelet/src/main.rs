@@ -14,23 +14,44 @@ use nodelet::client::{ApiClient, HttpClient};
 use nodelet::host::{self, HostSampler};
 use nodelet::journal::{read_json, write_atomic, StateDir};
 use nodelet::supervisor::Supervisor;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The shoal node agent: keeps this node at its DesiredStates, probes health, reverts by itself.
+///
+/// Every setting can also come from the environment (`SHOAL_…`, named in each option's help);
+/// `nodelet install` writes them to /etc/shoal/nodelet.env for its systemd unit.
 #[derive(Debug, Parser)]
-#[command(name = "nodelet", version)]
+#[command(
+    name = "nodelet",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// apiserver URL; repeat it (or separate with commas) for replicas, tried in turn.
     #[arg(long, env = "SHOAL_SERVER", required = true)]
     server: Vec<String>,
-    /// Join token, to register (once; the node token is kept in the state dir).
+    /// Join token, to register (once; the node token is kept in the state dir). Prefer
+    /// --join-token-file or the environment: a command line is visible to every user in `ps`.
     #[arg(long, env = "SHOAL_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// File holding the join token (one line; keep it mode 0600).
+    #[arg(
+        long,
+        env = "SHOAL_JOIN_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "join_token"
+    )]
+    join_token_file: Option<PathBuf>,
     /// Node token, when registered by other means.
     #[arg(
         long,
         env = "SHOAL_NODE_TOKEN",
         hide_env_values = true,
-        conflicts_with = "join_token"
+        conflicts_with_all = ["join_token", "join_token_file"]
     )]
     token: Option<String>,
     /// CA certificates (PEM) to trust besides the platform's, for the apiserver and artifact
@@ -38,10 +59,10 @@ struct Args {
     #[arg(long, env = "SHOAL_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
     /// Node name (a DNS label). Default: the hostname.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_NODE_NAME")]
     name: Option<String>,
     /// Extra labels, `k=v,k=v`.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "SHOAL_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
     /// State directory. Default: <root>/var/lib/shoal/nodelet.
     #[arg(long)]
@@ -50,7 +71,7 @@ struct Args {
     #[arg(long, default_value = "/")]
     root: PathBuf,
     /// Seconds between heartbeats.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "SHOAL_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
     /// Node variables, `NAME=VALUE` (repeatable): `${NAME}` in service arguments, environment and
     /// probes is replaced by VALUE on this node. `${NODE_NAME}` is always set.
@@ -70,6 +91,113 @@ struct Args {
     /// A supervised service's log file is rotated at this size (one old file is kept).
     #[arg(long, default_value_t = 10 * 1024 * 1024)]
     service_log_bytes: u64,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Install this nodelet as a systemd service (shoal-nodelet.service): the settings in
+    /// /etc/shoal/nodelet.env, the join token in /etc/shoal/nodelet-join-token (0600), the
+    /// state in /var/lib/shoal/nodelet (0700); then enable and start it. Run it again to
+    /// change a setting.
+    Install(InstallArgs),
+    /// Stop and remove the service installed by `nodelet install`. What the nodelet installed
+    /// (services, packages, drivers) stays; its state stays too unless --purge.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InstallArgs {
+    /// apiserver URL; repeat it (or separate with commas) for replicas.
+    #[arg(long, required = true)]
+    server: Vec<String>,
+    /// File holding the join token (copied; the copy is readable by root only).
+    #[arg(long, value_name = "FILE")]
+    join_token_file: PathBuf,
+    /// Extra labels, `k=v,k=v`.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Node name (a DNS label). Default: the hostname, at each start.
+    #[arg(long)]
+    name: Option<String>,
+    /// CA bundle (PEM) to trust besides the platform's roots (copied).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Seconds between heartbeats (default 10).
+    #[arg(long)]
+    heartbeat_seconds: Option<u64>,
+    /// Write everything under DIR instead of / (an image being built, a test); systemctl is
+    /// not called.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+    /// Write the files, but do not enable or start the service.
+    #[arg(long)]
+    no_start: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct UninstallArgs {
+    /// Remove the state folder too (the node token and the journal): the node must join
+    /// again, and no longer knows what it installed.
+    #[arg(long)]
+    purge: bool,
+    /// Remove from under DIR instead of / (see install --root).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+}
+
+/// `nodelet install`: every input checked before anything is written.
+fn install(args: &InstallArgs) -> Result<(), String> {
+    let servers = nodelet::client::server_urls(&args.server)?;
+    let join_token = shoal_install::read_secret(&args.join_token_file, "--join-token-file")?;
+    let ca_pem = match &args.ca_file {
+        Some(path) => {
+            shoal_tls::read_ca_file(path)?;
+            Some(std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let labels = parse_labels(&args.labels)?;
+    if let Some(name) = &args.name {
+        if !manifests::validate::is_dns_label(name) {
+            return Err(format!(
+                "--name `{name}` is not a DNS label (a-z, 0-9, -; at most 63)"
+            ));
+        }
+    }
+    let exe = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .map_err(|e| format!("cannot tell where this nodelet binary is: {e}"))?;
+    let options = nodelet::install::InstallOptions {
+        servers,
+        join_token,
+        ca_pem,
+        labels,
+        name: args.name.clone(),
+        heartbeat_seconds: args.heartbeat_seconds,
+        exe,
+    };
+    let steps = nodelet::install::plan_install(&options, !args.no_start)?;
+    for line in shoal_install::apply(&steps, &args.root)? {
+        println!("{line}");
+    }
+    println!(
+        "nodelet installed as {}{}",
+        nodelet::install::UNIT,
+        if args.no_start {
+            " (not started: --no-start)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn uninstall(args: &UninstallArgs) -> Result<(), String> {
+    for line in shoal_install::apply(&nodelet::install::plan_uninstall(args.purge), &args.root)? {
+        println!("{line}");
+    }
+    println!("nodelet uninstalled");
+    Ok(())
 }
 
 fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, String> {
@@ -158,7 +286,10 @@ fn connect(
     Ok(tokens)
 }
 
-async fn run(args: Args) -> Result<(), String> {
+async fn run(mut args: Args) -> Result<(), String> {
+    if let Some(file) = &args.join_token_file {
+        args.join_token = Some(shoal_install::read_secret(file, "--join-token-file")?);
+    }
     let root = std::fs::canonicalize(&args.root)
         .map_err(|e| format!("--root {}: {e}", args.root.display()))?;
     let state_dir = args
@@ -281,13 +412,40 @@ async fn run(args: Args) -> Result<(), String> {
     result
 }
 
+fn info_filter() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+    let done = match &args.command {
+        Some(Command::Install(install_args)) => Some(install(install_args)),
+        Some(Command::Uninstall(uninstall_args)) => Some(uninstall(uninstall_args)),
+        None => None,
+    };
+    if let Some(result) = done {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("nodelet: {message}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    // RUST_LOG as `level` or `target=level,…` (tracing's `Targets`): the full `EnvFilter`
+    // syntax needs the regex engine, about a megabyte of the binary a board has to carry.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => spec.parse().unwrap_or_else(|e| {
+            eprintln!(
+                "nodelet: RUST_LOG={spec:?} is not `level` or `target=level,…` ({e}); logging at info"
+            );
+            info_filter()
+        }),
+        _ => info_filter(),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

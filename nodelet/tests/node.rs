@@ -1095,3 +1095,195 @@ fn a_nodelet_trusts_a_private_ca_with_ca_file_and_names_the_certificate_problem_
         "a nodelet that does not trust the certificate registered"
     );
 }
+
+/// `nodelet install` under a sandbox root (`--root`, no systemd here; the VM test installs
+/// for real): bad input is refused with nothing written; a good install writes the unit, the
+/// settings and a root-only token; those settings start a nodelet that registers; uninstall
+/// keeps the state unless `--purge`.
+#[test]
+fn nodelet_install_writes_a_unit_settings_and_a_root_only_token_and_refuses_bad_input() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("api"));
+    let root = tmp.path().join("root");
+    let token = tmp.path().join("join");
+    std::fs::write(&token, format!("{JOIN}\n")).unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let not_pem = tmp.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let install = |args: &[&str]| {
+        let out = command("nodelet")
+            .arg("install")
+            .args(args)
+            .args(["--root", root.to_str().unwrap(), "--no-start"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let token_arg = token.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["--server", "ftp://h:1", "--join-token-file", token_arg],
+            "not an http(s) URL",
+        ),
+        (
+            vec![
+                "--server",
+                &server.url,
+                "--join-token-file",
+                "/nonexistent/join",
+            ],
+            "--join-token-file /nonexistent/join",
+        ),
+        (
+            vec![
+                "--server",
+                &server.url,
+                "--join-token-file",
+                empty.to_str().unwrap(),
+            ],
+            "is empty",
+        ),
+        (
+            vec![
+                "--server",
+                &server.url,
+                "--join-token-file",
+                token_arg,
+                "--ca-file",
+                not_pem.to_str().unwrap(),
+            ],
+            "no certificate in it",
+        ),
+        (
+            vec![
+                "--server",
+                &server.url,
+                "--join-token-file",
+                token_arg,
+                "--labels",
+                "no-equals",
+            ],
+            "not key=value",
+        ),
+        (
+            vec![
+                "--server",
+                &server.url,
+                "--join-token-file",
+                token_arg,
+                "--name",
+                "Not_A_Label",
+            ],
+            "not a DNS label",
+        ),
+    ] {
+        let (code, _, stderr) = install(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!root.exists(), "{args:?} wrote something");
+    }
+
+    let (code, stdout, stderr) = install(&[
+        "--server",
+        &server.url,
+        "--join-token-file",
+        token_arg,
+        "--labels",
+        "role=installed,site=lab",
+        "--name",
+        "installed",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("skipped: systemctl daemon-reload"),
+        "{stdout}"
+    );
+    let mode = |path: &str| {
+        std::fs::metadata(root.join(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("etc/shoal/nodelet-join-token"), 0o600);
+    assert_eq!(mode("etc/shoal/nodelet.env"), 0o600);
+    assert_eq!(mode("var/lib/shoal/nodelet"), 0o700);
+    let unit =
+        std::fs::read_to_string(root.join("etc/systemd/system/shoal-nodelet.service")).unwrap();
+    assert!(
+        unit.contains("EnvironmentFile=/etc/shoal/nodelet.env"),
+        "{unit}"
+    );
+    assert!(!unit.contains(JOIN), "no secret in the unit: {unit}");
+    let settings = std::fs::read_to_string(root.join("etc/shoal/nodelet.env")).unwrap();
+    assert!(
+        !settings.contains(JOIN),
+        "the token is in its own file: {settings}"
+    );
+
+    // The settings start a nodelet (the token file's path moved under the sandbox root).
+    let mut node = command("nodelet");
+    for line in settings.lines().filter(|l| !l.starts_with('#')) {
+        let (key, value) = line.split_once('=').unwrap();
+        node.env(key, value.trim_matches('"'));
+    }
+    let node_root = tmp.path().join("node");
+    std::fs::create_dir_all(&node_root).unwrap();
+    let mut node = Proc {
+        child: node
+            .env(
+                "SHOAL_JOIN_TOKEN_FILE",
+                root.join("etc/shoal/nodelet-join-token"),
+            )
+            .args([
+                "--root",
+                node_root.to_str().unwrap(),
+                "--heartbeat-seconds",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "installed".into(),
+    };
+    let registered = wait_for(LONG, "the installed settings to register the node", || {
+        server.get("/api/v1/nodes/installed")
+    });
+    assert_eq!(
+        registered["metadata"]["labels"]["site"], "lab",
+        "{registered}"
+    );
+    node.terminate();
+
+    let uninstall = |purge: bool| {
+        let mut c = command("nodelet");
+        c.args(["uninstall", "--root", root.to_str().unwrap()]);
+        if purge {
+            c.arg("--purge");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    uninstall(false);
+    assert!(!root
+        .join("etc/systemd/system/shoal-nodelet.service")
+        .exists());
+    assert!(!root.join("etc/shoal/nodelet-join-token").exists());
+    assert!(
+        root.join("var/lib/shoal/nodelet").exists(),
+        "state kept without --purge"
+    );
+    uninstall(true);
+    assert!(!root.join("var/lib/shoal/nodelet").exists());
+}
