@@ -317,7 +317,7 @@ spec:
     }
 
     fn shoal(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(bin("shoal"))
+        let out = command("shoal")
             .args(["--server", &self.server.url, "--token", OPERATOR])
             .args(args)
             .output()

@@ -10,10 +10,35 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-/// The folder holding the workspace's binaries (target/debug), found from this test's own path.
+/// The folder holding the workspace's binaries (target/debug), found from this test's own path;
+/// or `SHOAL_TEST_BIN_DIR`, when the binaries under test are another target's (scripts/arm-test
+/// runs the tests against aarch64 builds).
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHOAL_TEST_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// `SHOAL_TEST_RUNNER`: the emulator that runs the binaries under test (`qemu-aarch64-static`;
+/// this machine has no binfmt registration, so an aarch64 binary cannot be executed directly).
+pub fn runner() -> Option<String> {
+    std::env::var("SHOAL_TEST_RUNNER")
+        .ok()
+        .filter(|r| !r.is_empty())
+}
+
+/// A command that runs workspace binary `name`, through the runner when there is one.
+pub fn command(name: &str) -> Command {
+    match runner() {
+        Some(runner) => {
+            let mut command = Command::new(runner);
+            command.arg(bin(name));
+            command
+        }
+        None => Command::new(bin(name)),
+    }
 }
 
 /// A workspace binary; scripts/test builds them all before the tests.
@@ -134,7 +159,7 @@ impl Apiserver {
         std::fs::create_dir_all(&self.dir).unwrap();
         let tokens = self.dir.join("tokens.yaml");
         std::fs::write(&tokens, format!("tokens:\n  - {{name: tester, role: operator, token: {OPERATOR}}}\njoinTokens:\n  - {{name: nodes, token: {JOIN}}}\n")).unwrap();
-        let mut child = Command::new(bin("apiserver"))
+        let mut child = command("apiserver")
             .args([
                 "--data",
                 self.dir.join("data").to_str().unwrap(),
@@ -372,10 +397,14 @@ impl Nodelet {
         let mut command = match &self.netns {
             Some(netns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", netns]).arg(bin("nodelet"));
+                c.args(["netns", "exec", netns]);
+                if let Some(runner) = runner() {
+                    c.arg(runner);
+                }
+                c.arg(bin("nodelet"));
                 c
             }
-            None => Command::new(bin("nodelet")),
+            None => command("nodelet"),
         };
         let child = command
             .args([
@@ -536,7 +565,24 @@ pub fn demo_tarball_of(
 ) -> (String, String) {
     let staging = dir.join(format!("stage-{version}"));
     std::fs::create_dir_all(staging.join("bin")).unwrap();
-    std::fs::copy(program, staging.join("bin/demo-service")).unwrap();
+    match runner() {
+        // The nodelet (itself under the emulator) execs bin/demo-service as a host program:
+        // without binfmt, that is a script that hands the other target's binary to the runner.
+        Some(runner) => {
+            std::fs::copy(program, staging.join("bin/demo-service.bin")).unwrap();
+            let script = staging.join("bin/demo-service");
+            std::fs::write(
+                &script,
+                format!("#!/bin/sh\nexec {runner} \"$(dirname \"$0\")/demo-service.bin\" \"$@\"\n"),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        None => {
+            std::fs::copy(program, staging.join("bin/demo-service")).unwrap();
+        }
+    }
     std::fs::write(staging.join("VERSION"), format!("{version}\n")).unwrap();
     if let Some(seconds) = fail_after {
         std::fs::write(
