@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod command;
 pub mod gitsync;
+pub mod install;
 pub mod rollout;
 pub mod server;
 pub mod store;

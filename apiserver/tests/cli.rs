@@ -634,3 +634,175 @@ fn a_private_ca_is_trusted_with_ca_file_and_named_as_the_problem_without_it() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// `apiserver install` under a sandbox root (no systemd here): bad input is refused with
+/// nothing written; a good install writes the unit, root-only secrets and settings that
+/// start a serving apiserver; uninstall keeps the data unless `--purge`.
+#[test]
+fn apiserver_install_writes_root_only_secrets_and_settings_that_serve() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let tokens = tmp.path().join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        "tokens:\n  - {name: ops, role: operator, token: install-operator-token-0123}\n",
+    )
+    .unwrap();
+    let bad_tokens = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &bad_tokens,
+        "tokens:\n  - {name: ops, role: admin, token: x}\n",
+    )
+    .unwrap();
+    let ca = shoal_tls::testing::private_ca("Install CA", &["127.0.0.1"]);
+    let files = ca.write_to(tmp.path());
+    let store = tmp.path().join("store-url");
+    std::fs::write(&store, "mysql://nope\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_apiserver"))
+            .args(args)
+            .args(["--root", root.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let tokens_arg = tokens.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["install", "--tokens", "/nonexistent.yaml"],
+            "--tokens /nonexistent.yaml",
+        ),
+        (
+            vec!["install", "--tokens", bad_tokens.to_str().unwrap()],
+            "--tokens",
+        ),
+        (
+            // A key that is not the certificate's: the CA's certificate with the server's key.
+            vec![
+                "install",
+                "--tokens",
+                tokens_arg,
+                "--tls-cert",
+                &files.ca,
+                "--tls-key",
+                &files.key,
+            ],
+            "do not make a certificate and its key",
+        ),
+        (
+            vec![
+                "install",
+                "--tokens",
+                tokens_arg,
+                "--store-file",
+                store.to_str().unwrap(),
+            ],
+            "expected postgres://",
+        ),
+    ] {
+        let (code, _, stderr) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!root.exists(), "{args:?} wrote something");
+    }
+
+    let (code, stdout, stderr) = run(&[
+        "install",
+        "--tokens",
+        tokens_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &files.cert,
+        "--tls-key",
+        &files.key,
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let mode = |path: &str| {
+        std::fs::metadata(root.join(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("etc/shoal/apiserver-tokens.yaml"), 0o600);
+    assert_eq!(mode("etc/shoal/apiserver-tls.key"), 0o600);
+    assert_eq!(mode("etc/shoal/apiserver.env"), 0o600);
+    assert_eq!(mode("var/lib/shoal/apiserver"), 0o700);
+    let unit =
+        std::fs::read_to_string(root.join("etc/systemd/system/shoal-apiserver.service")).unwrap();
+    assert!(unit.contains("ProtectSystem=strict"), "{unit}");
+
+    // The settings serve HTTPS with those tokens (paths moved under the sandbox root).
+    let settings = std::fs::read_to_string(root.join("etc/shoal/apiserver.env")).unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_apiserver"));
+    for line in settings.lines().filter(|l| !l.starts_with('#')) {
+        let (key, value) = line.split_once('=').unwrap();
+        let value = value.trim_matches('"');
+        if let Some(relative) = value.strip_prefix('/') {
+            server.env(key, root.join(relative));
+        } else {
+            server.env(key, value);
+        }
+    }
+    let mut child = server
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _guard = Kill(child);
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("https://"), "{line}");
+    let http = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let status = |token: &str| {
+        http.get(format!("{url}/api/v1/desiredstates"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status("install-operator-token-0123"), 200);
+    assert_eq!(status("not-a-token-at-all-0000"), 401);
+    drop(_guard);
+
+    let uninstall = |purge: bool| {
+        let mut args = vec!["uninstall"];
+        if purge {
+            args.push("--purge");
+        }
+        let (code, _, stderr) = run(&args);
+        assert_eq!(code, Some(0), "{stderr}");
+    };
+    uninstall(false);
+    assert!(!root.join("etc/shoal/apiserver-tokens.yaml").exists());
+    assert!(!root
+        .join("etc/systemd/system/shoal-apiserver.service")
+        .exists());
+    assert!(
+        root.join("var/lib/shoal/apiserver").exists(),
+        "data kept without --purge"
+    );
+    uninstall(true);
+    assert!(!root.join("var/lib/shoal/apiserver").exists());
+}

@@ -9,28 +9,38 @@ use apiserver::server::{self, controller::ControllerConfig, ServerConfig};
 use clap::Parser;
 
 /// shoal's control plane: stores DesiredStates, serves the status API and the node protocol.
+///
+/// `--data`, `--listen`, `--tokens`, `--tls-cert`, `--tls-key` and `--store` can also come from
+/// the environment (`SHOAL_DATA`, …); `apiserver install` writes them to /etc/shoal/apiserver.env.
 #[derive(Debug, Parser)]
-#[command(name = "apiserver", version)]
+#[command(
+    name = "apiserver",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Data directory (created if missing): the store (unless --store says otherwise) and
     /// git sync's checkout.
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, env = "SHOAL_DATA", required = true)]
+    data: Option<PathBuf>,
     /// Keep the store in PostgreSQL instead of the data directory:
     /// postgres://user:password@host:port/database. Several apiservers may share one.
     #[arg(long, env = "SHOAL_STORE", hide_env_values = true)]
     store: Option<String>,
     /// Address to listen on (port 0 picks a free port, printed at start).
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// Tokens file (YAML, see docs/security.md). Without it the server listens on loopback only.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_TOKENS")]
     tokens: Option<PathBuf>,
     /// TLS certificate chain (PEM).
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "SHOAL_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "SHOAL_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY)]
@@ -84,14 +94,159 @@ struct Args {
     max_anonymous_connections_per_peer: usize,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Install this apiserver as a systemd service (shoal-apiserver.service): settings in
+    /// /etc/shoal/apiserver.env, the tokens file and TLS key copied with mode 0600, data in
+    /// /var/lib/shoal/apiserver (0700); then enable and start it. Run it again to change a
+    /// setting.
+    Install(InstallArgs),
+    /// Stop and remove the service; the data folder stays unless --purge.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InstallArgs {
+    /// Tokens file (YAML, see docs/security.md); copied, the copy readable by root only.
+    #[arg(long, value_name = "FILE")]
+    tokens: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: SocketAddr,
+    /// TLS certificate chain (PEM); copied.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); copied, readable by root only.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// File holding a PostgreSQL URL (with its password) to keep the store in; the URL goes
+    /// into the root-only settings file.
+    #[arg(long, value_name = "FILE")]
+    store_file: Option<PathBuf>,
+    /// Write everything under DIR instead of / (an image being built, a test); systemctl is
+    /// not called.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+    /// Write the files, but do not enable or start the service.
+    #[arg(long)]
+    no_start: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct UninstallArgs {
+    /// Remove the data folder too: every DesiredState, revision, node and event.
+    #[arg(long)]
+    purge: bool,
+    /// Remove from under DIR instead of / (see install --root).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+}
+
+/// `apiserver install`: every input checked (the tokens parsed, the certificate and key
+/// loaded together) before anything is written.
+fn install(args: &InstallArgs) -> Result<(), String> {
+    use apiserver::install::{plan_install, InstallOptions, UNIT};
+    let tokens = std::fs::read(&args.tokens)
+        .map_err(|e| format!("--tokens {}: {e}", args.tokens.display()))?;
+    server::auth::Tokens::parse(&String::from_utf8_lossy(&tokens))
+        .map_err(|e| format!("--tokens {}: {e}", args.tokens.display()))?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf, what: &str| {
+                std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+            };
+            let (cert_pem, key_pem) = (read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| e.to_string())?
+                .block_on(axum_server::tls_rustls::RustlsConfig::from_pem(
+                    cert_pem.clone(),
+                    key_pem.clone(),
+                ))
+                .map_err(|e| {
+                    format!(
+                        "--tls-cert {} and --tls-key {} do not make a certificate and its key: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            Some((cert_pem, key_pem))
+        }
+        _ => None,
+    };
+    let store = match &args.store_file {
+        Some(path) => {
+            let url = shoal_install::read_secret(path, "--store-file")?;
+            if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+                return Err(format!(
+                    "--store-file {}: expected postgres://user:password@host:port/database",
+                    path.display()
+                ));
+            }
+            Some(url)
+        }
+        None => None,
+    };
+    let exe = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .map_err(|e| format!("cannot tell where this apiserver binary is: {e}"))?;
+    let options = InstallOptions {
+        listen: args.listen,
+        tokens,
+        tls,
+        store,
+        exe,
+    };
+    for line in shoal_install::apply(&plan_install(&options, !args.no_start)?, &args.root)? {
+        println!("{line}");
+    }
+    println!(
+        "apiserver installed as {UNIT}{}",
+        if args.no_start {
+            " (not started: --no-start)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn uninstall(args: &UninstallArgs) -> Result<(), String> {
+    let steps = apiserver::install::plan_uninstall(args.purge);
+    for line in shoal_install::apply(&steps, &args.root)? {
+        println!("{line}");
+    }
+    println!("apiserver uninstalled");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let done = match &args.command {
+        Some(Command::Install(install_args)) => Some(install(install_args)),
+        Some(Command::Uninstall(uninstall_args)) => Some(uninstall(uninstall_args)),
+        None => None,
+    };
+    if let Some(result) = done {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("apiserver: {message}");
+                ExitCode::from(2)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+    let Some(data) = args.data.clone() else {
+        eprintln!("apiserver: pass --data DIR (or set SHOAL_DATA)");
+        return ExitCode::from(2);
+    };
     let webhook_secret = match &args.git_webhook_secret_file {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(secret) if !secret.trim().is_empty() => Some(secret.trim().to_string()),
@@ -121,7 +276,7 @@ fn main() -> ExitCode {
         });
     let config = ServerConfig {
         git,
-        data: args.data,
+        data,
         store: args.store,
         listen: args.listen,
         tokens: args.tokens,
