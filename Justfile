@@ -24,10 +24,13 @@ schema:
     cargo run --bin shoal -- schema > docs/desiredstate.schema.json
     cargo run --bin shoal -- schema --markdown > docs/manifest-reference.md
 
-# Build every binary for aarch64 (ARM boards such as Cortex-A55).
+# What ships to ARM boards: static aarch64 (musl) and armv7 binaries, size-optimized (docs/install.md).
 cross:
-    rustup target add aarch64-unknown-linux-gnu
-    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc cargo build --release --target aarch64-unknown-linux-gnu
+    scripts/cross
+
+# The aarch64 build under qemu-aarch64: size budget, the nodelet's unit tests, a smoke test (CI runs it).
+arm-test:
+    scripts/arm-test
 
 # Fleet benchmark of the apiserver (1,000 and 10,000 simulated nodes); figures go to docs/benchmarks.md.
 bench-apiserver:
