@@ -43,10 +43,13 @@ bench-apiserver-postgres:
     cargo build --release -p apiserver
     cargo bench -p apiserver --bench fleet -- --nodes 1000 --postgres
 
-# Footprint of one nodelet: idle RSS and CPU, and revert time.
+# Footprint of one nodelet: idle RSS and CPU, and revert time; the shipped build (static,
+# `dist` profile) first, then the release build for comparison.
 bench-nodelet:
+    scripts/cross x86_64-unknown-linux-musl
     cargo build --release --workspace --bins
-    cargo bench -p nodelet --bench footprint
+    SHOAL_TEST_BIN_DIR=$PWD/target/x86_64-unknown-linux-musl/dist cargo bench -p nodelet --bench footprint -- --window 60 --reverts 5
+    cargo bench -p nodelet --bench footprint -- --window 60 --reverts 5
 
 # Every benchmark.
 bench: bench-apiserver bench-nodelet

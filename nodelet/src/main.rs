@@ -54,6 +54,14 @@ struct Args {
         conflicts_with_all = ["join_token", "join_token_file"]
     )]
     token: Option<String>,
+    /// File holding the node token (one line), when registered by other means.
+    #[arg(
+        long,
+        env = "SHOAL_NODE_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with_all = ["join_token", "join_token_file", "token"]
+    )]
+    token_file: Option<PathBuf>,
     /// CA certificates (PEM) to trust besides the platform's, for the apiserver and artifact
     /// downloads: for a fleet whose certificates a private CA issued.
     #[arg(long, env = "SHOAL_CA_FILE", value_name = "FILE")]
@@ -289,6 +297,9 @@ fn connect(
 async fn run(mut args: Args) -> Result<(), String> {
     if let Some(file) = &args.join_token_file {
         args.join_token = Some(shoal_install::read_secret(file, "--join-token-file")?);
+    }
+    if let Some(file) = &args.token_file {
+        args.token = Some(shoal_install::read_secret(file, "--token-file")?);
     }
     let root = std::fs::canonicalize(&args.root)
         .map_err(|e| format!("--root {}: {e}", args.root.display()))?;

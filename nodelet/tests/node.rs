@@ -1262,6 +1262,65 @@ fn nodelet_install_writes_a_unit_settings_and_a_root_only_token_and_refuses_bad_
     );
     node.terminate();
 
+    // The node token it was given, from a file (`--token-file`), serves another start: its
+    // reports are accepted (a new heartbeat), with no join token anywhere.
+    let saved = node_root.join("var/lib/shoal/nodelet/token");
+    wait_for(LONG, "the node token saved", || {
+        saved.exists().then_some(())
+    });
+    let token_file = tmp.path().join("node-token");
+    std::fs::copy(&saved, &token_file).unwrap();
+    let heartbeat = |server: &Apiserver| {
+        server
+            .get("/api/v1/nodes/installed")
+            .and_then(|n| n["status"]["lastHeartbeat"].as_str().map(str::to_string))
+    };
+    let before = heartbeat(&server);
+    let other_root = tmp.path().join("node2");
+    std::fs::create_dir_all(&other_root).unwrap();
+    let mut again = Proc {
+        child: command("nodelet")
+            .args([
+                "--server",
+                &server.url,
+                "--name",
+                "installed",
+                "--token-file",
+            ])
+            .arg(&token_file)
+            .args([
+                "--root",
+                other_root.to_str().unwrap(),
+                "--heartbeat-seconds",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "installed-again".into(),
+    };
+    wait_for(LONG, "a heartbeat with the node token from a file", || {
+        let now = heartbeat(&server);
+        (now.is_some() && now != before).then_some(())
+    });
+    again.terminate();
+    let out = command("nodelet")
+        .args([
+            "--server",
+            &server.url,
+            "--token-file",
+            "/nonexistent/token",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--token-file /nonexistent/token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let uninstall = |purge: bool| {
         let mut c = command("nodelet");
         c.args(["uninstall", "--root", root.to_str().unwrap()]);
