@@ -48,7 +48,8 @@ pub fn unit(exe: &Path) -> Unit {
     let line = |l: &str, why: &str| (l.to_string(), why.to_string());
     Unit {
         description: "shoal apiserver: stores DesiredStates, rolls them out, serves the API".into(),
-        documentation: "https://example.invalid/shoal/docs/install.md".into(),
+        // What the .deb ships (scripts/deb); docs/install.md in the repository.
+        documentation: "file:/usr/share/doc/shoal-apiserver/install.md".into(),
         environment_file: ENV_FILE.into(),
         exec_start: exe.to_path_buf(),
         service: vec![
@@ -206,6 +207,25 @@ pub fn plan_uninstall(purge: bool) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `.deb` ships `packaging/shoal-apiserver.service` (scripts/deb): exactly what an install
+    /// from the package writes. `SHOAL_BLESS=1 cargo test -p apiserver packaged_unit` rewrites it.
+    #[test]
+    fn the_packaged_unit_is_what_install_writes() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/shoal-apiserver.service"
+        );
+        let rendered = render_unit(&unit(Path::new("/usr/bin/apiserver")));
+        if std::env::var_os("SHOAL_BLESS").is_some() {
+            std::fs::write(path, &rendered).unwrap();
+        }
+        let packaged = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            packaged == rendered,
+            "{path} is stale: run SHOAL_BLESS=1 cargo test -p apiserver packaged_unit"
+        );
+    }
 
     fn options() -> InstallOptions {
         InstallOptions {

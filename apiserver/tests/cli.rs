@@ -738,6 +738,13 @@ fn apiserver_install_writes_root_only_secrets_and_settings_that_serve() {
     let unit =
         std::fs::read_to_string(root.join("etc/systemd/system/shoal-apiserver.service")).unwrap();
     assert!(unit.contains("ProtectSystem=strict"), "{unit}");
+    // systemd itself reads the unit: every key known, every value understood.
+    match shoal_install::verify_unit(&root.join("etc/systemd/system/shoal-apiserver.service")) {
+        Some(verdict) => verdict.unwrap(),
+        None => println!(
+            "SKIPPED: systemd-analyze is not installed - the unit file was not verified by systemd"
+        ),
+    }
 
     // The settings serve HTTPS with those tokens (paths moved under the sandbox root).
     let settings = std::fs::read_to_string(root.join("etc/shoal/apiserver.env")).unwrap();

@@ -67,13 +67,14 @@ pub struct Unit {
 /// The unit file's text.
 pub fn render_unit(unit: &Unit) -> String {
     let mut out = String::new();
+    let program = unit
+        .exec_start
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let _ = writeln!(
         out,
-        "# Written by `{} install`; `{0} uninstall` removes it.",
-        unit.exec_start
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
+        "# `{program} install` configures (and writes) this unit, `{program} uninstall` removes it."
     );
     let _ = writeln!(out, "[Unit]");
     let _ = writeln!(out, "Description={}", unit.description);
@@ -247,6 +248,40 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     std::fs::rename(&temp, path)
 }
 
+/// What `systemd-analyze verify` says about a unit file: `None` when the tool is not
+/// installed; otherwise `Err` with its complaints (an unknown key is only a warning to
+/// systemd, which then ignores the line: here it is an error).
+pub fn verify_unit(path: &Path) -> Option<Result<(), String>> {
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(path)
+        .output()
+        .ok()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!("systemd-analyze verify {}: {said}", path.display()))
+    })
+}
+
+/// A word for the operator when the unit is about to start a binary from somewhere that is
+/// not a place for programs (a home folder, a download folder): the unit breaks when that
+/// file moves.
+pub fn exe_note(exe: &Path) -> Option<String> {
+    let settled = ["/usr/", "/opt/"].iter().any(|p| exe.starts_with(p));
+    (!settled).then(|| {
+        format!(
+            "note: the unit starts {}; keep the binary there, or copy it to /usr/local/bin and install again from there",
+            exe.display()
+        )
+    })
+}
+
 /// Reads a secret from a file for an install: trimmed, not empty, one line.
 pub fn read_secret(path: &Path, what: &str) -> Result<String, String> {
     let text =
@@ -352,6 +387,15 @@ mod tests {
         apply(&undo, root.path()).unwrap();
         assert!(!root.path().join("etc/x/token").exists());
         assert!(!root.path().join("var/lib/x").exists());
+    }
+
+    #[test]
+    fn a_binary_outside_the_program_folders_gets_a_note() {
+        assert!(exe_note(Path::new("/usr/local/bin/nodelet")).is_none());
+        assert!(exe_note(Path::new("/opt/shoal/nodelet")).is_none());
+        assert!(exe_note(Path::new("/home/ada/nodelet"))
+            .unwrap()
+            .contains("/usr/local/bin"));
     }
 
     #[test]

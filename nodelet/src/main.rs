@@ -175,6 +175,9 @@ fn install(args: &InstallArgs) -> Result<(), String> {
     let exe = std::env::current_exe()
         .and_then(std::fs::canonicalize)
         .map_err(|e| format!("cannot tell where this nodelet binary is: {e}"))?;
+    if let Some(note) = shoal_install::exe_note(&exe) {
+        println!("{note}");
+    }
     let options = nodelet::install::InstallOptions {
         servers,
         join_token,

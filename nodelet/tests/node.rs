@@ -1221,6 +1221,13 @@ fn nodelet_install_writes_a_unit_settings_and_a_root_only_token_and_refuses_bad_
         "{unit}"
     );
     assert!(!unit.contains(JOIN), "no secret in the unit: {unit}");
+    // systemd itself reads the unit: every key known, every value understood.
+    match shoal_install::verify_unit(&root.join("etc/systemd/system/shoal-nodelet.service")) {
+        Some(verdict) => verdict.unwrap(),
+        None => println!(
+            "SKIPPED: systemd-analyze is not installed - the unit file was not verified by systemd"
+        ),
+    }
     let settings = std::fs::read_to_string(root.join("etc/shoal/nodelet.env")).unwrap();
     assert!(
         !settings.contains(JOIN),

@@ -191,6 +191,9 @@ fn install(args: &InstallArgs) -> Result<(), String> {
     let exe = std::env::current_exe()
         .and_then(std::fs::canonicalize)
         .map_err(|e| format!("cannot tell where this apiserver binary is: {e}"))?;
+    if let Some(note) = shoal_install::exe_note(&exe) {
+        println!("{note}");
+    }
     let options = InstallOptions {
         listen: args.listen,
         tokens,
