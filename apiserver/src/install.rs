@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use shoal_install::{env_line, render_unit, Step, Unit, UNIT_DIR};
+use shoal_install::{env_line, render_unit, Step, Unit};
 
 /// The apiserver's unit.
 pub const UNIT: &str = "shoal-apiserver.service";
@@ -170,29 +170,18 @@ pub fn plan_install(options: &InstallOptions, start: bool) -> Result<Vec<Step>, 
         contents: env_file(options)?.into_bytes(),
         mode: 0o600,
     });
-    steps.push(Step::File {
-        path: Path::new(UNIT_DIR).join(UNIT),
-        contents: render_unit(&unit(&options.exe)).into_bytes(),
-        mode: 0o644,
-    });
-    steps.push(Step::Systemctl(vec!["daemon-reload".into()]));
-    if start {
-        steps.push(Step::Systemctl(vec!["enable".into(), UNIT.into()]));
-        steps.push(Step::Systemctl(vec!["restart".into(), UNIT.into()]));
-    }
+    steps.extend(shoal_install::unit_steps(
+        UNIT,
+        render_unit(&unit(&options.exe)),
+        start,
+    ));
     Ok(steps)
 }
 
 /// Everything an uninstall does; `purge` removes the data folder (every DesiredState,
 /// revision, node and event) too.
 pub fn plan_uninstall(purge: bool) -> Vec<Step> {
-    let mut steps = vec![
-        Step::Systemctl(vec!["disable".into(), "--now".into(), UNIT.into()]),
-        Step::Remove {
-            path: Path::new(UNIT_DIR).join(UNIT),
-        },
-        Step::Systemctl(vec!["daemon-reload".into()]),
-    ];
+    let mut steps = shoal_install::unit_removal_steps(UNIT);
     for file in [ENV_FILE, TOKENS_FILE, TLS_CERT, TLS_KEY] {
         steps.push(Step::Remove { path: file.into() });
     }
@@ -209,22 +198,13 @@ mod tests {
     use super::*;
 
     /// The `.deb` ships `packaging/shoal-apiserver.service` (scripts/deb): exactly what an install
-    /// from the package writes. `SHOAL_BLESS=1 cargo test -p apiserver packaged_unit` rewrites it.
+    /// from the package writes.
     #[test]
     fn the_packaged_unit_is_what_install_writes() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../packaging/shoal-apiserver.service"
-        );
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/shoal-apiserver.service");
         let rendered = render_unit(&unit(Path::new("/usr/bin/apiserver")));
-        if std::env::var_os("SHOAL_BLESS").is_some() {
-            std::fs::write(path, &rendered).unwrap();
-        }
-        let packaged = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            packaged == rendered,
-            "{path} is stale: run SHOAL_BLESS=1 cargo test -p apiserver packaged_unit"
-        );
+        shoal_install::check_packaged_unit(&path, &rendered).unwrap();
     }
 
     fn options() -> InstallOptions {

@@ -269,6 +269,54 @@ pub fn verify_unit(path: &Path) -> Option<Result<(), String>> {
     })
 }
 
+/// The last steps of every install: the unit file `name` with `text`, `daemon-reload`, and
+/// with `start` also `enable` and `restart` (restart, not start: an install again, with a new
+/// setting, takes effect).
+pub fn unit_steps(name: &str, text: String, start: bool) -> Vec<Step> {
+    let mut steps = vec![
+        Step::File {
+            path: Path::new(UNIT_DIR).join(name),
+            contents: text.into_bytes(),
+            mode: 0o644,
+        },
+        Step::Systemctl(vec!["daemon-reload".into()]),
+    ];
+    if start {
+        steps.push(Step::Systemctl(vec!["enable".into(), name.into()]));
+        steps.push(Step::Systemctl(vec!["restart".into(), name.into()]));
+    }
+    steps
+}
+
+/// The first steps of every uninstall: stop and disable unit `name`, remove its file, reload.
+pub fn unit_removal_steps(name: &str) -> Vec<Step> {
+    vec![
+        Step::Systemctl(vec!["disable".into(), "--now".into(), name.into()]),
+        Step::Remove {
+            path: Path::new(UNIT_DIR).join(name),
+        },
+        Step::Systemctl(vec!["daemon-reload".into()]),
+    ]
+}
+
+/// For the tests that keep `packaging/*.service` (what the `.deb` ships) equal to what an
+/// install renders: `Err` naming the command that rewrites the file when it differs;
+/// `SHOAL_BLESS=1` rewrites it.
+pub fn check_packaged_unit(path: &Path, rendered: &str) -> Result<(), String> {
+    if std::env::var_os("SHOAL_BLESS").is_some() {
+        std::fs::write(path, rendered).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let packaged = std::fs::read_to_string(path).unwrap_or_default();
+    if packaged == rendered {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is stale: run SHOAL_BLESS=1 cargo test packaged_unit",
+            path.display()
+        ))
+    }
+}
+
 /// A word for the operator when the unit is about to start a binary from somewhere that is
 /// not a place for programs (a home folder, a download folder): the unit breaks when that
 /// file moves.

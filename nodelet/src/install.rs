@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use shoal_install::{env_line, render_unit, Step, Unit, UNIT_DIR};
+use shoal_install::{env_line, render_unit, Step, Unit};
 
 /// The nodelet's unit (a managed service is `shoal-<name>.service`: the manifest refuses a
 /// service component named `nodelet`, so the two never collide).
@@ -146,17 +146,11 @@ pub fn plan_install(options: &InstallOptions, start: bool) -> Result<Vec<Step>, 
         contents: env_file(options)?.into_bytes(),
         mode: 0o600,
     });
-    steps.push(Step::File {
-        path: Path::new(UNIT_DIR).join(UNIT),
-        contents: render_unit(&unit(&options.exe)).into_bytes(),
-        mode: 0o644,
-    });
-    steps.push(Step::Systemctl(vec!["daemon-reload".into()]));
-    if start {
-        steps.push(Step::Systemctl(vec!["enable".into(), UNIT.into()]));
-        // restart, not start: an install again (a new server, a new token) takes effect.
-        steps.push(Step::Systemctl(vec!["restart".into(), UNIT.into()]));
-    }
+    steps.extend(shoal_install::unit_steps(
+        UNIT,
+        render_unit(&unit(&options.exe)),
+        start,
+    ));
     Ok(steps)
 }
 
@@ -164,22 +158,10 @@ pub fn plan_install(options: &InstallOptions, start: bool) -> Result<Vec<Step>, 
 /// journal: the node must join again, and forgets what it installed). What the nodelet
 /// installed — services, packages, drivers — stays where it is either way.
 pub fn plan_uninstall(purge: bool) -> Vec<Step> {
-    let mut steps = vec![
-        Step::Systemctl(vec!["disable".into(), "--now".into(), UNIT.into()]),
-        Step::Remove {
-            path: Path::new(UNIT_DIR).join(UNIT),
-        },
-        Step::Systemctl(vec!["daemon-reload".into()]),
-        Step::Remove {
-            path: ENV_FILE.into(),
-        },
-        Step::Remove {
-            path: TOKEN_FILE.into(),
-        },
-        Step::Remove {
-            path: CA_FILE.into(),
-        },
-    ];
+    let mut steps = shoal_install::unit_removal_steps(UNIT);
+    for file in [ENV_FILE, TOKEN_FILE, CA_FILE] {
+        steps.push(Step::Remove { path: file.into() });
+    }
     if purge {
         steps.push(Step::RemoveTree {
             path: STATE_DIR.into(),
@@ -193,22 +175,12 @@ mod tests {
     use super::*;
 
     /// The `.deb` ships `packaging/shoal-nodelet.service` (scripts/deb): exactly what an install
-    /// from the package writes. `SHOAL_BLESS=1 cargo test -p nodelet packaged_unit` rewrites it.
+    /// from the package writes.
     #[test]
     fn the_packaged_unit_is_what_install_writes() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../packaging/shoal-nodelet.service"
-        );
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/shoal-nodelet.service");
         let rendered = render_unit(&unit(Path::new("/usr/bin/nodelet")));
-        if std::env::var_os("SHOAL_BLESS").is_some() {
-            std::fs::write(path, &rendered).unwrap();
-        }
-        let packaged = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            packaged == rendered,
-            "{path} is stale: run SHOAL_BLESS=1 cargo test -p nodelet packaged_unit"
-        );
+        shoal_install::check_packaged_unit(&path, &rendered).unwrap();
     }
 
     fn options() -> InstallOptions {
