@@ -294,7 +294,8 @@ impl Drop for Vm {
                 kept.display(),
                 lines[lines.len().saturating_sub(40)..].join("\n")
             );
-            if let Ok(journal) = self.try_run("journalctl -u nodelet --no-pager -n 60 -o cat") {
+            if let Ok(journal) = self.try_run("journalctl -u shoal-nodelet --no-pager -n 60 -o cat")
+            {
                 eprintln!("nodelet's journal in the VM, last lines:\n{journal}");
             }
         }
@@ -386,25 +387,45 @@ fn in_a_vm_systemd_services_kernel_modules_and_apt_packages_upgrade_and_revert()
     vm.shutdown();
 }
 
-/// The nodelet as a systemd service of the guest, joined to the host's apiserver.
+/// The nodelet as a systemd service of the guest, joined to the host's apiserver, the way
+/// docs/install.md says: its `.deb` (scripts/deb, from this build) installed with dpkg, then
+/// `nodelet install` with the join token in a file.
 fn install_nodelet(vm: &Vm, server: &Apiserver, nodelet: &Path) {
-    vm.copy_in(nodelet, "/usr/local/bin/nodelet");
-    let unit = format!(
-        "[Unit]\nDescription=shoal nodelet\nAfter=network-online.target\n\n[Service]\n\
-         ExecStart=/usr/local/bin/nodelet --server http://{HOST_FROM_GUEST}:{port} --join-token {JOIN} --name {NODE} --labels role=vm --heartbeat-seconds 1\n\
-         Environment=RUST_LOG=info\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n",
-        port = server.port
+    let debs = nodelet.parent().unwrap().join("own-debs");
+    let built = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/deb"))
+        .args(["x86_64-unknown-linux-gnu", "nodelet"])
+        .env("SHOAL_DEB_BIN_DIR", nodelet.parent().unwrap())
+        .env("SHOAL_DEB_OUT", &debs)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "scripts/deb: {}",
+        String::from_utf8_lossy(&built.stderr)
     );
+    let deb = PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    vm.copy_in(&deb, "/root/shoal-nodelet.deb");
     vm.run(&format!(
-        "chmod 755 /usr/local/bin/nodelet && cat > /etc/systemd/system/nodelet.service <<'UNIT'\n{unit}UNIT\n\
-         systemctl daemon-reload && systemctl enable --now nodelet"
+        "dpkg -i /root/shoal-nodelet.deb >/dev/null && (umask 077; echo {JOIN} > /root/join-token) && \
+         nodelet install --server http://{HOST_FROM_GUEST}:{port} --join-token-file /root/join-token \
+           --name {NODE} --labels role=vm --heartbeat-seconds 1 && rm /root/join-token",
+        port = server.port
     ));
     wait_for(STEP, "the VM's nodelet to register", || {
         server.get(&format!("/api/v1/nodes/{NODE}"))
     });
+    let token_mode = vm.run("stat -c %a /etc/shoal/nodelet-join-token");
+    assert_eq!(token_mode.trim(), "600", "the token file is root's alone");
+    let command_line =
+        vm.run("tr '\\0' ' ' < /proc/$(systemctl show shoal-nodelet -p MainPID --value)/cmdline");
+    assert!(
+        !command_line.contains(JOIN),
+        "no token on the command line: {command_line}"
+    );
     println!(
-        "vm: nodelet running as a systemd unit: {}",
-        vm.run("systemctl show nodelet -p ActiveState -p MainPID --value | paste -sd' '")
+        "vm: nodelet from its .deb, running as {}: {} ({command_line})",
+        nodelet::install::UNIT,
+        vm.run("systemctl show shoal-nodelet -p ActiveState -p MainPID --value | paste -sd' '")
     );
 }
 
