@@ -21,6 +21,8 @@ impl Default for Backoff {
 
 /// A rollout decision slower than this (nodes read, judged and written) is logged.
 const SLOW_DECISION: Duration = Duration::from_millis(200);
+/// How often pause or resume reads again when the rollout loop wrote the rollout meanwhile.
+const PAUSE_ATTEMPTS: usize = 5;
 
 impl Controller {
     /// One rollout.
@@ -417,6 +419,27 @@ impl Controller {
         name: &str,
         paused: bool,
     ) -> Result<RolloutObject, Error> {
+        // The rollout loop writes the same object (an apply cues it at once): when it wrote
+        // between our read and our write, read again and decide again, a few times, before
+        // giving up. The phase check is made afresh each time.
+        for _ in 0..PAUSE_ATTEMPTS {
+            if let Some(rollout) = self.try_set_rollout_paused(name, paused).await? {
+                return Ok(rollout);
+            }
+        }
+        Err(Error::Conflict {
+            message: format!("rollout `{name}` changed while pausing or resuming it"),
+            hint: "look at `shoal rollout status NAME` and try again".into(),
+        })
+    }
+
+    /// One read-decide-write of `set_rollout_paused`; `None` when the rollout changed between
+    /// the read and the write.
+    async fn try_set_rollout_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<Option<RolloutObject>, Error> {
         let current = self.get_rollout(name)?;
         // A rollout is paused before its first wave as well as during one (`apply` then
         // `rollout pause` at once); resumed, an unplanned one is planned on the next tick.
@@ -474,12 +497,9 @@ impl Controller {
             )
             .await?;
         if !written {
-            return Err(Error::Conflict {
-                message: format!("rollout `{name}` changed while pausing or resuming it"),
-                hint: "look at `shoal rollout status NAME` and try again".into(),
-            });
+            return Ok(None);
         }
-        self.get_rollout(name)
+        self.get_rollout(name).map(Some)
     }
 
     /// Rolls back by applying an earlier revision's spec as a new revision (`undo`).
