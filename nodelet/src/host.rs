@@ -18,6 +18,26 @@ pub fn cpu_interval() -> Duration {
     sysinfo::MINIMUM_CPU_UPDATE_INTERVAL.max(Duration::from_secs(1))
 }
 
+/// The log filter for `RUST_LOG`: `level` or `target=level,…` (tracing's `Targets`; the full
+/// `EnvFilter` syntax needs the regex engine, about a megabyte of the binary a board carries).
+/// Unset or empty is `info`; anything else that does not parse is `info` too, with a warning
+/// that says what is understood.
+pub fn log_filter(spec: Option<&str>) -> (tracing_subscriber::filter::Targets, Option<String>) {
+    let info = || tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO);
+    match spec.map(str::trim).filter(|s| !s.is_empty()) {
+        None => (info(), None),
+        Some(spec) => match spec.parse() {
+            Ok(filter) => (filter, None),
+            Err(e) => (
+                info(),
+                Some(format!(
+                    "RUST_LOG={spec:?} is not `level` or `target=level,…` ({e}); logging at info"
+                )),
+            ),
+        },
+    }
+}
+
 /// Whether something last refreshed at `last` (never: `None`) is due again at `now`.
 pub fn refresh_due(last: Option<Instant>, now: Instant, every: Duration) -> bool {
     last.is_none_or(|last| now.saturating_duration_since(last) >= every)
@@ -263,6 +283,21 @@ mod tests {
         assert!(metrics.memory_total_bytes > 0);
         assert!(metrics.process_count > 0);
         assert!(metrics.disk_total_bytes > 0);
+    }
+
+    #[test]
+    fn rust_log_is_a_level_or_targets_and_anything_else_is_info_with_a_warning() {
+        use tracing::level_filters::LevelFilter;
+        let (filter, warning) = log_filter(None);
+        assert_eq!(filter.default_level(), Some(LevelFilter::INFO));
+        assert!(warning.is_none());
+        let (filter, warning) = log_filter(Some("nodelet=debug,warn"));
+        assert!(warning.is_none());
+        assert_eq!(filter.default_level(), Some(LevelFilter::WARN));
+        assert!(filter.would_enable("nodelet", &tracing::Level::DEBUG));
+        let (filter, warning) = log_filter(Some("nodelet[span{x=1}]=debug"));
+        assert_eq!(filter.default_level(), Some(LevelFilter::INFO));
+        assert!(warning.unwrap().contains("target=level"));
     }
 
     #[test]

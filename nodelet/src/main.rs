@@ -426,10 +426,6 @@ async fn run(mut args: Args) -> Result<(), String> {
     result
 }
 
-fn info_filter() -> tracing_subscriber::filter::Targets {
-    tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let done = match &args.command {
@@ -446,17 +442,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    // RUST_LOG as `level` or `target=level,…` (tracing's `Targets`): the full `EnvFilter`
-    // syntax needs the regex engine, about a megabyte of the binary a board has to carry.
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.trim().is_empty() => spec.parse().unwrap_or_else(|e| {
-            eprintln!(
-                "nodelet: RUST_LOG={spec:?} is not `level` or `target=level,…` ({e}); logging at info"
-            );
-            info_filter()
-        }),
-        _ => info_filter(),
-    };
+    let (filter, warning) = host::log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    if let Some(warning) = warning {
+        eprintln!("nodelet: {warning}");
+    }
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(filter)
