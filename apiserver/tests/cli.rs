@@ -276,13 +276,6 @@ fn git_sync_applies_commits_with_provenance_verifies_webhooks_prunes_and_refuses
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -459,12 +452,19 @@ fn apiserver_in(dir: &Path) -> (std::process::Child, String) {
 
 /// An apiserver on a free port with its data in `dir` and `extra` arguments, and its URL.
 fn apiserver_with(dir: &Path, extra: &[&str]) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apiserver"));
+    command
         .arg("--data")
         .arg(dir.join("data"))
         .args(["--listen", "127.0.0.1:0"])
-        .args(extra)
+        .args(extra);
+    started(command)
+}
+
+/// Starts an apiserver `command` and reads the URL from the line it prints once listening.
+fn started(mut command: Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -475,6 +475,16 @@ fn apiserver_with(dir: &Path, extra: &[&str]) -> (std::process::Child, String) {
         .unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_string();
     (child, url)
+}
+
+/// Kills the process when dropped, also when the test panics.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
@@ -640,7 +650,6 @@ fn a_private_ca_is_trusted_with_ca_file_and_named_as_the_problem_without_it() {
 /// start a serving apiserver; uninstall keeps the data unless `--purge`.
 #[test]
 fn apiserver_install_writes_root_only_secrets_and_settings_that_serve() {
-    use std::io::BufRead;
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
@@ -758,25 +767,9 @@ fn apiserver_install_writes_root_only_secrets_and_settings_that_serve() {
             server.env(key, value);
         }
     }
-    let mut child = server
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (child, url) = started(server);
     let _guard = Kill(child);
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(url.starts_with("https://"), "{line}");
+    assert!(url.starts_with("https://"), "{url}");
     let http = reqwest::blocking::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.ca_pem.as_bytes()).unwrap())
         .build()
