@@ -215,6 +215,12 @@ pub struct ServiceSettings {
     /// Seconds the process must stay up after a (re)start to count as started. Default 2.
     #[serde(default = "default_start_seconds")]
     pub start_seconds: u32,
+    #[doc = "User the process runs as (a name, or a numeric uid), which must exist on the node; the unpacked files are owned by it. Default: root, like the nodelet."]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[doc = "Group the process runs as (a name, or a numeric gid). Default: the user's primary group."]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 fn default_start_seconds() -> u32 {

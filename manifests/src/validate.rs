@@ -319,6 +319,18 @@ fn check_component(errors: &mut Vec<FieldError>, path: &FieldPath, component: &C
                     service.start_seconds.into(),
                 ));
             }
+            for (field, name) in [("user", &service.user), ("group", &service.group)] {
+                if let Some(name) = name {
+                    if let Err(why) = account_name(name) {
+                        errors.push(
+                            FieldError::new(path.key("service").key(field), why).hint(format!(
+                                "a {field} name as in /etc/{} (letters, digits, '_', '-', '.'; at most 32), or a number",
+                                if field == "user" { "passwd" } else { "group" }
+                            )),
+                        );
+                    }
+                }
+            }
             for key in service.env.keys() {
                 let valid = !key.is_empty()
                     && !key.as_bytes()[0].is_ascii_digit()
@@ -704,6 +716,38 @@ fn check_probe(errors: &mut Vec<FieldError>, path: &FieldPath, probe: &Probe) {
     }
 }
 
+/// Checks a user or group name the way useradd and systemd's `User=` accept it: portable
+/// characters, not starting with `-` (an option to every tool) nor a digit unless it is a
+/// number (an id), at most 32 bytes.
+pub fn account_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the name is empty".into());
+    }
+    if name.len() > 32 {
+        return Err(format!("`{name}` is longer than 32 characters"));
+    }
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        return match name.parse::<u32>() {
+            Ok(id) if id != u32::MAX => Ok(()),
+            _ => Err(format!("`{name}` is not a valid id (0 to 4294967294)")),
+        };
+    }
+    let first = name.as_bytes()[0];
+    if first == b'-' || first.is_ascii_digit() {
+        return Err(format!("`{name}` must not start with '-' or a digit"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(format!("`{name}` contains {bad:?}"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("`{name}` is not a name"));
+    }
+    Ok(())
+}
+
 /// The longest duration a manifest may name: 30 days. Longer is a typo (or an attempt to
 /// overflow the controller's clock arithmetic), never a plan.
 pub const MAX_SECONDS: u64 = 30 * 24 * 3600;
@@ -847,6 +891,55 @@ mod tests {
             !all.contains("bakeSeconds"),
             "30 days exactly is allowed:\n{all}"
         );
+    }
+
+    #[test]
+    fn service_users_and_groups_are_names_or_ids() {
+        for good in [
+            "telemetry",
+            "_apt",
+            "systemd-network",
+            "www-data",
+            "a.b",
+            "0",
+            "65534",
+            "Debian-exim",
+        ] {
+            assert_eq!(account_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "-rf",
+            "1abc",
+            "has space",
+            "semi;colon",
+            "root:x",
+            "..",
+            "4294967295",
+            "99999999999",
+            "tele/metry",
+            &"u".repeat(33),
+        ] {
+            assert!(account_name(bad).is_err(), "{bad:?} accepted");
+        }
+        let text = "apiVersion: shoal/v1\nkind: DesiredState\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {role: web}}\n  components:\n    - {name: web, kind: service, version: 1.0.0, artifact: {url: 'http://h/w.tgz', sha256: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'}, service: {exec: [bin/w], user: '-x', group: 'a b'}}\n";
+        let parsed = crate::parse_str("t.yaml", text);
+        let fields: Vec<String> = parsed
+            .diagnostics
+            .iter()
+            .map(|d| d.field.to_string())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.components[0].service.user",
+                "spec.components[0].service.group"
+            ]
+        );
+        let good = text
+            .replace("'-x'", "telemetry")
+            .replace("'a b'", "telemetry");
+        assert!(crate::parse_str("t.yaml", &good).diagnostics.is_empty());
     }
 
     #[test]

@@ -43,6 +43,23 @@ pub struct RunSpec {
     pub env: BTreeMap<String, String>,
     /// Working directory.
     pub cwd: PathBuf,
+    /// Who the process runs as; `None`: as the nodelet (root).
+    pub account: Option<Account>,
+}
+
+/// The user and group a service runs as, resolved on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// `service.user` as the manifest names it (`None`: the nodelet's user).
+    pub user: Option<String>,
+    /// `service.group` as the manifest names it, if it does.
+    pub group: Option<String>,
+    /// The user's id, when a user is named.
+    pub uid: Option<u32>,
+    /// The group's id: `group`'s, else the user's primary group.
+    pub gid: Option<u32>,
+    /// The user's home folder, for `HOME` (`/` when the user database has none).
+    pub home: PathBuf,
 }
 
 #[derive(Default)]
@@ -283,6 +300,25 @@ async fn supervise(
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(account) = &spec.account {
+            if let Some(user) = &account.user {
+                // What systemd's User= gives a service, set before the manifest's env so
+                // that env can still override them.
+                command
+                    .env("USER", user)
+                    .env("LOGNAME", user)
+                    .env("HOME", &account.home)
+                    .envs(&spec.env);
+            }
+            // std drops the supplementary groups (setgroups to none) when a root parent
+            // changes the uid: the service gets its uid and gid only (docs/security.md).
+            if let Some(uid) = account.uid {
+                command.uid(uid);
+            }
+            if let Some(gid) = account.gid {
+                command.gid(gid);
+            }
+        }
         let started = Instant::now();
         match command.spawn() {
             Err(e) => {
@@ -520,6 +556,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
             cwd: dir.to_path_buf(),
+            account: None,
         }
     }
 

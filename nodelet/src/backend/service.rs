@@ -10,7 +10,7 @@ use manifests::{Component, ServiceSettings};
 use super::{io, prunable, remove_kept, Backend, BackendError, Kept, Snapshot};
 use crate::artifact::unpack_tar_gz;
 use crate::command;
-use crate::supervisor::{RunSpec, Supervisor};
+use crate::supervisor::{Account, RunSpec, Supervisor};
 
 /// How services are run.
 pub enum Runner {
@@ -134,6 +134,7 @@ impl ServiceBackend {
             args: settings.exec[1..].to_vec(),
             env: settings.env.clone(),
             cwd: dir,
+            account: account(name, settings)?,
         })
     }
 
@@ -144,6 +145,25 @@ impl ServiceBackend {
         settings: &ServiceSettings,
     ) -> Result<(), BackendError> {
         let spec = self.run_spec(name, version, settings)?;
+        // The files belong to whoever the service runs as (root's own when it runs as root),
+        // on every start: a version unpacked for one user may later run as another.
+        let account = spec.account.as_ref();
+        let uid = account
+            .and_then(|a| a.uid)
+            .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+        let gid = account
+            .and_then(|a| a.gid)
+            .unwrap_or_else(|| nix::unistd::getegid().as_raw());
+        let tree = spec.cwd.clone();
+        tokio::task::spawn_blocking(move || own_tree(&tree, uid, gid))
+            .await
+            .map_err(|e| BackendError::Invalid(format!("changing owners was interrupted: {e}")))?
+            .map_err(|(path, e)| {
+                BackendError::Invalid(format!(
+                    "service {name} {version}: cannot give {} to uid {uid} gid {gid}: {e}",
+                    path.display()
+                ))
+            })?;
         // Recorded before the start, so a crash right after it still leaves the record. Not
         // fatal: a revert must not fail on a full disk; without a record, a later snapshot
         // falls back to the supervisor's memory or the manifest.
@@ -307,6 +327,95 @@ impl ServiceBackend {
     }
 }
 
+/// Resolves `service.user` and `service.group` in this node's user database (NSS, so LDAP
+/// users resolve too). A user or group the node does not have fails the step, which reverts.
+fn account(name: &str, settings: &ServiceSettings) -> Result<Option<Account>, BackendError> {
+    use nix::unistd::{Group, Uid, User};
+    if settings.user.is_none() && settings.group.is_none() {
+        return Ok(None);
+    }
+    let lookup = |what: &str, e: nix::Error| {
+        BackendError::Invalid(format!("service {name}: cannot look up {what}: {e}"))
+    };
+    let gid = match &settings.group {
+        None => None,
+        Some(group) => Some(match group.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(group)
+                .map_err(|e| lookup(&format!("group `{group}`"), e))?
+                .ok_or_else(|| {
+                    BackendError::Invalid(format!(
+                        "service {name}: group `{group}` does not exist on this node: create it \
+                         (`groupadd --system {group}`) or change `service.group`"
+                    ))
+                })?
+                .gid
+                .as_raw(),
+        }),
+    };
+    let mut account = Account {
+        user: settings.user.clone(),
+        group: settings.group.clone(),
+        uid: None,
+        gid,
+        home: "/".into(),
+    };
+    let Some(user) = &settings.user else {
+        return Ok(Some(account));
+    };
+    let id = user.parse::<u32>().ok();
+    let entry = match id {
+        Some(uid) => User::from_uid(Uid::from_raw(uid)),
+        None => User::from_name(user),
+    }
+    .map_err(|e| lookup(&format!("user `{user}`"), e))?;
+    match (entry, id) {
+        (Some(entry), _) => {
+            account.uid = Some(entry.uid.as_raw());
+            account.gid = Some(gid.unwrap_or(entry.gid.as_raw()));
+            account.home = entry.dir;
+        }
+        // A bare uid without an entry has no primary group: it needs one named.
+        (None, Some(uid)) => {
+            if gid.is_none() {
+                return Err(BackendError::Invalid(format!(
+                    "service {name}: uid {uid} has no entry in this node's user database, so \
+                     it has no primary group: set `service.group` too"
+                )));
+            }
+            account.uid = Some(uid);
+        }
+        (None, None) => {
+            return Err(BackendError::Invalid(format!(
+                "service {name}: user `{user}` does not exist on this node: create it \
+                 (`useradd --system --no-create-home {user}`) or change `service.user`"
+            )))
+        }
+    }
+    Ok(Some(account))
+}
+
+/// Gives every file under `dir` (and `dir`) to `uid`:`gid`, never following a symlink (a
+/// service could plant one pointing at /etc). Only entries owned by someone else are changed,
+/// so a nodelet that is not root can still start services as itself.
+fn own_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), (PathBuf, std::io::Error)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| (path.clone(), e))?;
+        if meta.uid() != uid || meta.gid() != gid {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+                .map_err(|e| (path.clone(), e))?;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(|e| (path.clone(), e))? {
+                pending.push(entry.map_err(|e| (path.clone(), e))?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn systemd_unit(spec: &RunSpec, current: &Path) -> String {
     let quote = |s: &str| {
         format!(
@@ -323,8 +432,19 @@ fn systemd_unit(spec: &RunSpec, current: &Path) -> String {
         .iter()
         .map(|(k, v)| format!("Environment={}\n", quote(&format!("{k}={v}"))))
         .collect();
+    // The names as the manifest gives them (validated there: no quoting needed); systemd
+    // resolves them itself, and runs the service with the user's supplementary groups too.
+    let account: String = spec
+        .account
+        .iter()
+        .flat_map(|a| {
+            let user = a.user.as_ref().map(|u| format!("User={u}\n"));
+            let group = a.group.as_ref().map(|g| format!("Group={g}\n"));
+            user.into_iter().chain(group)
+        })
+        .collect();
     format!(
-        "# Written by shoal's nodelet; changes are overwritten.\n[Unit]\nDescription=shoal service {name}\nAfter=network-online.target\n\n[Service]\nExecStart={exec}\nWorkingDirectory={cwd}\n{env}Restart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n# current: {current}\n",
+        "# Written by shoal's nodelet; changes are overwritten.\n[Unit]\nDescription=shoal service {name}\nAfter=network-online.target\n\n[Service]\nExecStart={exec}\nWorkingDirectory={cwd}\n{account}{env}Restart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n# current: {current}\n",
         name = spec.name,
         exec = exec.join(" "),
         cwd = spec.cwd.display(),
@@ -365,6 +485,8 @@ impl Backend for ServiceBackend {
                                 .service
                                 .as_ref()
                                 .map_or(2, |s| s.start_seconds),
+                            user: spec.account.as_ref().and_then(|a| a.user.clone()),
+                            group: spec.account.and_then(|a| a.group),
                         })
                 }
                 None => None,
@@ -650,5 +772,149 @@ mod tests {
         assert!(backend.settings_path("svc", "1.0.0").exists());
         assert!(backend.discard_version("svc", "../svc").is_err());
         assert!(backend.discard_version("svc", ".").is_err());
+    }
+
+    fn with_account(version: &str, user: Option<&str>, group: Option<&str>) -> Component {
+        let mut component = component(version, "x");
+        let service = component.service.as_mut().unwrap();
+        service.user = user.map(str::to_string);
+        service.group = group.map(str::to_string);
+        component
+    }
+
+    #[test]
+    fn users_and_groups_resolve_on_this_node_or_fail_the_step_with_what_to_do() {
+        let settings = |user: Option<&str>, group: Option<&str>| {
+            with_account("1.0.0", user, group).service.unwrap()
+        };
+        assert_eq!(account("svc", &settings(None, None)).unwrap(), None);
+        let root = account("svc", &settings(Some("root"), None))
+            .unwrap()
+            .unwrap();
+        assert_eq!((root.uid, root.gid), (Some(0), Some(0)));
+        assert_eq!(root.home, Path::new("/root"));
+        // By id, and a group that overrides the primary one.
+        let by_id = account("svc", &settings(Some("0"), Some("65534")))
+            .unwrap()
+            .unwrap();
+        assert_eq!((by_id.uid, by_id.gid), (Some(0), Some(65534)));
+        // A group alone keeps the nodelet's user.
+        let group = account("svc", &settings(None, Some("0"))).unwrap().unwrap();
+        assert_eq!((group.uid, group.gid, group.user), (None, Some(0), None));
+
+        let missing = account("svc", &settings(Some("no-such-user-here"), None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("user `no-such-user-here` does not exist on this node"),
+            "{missing}"
+        );
+        assert!(missing.contains("useradd --system"), "{missing}");
+        let missing = account("svc", &settings(Some("root"), Some("no-such-group-here")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("group `no-such-group-here` does not exist"),
+            "{missing}"
+        );
+        // An id nobody has needs a group to run with.
+        let bare = account("svc", &settings(Some("4000000000"), None))
+            .unwrap_err()
+            .to_string();
+        assert!(bare.contains("set `service.group` too"), "{bare}");
+        let bare = account("svc", &settings(Some("4000000000"), Some("0")))
+            .unwrap()
+            .unwrap();
+        assert_eq!((bare.uid, bare.gid), (Some(4_000_000_000), Some(0)));
+    }
+
+    #[test]
+    fn the_systemd_unit_runs_the_service_as_its_user_and_group() {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = ServiceBackend::new(
+            tmp.path(),
+            Runner::Systemd {
+                unit_dir: tmp.path().join("units"),
+            },
+        );
+        unpack(&backend, "1.0.0");
+        let unit = |component: &Component| {
+            let spec = backend
+                .run_spec("svc", "1.0.0", component.service.as_ref().unwrap())
+                .unwrap();
+            systemd_unit(&spec, &backend.current_link("svc"))
+        };
+        let both = unit(&with_account("1.0.0", Some("root"), Some("0")));
+        assert!(both.contains("\nUser=root\nGroup=0\n"), "{both}");
+        let neither = unit(&with_account("1.0.0", None, None));
+        assert!(
+            !neither.contains("User=") && !neither.contains("Group="),
+            "{neither}"
+        );
+    }
+
+    /// As root (CI): the process runs as the manifest's user with that user's HOME, its
+    /// files are that user's, and the same version run as root again is root's again.
+    #[tokio::test]
+    async fn a_service_runs_as_its_user_and_its_files_are_that_users() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: not root - running a service as another user needs root");
+            return;
+        }
+        let nobody = nix::unistd::User::from_name("nobody")
+            .unwrap()
+            .expect("a nobody user");
+        let tmp = tempfile::tempdir().unwrap();
+        // The service must reach its program: tempdir makes its folder 0700.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let supervisor = Arc::new(Supervisor::new(&tmp.path().join("state")));
+        let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor.clone()));
+        let dir = backend.version_dir("svc", "1.0.0");
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        let run = dir.join("bin/run");
+        std::fs::write(&run, "#!/bin/sh\necho \"$(id -u) $(id -g) $HOME $(id -G)\" > whoami.tmp && mv whoami.tmp whoami\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let whoami = |component: Component| {
+            let backend = &backend;
+            let dir = dir.clone();
+            async move {
+                let _ = std::fs::remove_file(dir.join("whoami"));
+                backend.apply(&component, None).await.unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    if let Ok(text) = std::fs::read_to_string(dir.join("whoami")) {
+                        return text.trim().to_string();
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the service never wrote whoami"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let seen = whoami(with_account("1.0.0", Some("nobody"), None)).await;
+        let gid = nobody.gid.as_raw();
+        assert_eq!(
+            seen,
+            format!("{} {gid} {} {gid}", nobody.uid, nobody.dir.display()),
+            "uid, gid, HOME and no supplementary groups of root's"
+        );
+        for path in [&dir, &dir.join("bin"), &run] {
+            let meta = std::fs::symlink_metadata(path).unwrap();
+            assert_eq!(
+                (meta.uid(), meta.gid()),
+                (nobody.uid.as_raw(), gid),
+                "{}",
+                path.display()
+            );
+        }
+        // The same version as root: root's files and process again.
+        let seen = whoami(with_account("1.0.0", None, None)).await;
+        assert!(seen.starts_with("0 0 "), "{seen}");
+        assert_eq!(std::fs::metadata(&run).unwrap().uid(), 0);
+        supervisor.stop("svc").await;
     }
 }

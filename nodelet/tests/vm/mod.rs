@@ -457,7 +457,7 @@ fn service_state(vm: &Vm, port: u16) -> (String, String, String) {
 
 fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, demo: &Path) {
     println!(
-        "\n== service through systemd: upgrade 1.0.0 -> 1.1.0, then 1.2.0 regresses and reverts"
+        "\n== service through systemd: upgrade 1.0.0 -> 1.1.0 (as user nobody), then 1.2.0 regresses and reverts"
     );
     let port = 18080;
     let manifest = |version: &str, fail_after: Option<u64>, bake: u64| {
@@ -477,6 +477,23 @@ fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, dem
         // below give 120 s for the same reason.
         .replace("healthyDeadlineSeconds: 30", "healthyDeadlineSeconds: 120")
     };
+    // 1.1.0 runs as an unprivileged user (systemd's User=/Group=); the revert back to it
+    // must bring the user back too.
+    let as_nobody = |manifest: String| {
+        manifest.replace(
+            "startSeconds: 2}",
+            "startSeconds: 2, user: nobody, group: nogroup}",
+        )
+    };
+    let runs_as = || {
+        vm.run(
+            "pid=$(systemctl show shoal-demo.service -p MainPID --value); \
+             echo $(stat -c %U /proc/$pid) $(systemctl show shoal-demo.service -p User --value) \
+             $(stat -c %U:%G /var/lib/shoal/services/demo/1.1.0/bin/demo-service)",
+        )
+        .trim()
+        .to_string()
+    };
     server.apply(&manifest("1.0.0", None, 3));
     let (outcome, _) = wait_outcome(server, "vm-svc", 1);
     assert_eq!(outcome, "Baked");
@@ -484,7 +501,15 @@ fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, dem
     let (active, version, pid_before) = service_state(vm, port);
     assert_eq!((active.as_str(), version.as_str()), ("active", "1.0.0"));
 
-    server.apply(&manifest("1.1.0", None, 3));
+    assert_eq!(
+        vm.run("stat -c %U /proc/$(systemctl show shoal-demo.service -p MainPID --value)")
+            .trim(),
+        "root"
+    );
+
+    let upgrade = as_nobody(manifest("1.1.0", None, 3));
+    assert!(upgrade.contains("user: nobody"), "{upgrade}");
+    server.apply(&upgrade);
     let (outcome, _) = wait_outcome(server, "vm-svc", 2);
     assert_eq!(outcome, "Baked");
     println!("  after the upgrade:");
@@ -496,8 +521,14 @@ fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, dem
         unit.contains("/services/demo/1.1.0/bin/demo-service"),
         "{unit}"
     );
+    assert_eq!(
+        runs_as(),
+        "nobody nobody nobody:nogroup",
+        "process, unit, files"
+    );
 
     // 1.2.0 starts, then its /healthz fails after 4 s: inside the 30 s bake.
+    // 1.2.0 names no user: it runs as root until it regresses.
     server.apply(&manifest("1.2.0", Some(4), 30));
     let (outcome, event) = wait_outcome(server, "vm-svc", 3);
     assert_eq!(outcome, "Reverted", "{event}");
@@ -505,6 +536,11 @@ fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, dem
     println!("  after the revert:");
     let (active, version, _) = service_state(vm, port);
     assert_eq!((active.as_str(), version.as_str()), ("active", "1.1.0"));
+    assert_eq!(
+        runs_as(),
+        "nobody nobody nobody:nogroup",
+        "the revert runs 1.1.0 as it ran"
+    );
 }
 
 /// Builds shoal_demo.ko against the VM kernel's own headers, in a chroot of the image's tree.
