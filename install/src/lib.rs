@@ -168,6 +168,16 @@ pub fn apply(steps: &[Step], root: &Path) -> Result<Vec<String>, String> {
         match step {
             Step::Dir { path, mode } => {
                 let path = under(root, path);
+                // The folders above get the usual 0755: a recursive DirBuilder would give
+                // them the leaf's mode, and a 0700 /var/lib/shoal locks out every service
+                // that runs as a user of its own.
+                if let Some(parent) = path.parent() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(parent)
+                        .map_err(|e| format!("{what}: {e}"))?;
+                }
                 std::fs::DirBuilder::new()
                     .recursive(true)
                     .mode(*mode)
@@ -392,7 +402,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let steps = vec![
             Step::Dir {
-                path: "/var/lib/x".into(),
+                path: "/var/lib/shoal/x".into(),
                 mode: 0o700,
             },
             Step::File {
@@ -414,7 +424,12 @@ mod tests {
                 .mode()
                 & 0o777
         };
-        assert_eq!(mode("var/lib/x"), 0o700);
+        assert_eq!(mode("var/lib/shoal/x"), 0o700);
+        assert_eq!(
+            mode("var/lib/shoal"),
+            0o755,
+            "a folder above keeps the usual mode"
+        );
         assert_eq!(mode("etc/x/token"), 0o600);
         assert_eq!(
             std::fs::read(root.path().join("etc/x/token")).unwrap(),

@@ -13,6 +13,7 @@ use nodelet::backend::{driver, package, service, Backends};
 use nodelet::client::{ApiClient, HttpClient};
 use nodelet::host::{self, HostSampler};
 use nodelet::journal::{read_json, write_atomic, StateDir};
+use nodelet::launcher;
 use nodelet::supervisor::Supervisor;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -405,12 +406,31 @@ async fn run(mut args: Args) -> Result<(), String> {
         Duration::from_secs(args.heartbeat_seconds.max(1)),
         stop_rx.clone(),
     ));
+    // Started by a launcher: a launcher killed with -9 cannot stop its agent, and a new
+    // launcher would start a second one on the same state, so the agent stops when its
+    // parent is gone (it is re-parented).
+    let launcher = std::env::var_os(launcher::LAUNCHED_ENV)
+        .is_some()
+        .then(nix::unistd::getppid);
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let orphaned = async {
+            match launcher {
+                Some(parent) => loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if nix::unistd::getppid() != parent {
+                        tracing::warn!("the launcher is gone: stopping");
+                        break;
+                    }
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            _ = orphaned => {}
         }
         let _ = stop_tx.send(true);
     });
@@ -450,6 +470,25 @@ fn main() -> ExitCode {
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(filter)
         .init();
+    // With a release pinned (`<state>/releases/current`), this binary is the launcher that
+    // runs it; the release it starts is the agent (docs/self-update.md).
+    if std::env::var_os(launcher::LAUNCHED_ENV).is_none() {
+        let state_dir = args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| args.root.join("var/lib/shoal/nodelet"));
+        let releases = launcher::Releases::new(&state_dir);
+        if releases.current().is_some() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            return runtime.block_on(launcher::run(
+                releases,
+                std::env::args_os().skip(1).collect(),
+            ));
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

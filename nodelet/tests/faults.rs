@@ -1026,3 +1026,180 @@ fn an_undo_while_a_node_bakes_reverts_it_at_once_and_the_assigned_revision_is_he
         },
     );
 }
+
+/// Puts a nodelet release under `<state>/releases/VERSION/nodelet`: a copy of the nodelet
+/// being tested, or a script standing for a broken one.
+fn release(releases: &std::path::Path, version: &str, script: Option<&str>) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = releases.join(version);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("nodelet");
+    match script {
+        Some(script) => std::fs::write(&path, script).unwrap(),
+        None => {
+            std::fs::copy(bin("nodelet"), &path).unwrap();
+        }
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn point(releases: &std::path::Path, link: &str, version: &str) {
+    let path = releases.join(link);
+    let _ = std::fs::remove_file(&path);
+    std::os::unix::fs::symlink(version, path).unwrap();
+}
+
+fn link(releases: &std::path::Path, name: &str) -> String {
+    std::fs::read_link(releases.join(name))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn put_on_trial(releases: &std::path::Path, version: &str, deadline_seconds: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let trial = serde_json::json!({
+        "version": version, "previous": "0.1.0", "startedAt": now,
+        "deadlineSeconds": deadline_seconds, "starts": 0, "maxStarts": 3, "committed": false,
+    });
+    std::fs::write(releases.join("trial.json"), trial.to_string()).unwrap();
+    point(releases, "current", version);
+}
+
+/// A heartbeat the apiserver accepted after `after` (RFC 3339 strings compare in order).
+fn heartbeat_after(server: &Apiserver, node: &str, after: &str) -> Option<String> {
+    let beat = server.get(&format!("/api/v1/nodes/{node}"))?["status"]["lastHeartbeat"]
+        .as_str()?
+        .to_string();
+    (beat.as_str() > after).then_some(beat)
+}
+
+/// The launcher (docs/self-update.md), with real processes: a nodelet release on trial that
+/// crash-loops is put back after its starts, one that runs but never commits is stopped and
+/// put back at its deadline, and each time the release running again is an agent that
+/// heartbeats, with the outcome left for it to report; a release that commits stays and
+/// becomes the good one. SIGTERM to the launcher stops the agent it runs.
+#[test]
+fn the_launcher_puts_back_a_nodelet_release_that_crash_loops_or_never_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Apiserver::start(&tmp.path().join("server"));
+    let root = tmp.path().join("node");
+    let releases = root.join("var/lib/shoal/nodelet/releases");
+    release(&releases, "0.1.0", None);
+    point(&releases, "good", "0.1.0");
+
+    // 1. A release that exits at once, three starts in a row.
+    release(
+        &releases,
+        "0.2.0",
+        Some("#!/bin/sh\necho 'broken release 0.2.0 cannot start' >&2\nexit 3\n"),
+    );
+    put_on_trial(&releases, "0.2.0", 120);
+    let mut node = Nodelet::start(&server.url, "self-1", "role=self", &root);
+    let outcome: serde_json::Value =
+        wait_or_dump(&node, &server, "the crash loop is put back", || {
+            serde_json::from_slice(&std::fs::read(releases.join("outcome.json")).ok()?).ok()
+        });
+    assert_eq!(outcome["version"], "0.2.0", "{outcome}");
+    assert_eq!(outcome["previous"], "0.1.0", "{outcome}");
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited 3 times without becoming healthy"),
+        "{outcome}"
+    );
+    assert!(
+        outcome["logs"]
+            .to_string()
+            .contains("broken release 0.2.0 cannot start"),
+        "{outcome}"
+    );
+    assert_eq!(link(&releases, "current"), "0.1.0");
+    assert!(!releases.join("trial.json").exists());
+    let beat = wait_or_dump(&node, &server, "0.1.0 registers and heartbeats", || {
+        heartbeat_after(&server, "self-1", "")
+    });
+    wait_or_dump(&node, &server, "0.1.0 heartbeats again", || {
+        heartbeat_after(&server, "self-1", &beat)
+    });
+
+    // 2. A release that runs and never commits: stopped at its 6 s deadline.
+    node.proc.as_mut().unwrap().terminate();
+    assert!(
+        node.proc
+            .as_mut()
+            .unwrap()
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some(),
+        "SIGTERM stops the launcher and its agent"
+    );
+    std::fs::remove_file(releases.join("outcome.json")).unwrap();
+    release(
+        &releases,
+        "0.3.0",
+        Some("#!/bin/sh\necho 'release 0.3.0 hangs'\nexec sleep 3617\n"),
+    );
+    put_on_trial(&releases, "0.3.0", 6);
+    node.restart();
+    let hung = "sleep\u{0}3617";
+    wait_or_dump(&node, &server, "the hanging release runs", || {
+        (processes_mentioning(hung) == 1).then_some(())
+    });
+    let outcome: serde_json::Value = wait_or_dump(&node, &server, "the hang is put back", || {
+        serde_json::from_slice(&std::fs::read(releases.join("outcome.json")).ok()?).ok()
+    });
+    assert_eq!(outcome["version"], "0.3.0", "{outcome}");
+    assert!(
+        outcome["reason"].as_str().unwrap().contains("within 6s"),
+        "{outcome}"
+    );
+    assert!(
+        outcome["logs"].to_string().contains("release 0.3.0 hangs"),
+        "{outcome}"
+    );
+    assert_eq!(link(&releases, "current"), "0.1.0");
+    wait_or_dump(&node, &server, "the hung release is stopped", || {
+        (processes_mentioning(hung) == 0).then_some(())
+    });
+    let now = server.get("/api/v1/nodes/self-1").unwrap()["status"]["lastHeartbeat"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_or_dump(&node, &server, "0.1.0 heartbeats after the revert", || {
+        heartbeat_after(&server, "self-1", &now)
+    });
+
+    // 3. A release that commits (the agent's part, stood in for here by the record) stays.
+    node.proc.as_mut().unwrap().terminate();
+    std::fs::remove_file(releases.join("outcome.json")).unwrap();
+    release(&releases, "0.4.0", None);
+    put_on_trial(&releases, "0.4.0", 120);
+    node.restart();
+    let agent = releases.join("0.4.0/nodelet");
+    wait_or_dump(&node, &server, "0.4.0 runs", || {
+        (processes_mentioning(agent.to_str().unwrap()) == 1).then_some(())
+    });
+    let mut trial: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(releases.join("trial.json")).unwrap()).unwrap();
+    assert_eq!(trial["starts"], 1, "{trial}");
+    trial["committed"] = true.into();
+    std::fs::write(releases.join("trial.json"), trial.to_string()).unwrap();
+    wait_or_dump(&node, &server, "0.4.0 is the good release", || {
+        (link(&releases, "good") == "0.4.0" && !releases.join("trial.json").exists()).then_some(())
+    });
+    assert_eq!(link(&releases, "current"), "0.4.0");
+    assert!(!releases.join("outcome.json").exists());
+    let now = server.get("/api/v1/nodes/self-1").unwrap()["status"]["lastHeartbeat"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_or_dump(&node, &server, "0.4.0 heartbeats", || {
+        heartbeat_after(&server, "self-1", &now)
+    });
+    assert_eq!(processes_mentioning(agent.to_str().unwrap()), 1);
+}

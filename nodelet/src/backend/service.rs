@@ -154,6 +154,15 @@ impl ServiceBackend {
         let gid = account
             .and_then(|a| a.gid)
             .unwrap_or_else(|| nix::unistd::getegid().as_raw());
+        if let Some((folder, mode)) = unreachable_folder(&spec.cwd, uid, gid) {
+            return Err(BackendError::Invalid(format!(
+                "service {name} {version}: its user (uid {uid} gid {gid}) cannot reach {}: {} \
+                 has mode {mode:04o}; allow it through (`chmod o+x {}`)",
+                spec.cwd.display(),
+                folder.display(),
+                folder.display()
+            )));
+        }
         let tree = spec.cwd.clone();
         tokio::task::spawn_blocking(move || own_tree(&tree, uid, gid))
             .await
@@ -393,6 +402,34 @@ fn account(name: &str, settings: &ServiceSettings) -> Result<Option<Account>, Ba
         }
     }
     Ok(Some(account))
+}
+
+/// The topmost folder above `dir` that `uid`:`gid` may not pass through (no search
+/// permission for its owner, group or others as they apply), with its mode. The user's
+/// supplementary groups are not counted: a folder they open is reported too.
+fn unreachable_folder(dir: &Path, uid: u32, gid: u32) -> Option<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    if uid == 0 {
+        return None;
+    }
+    let mut blocked = None;
+    for folder in dir.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(folder) else {
+            continue;
+        };
+        let mode = meta.mode();
+        let search = if meta.uid() == uid {
+            mode & 0o100
+        } else if meta.gid() == gid {
+            mode & 0o010
+        } else {
+            mode & 0o001
+        };
+        if search == 0 {
+            blocked = Some((folder.to_path_buf(), mode & 0o7777));
+        }
+    }
+    blocked
 }
 
 /// Gives every file under `dir` (and `dir`) to `uid`:`gid`, never following a symlink (a
@@ -866,8 +903,6 @@ mod tests {
             .unwrap()
             .expect("a nobody user");
         let tmp = tempfile::tempdir().unwrap();
-        // The service must reach its program: tempdir makes its folder 0700.
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let supervisor = Arc::new(Supervisor::new(&tmp.path().join("state")));
         let backend = ServiceBackend::new(tmp.path(), Runner::Supervisor(supervisor.clone()));
         let dir = backend.version_dir("svc", "1.0.0");
@@ -895,6 +930,21 @@ mod tests {
                 }
             }
         };
+        // A folder above that only root may pass: the user could not reach its program.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let blocked = backend
+            .apply(&with_account("1.0.0", Some("nobody"), None), None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            blocked.contains(&format!(
+                "{} has mode 0700; allow it through (`chmod o+x",
+                tmp.path().display()
+            )),
+            "{blocked}"
+        );
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let seen = whoami(with_account("1.0.0", Some("nobody"), None)).await;
         let gid = nobody.gid.as_raw();
         assert_eq!(

@@ -457,7 +457,7 @@ fn service_state(vm: &Vm, port: u16) -> (String, String, String) {
 
 fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, demo: &Path) {
     println!(
-        "\n== service through systemd: upgrade 1.0.0 -> 1.1.0 (as user nobody), then 1.2.0 regresses and reverts"
+        "\n== service through systemd: upgrade 1.0.0 -> 1.1.0 (as its own user), then 1.2.0 regresses and reverts"
     );
     let port = 18080;
     let manifest = |version: &str, fail_after: Option<u64>, bake: u64| {
@@ -479,10 +479,12 @@ fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, dem
     };
     // 1.1.0 runs as an unprivileged user (systemd's User=/Group=); the revert back to it
     // must bring the user back too.
-    let as_nobody = |manifest: String| {
+    // A user of its own, made as an image build would (systemd warns about `nobody`).
+    vm.run("id shoal-demo || useradd --system --no-create-home --user-group shoal-demo");
+    let as_its_user = |manifest: String| {
         manifest.replace(
             "startSeconds: 2}",
-            "startSeconds: 2, user: nobody, group: nogroup}",
+            "startSeconds: 2, user: shoal-demo, group: shoal-demo}",
         )
     };
     let runs_as = || {
@@ -507,8 +509,8 @@ fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, dem
         "root"
     );
 
-    let upgrade = as_nobody(manifest("1.1.0", None, 3));
-    assert!(upgrade.contains("user: nobody"), "{upgrade}");
+    let upgrade = as_its_user(manifest("1.1.0", None, 3));
+    assert!(upgrade.contains("user: shoal-demo"), "{upgrade}");
     server.apply(&upgrade);
     let (outcome, _) = wait_outcome(server, "vm-svc", 2);
     assert_eq!(outcome, "Baked");
@@ -523,7 +525,7 @@ fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, dem
     );
     assert_eq!(
         runs_as(),
-        "nobody nobody nobody:nogroup",
+        "shoal-demo shoal-demo shoal-demo:shoal-demo",
         "process, unit, files"
     );
 
@@ -538,7 +540,7 @@ fn service_scenario(vm: &Vm, server: &Apiserver, artifacts: &ArtifactServer, dem
     assert_eq!((active.as_str(), version.as_str()), ("active", "1.1.0"));
     assert_eq!(
         runs_as(),
-        "nobody nobody nobody:nogroup",
+        "shoal-demo shoal-demo shoal-demo:shoal-demo",
         "the revert runs 1.1.0 as it ran"
     );
 }
