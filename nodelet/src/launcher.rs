@@ -148,7 +148,10 @@ fn unix_now() -> u64 {
 struct Tail(Arc<Mutex<VecDeque<String>>>);
 
 impl Tail {
-    fn follow(&self, stream: impl AsyncRead + Unpin + Send + 'static) {
+    fn follow(
+        &self,
+        stream: impl AsyncRead + Unpin + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         let tail = self.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
@@ -160,7 +163,7 @@ impl Tail {
                     kept.pop_front();
                 }
             }
-        });
+        })
     }
 
     fn lines(&self) -> Vec<String> {
@@ -309,12 +312,13 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
             }
         };
         let tail = Tail::default();
-        if let Some(out) = child.stdout.take() {
-            tail.follow(out);
-        }
-        if let Some(err) = child.stderr.take() {
-            tail.follow(err);
-        }
+        let readers: Vec<_> = [
+            child.stdout.take().map(|out| tail.follow(out)),
+            child.stderr.take().map(|err| tail.follow(err)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let started = Instant::now();
         let ended = loop {
             tokio::select! {
@@ -338,6 +342,14 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                 }
             }
         };
+        // The last lines are still in the pipes when a release exits at once; a process it
+        // left behind may hold them open, so not for ever.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for reader in readers {
+                let _ = reader.await;
+            }
+        })
+        .await;
         match ended {
             Ended::Stopped(code) => {
                 return ExitCode::from(code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1));

@@ -746,13 +746,7 @@ fn a_full_disk_gives_disk_pressure_keeps_services_running_and_the_nodelet_up() {
         "the running service was touched"
     );
     assert!(
-        node.proc
-            .as_mut()
-            .unwrap()
-            .child
-            .try_wait()
-            .unwrap()
-            .is_none(),
+        !node.exited(),
         "the nodelet exited on a full disk\n{}",
         node.log()
     );
@@ -1128,16 +1122,7 @@ fn the_launcher_puts_back_a_nodelet_release_that_crash_loops_or_never_commits() 
 
     // 2. A release that runs and never commits: stopped at its 6 s deadline.
     node.proc.as_mut().unwrap().terminate();
-    assert!(
-        node.proc
-            .as_mut()
-            .unwrap()
-            .child
-            .try_wait()
-            .unwrap()
-            .is_some(),
-        "SIGTERM stops the launcher and its agent"
-    );
+    assert!(node.exited(), "SIGTERM stops the launcher and its agent");
     std::fs::remove_file(releases.join("outcome.json")).unwrap();
     release(
         &releases,

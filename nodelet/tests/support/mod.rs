@@ -439,6 +439,13 @@ impl Nodelet {
         }
     }
 
+    /// True once the nodelet's process has exited (or was never started).
+    pub fn exited(&mut self) -> bool {
+        self.proc
+            .as_mut()
+            .is_none_or(|p| p.child.try_wait().unwrap().is_some())
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.root.join("var/lib/shoal/nodelet")
     }
