@@ -1836,12 +1836,12 @@ fn metrics_openapi_and_health_endpoints() {
     server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), None);
     server.apply_ok(&manifest("web", "web", &[("nginx", "1.0-1")]), None);
     let token = server.register("n1", "web", None);
-    assert_eq!(
-        server
-            .put_status("n1", &heartbeat(12.5), Some(&token))
-            .status,
-        204
-    );
+    let mut report = heartbeat(12.5);
+    report["components"] = serde_json::json!([{
+        "name": "nginx", "kind": "package", "desiredState": "web", "revision": 1,
+        "desiredVersion": "1.0-1", "version": "1.0-1", "phase": "Healthy",
+    }]);
+    assert_eq!(server.put_status("n1", &report, Some(&token)).status, 204);
     server.get("/api/v1/desiredstates/web", None).ok(200);
     server.get("/api/v1/desiredstates/ghost", None).error(404);
 
@@ -1867,8 +1867,15 @@ fn metrics_openapi_and_health_endpoints() {
         "status=\"404\"",
         "shoal_applies_total{action=\"created\"} 1",
         "shoal_applies_total{action=\"unchanged\"} 1",
-        "shoal_nodes 1",
+        "shoal_nodes_registered 1",
+        "shoal_nodes{component=\"nginx\",version=\"1.0-1\"} 1",
         "shoal_nodes_by_condition{condition=\"Ready\"} 1",
+        // Every condition and phase has a series, 0 when nothing is in it.
+        "shoal_nodes_by_condition{condition=\"NotReady\"} 0",
+        "shoal_nodes_by_condition{condition=\"DiskPressure\"} 0",
+        "shoal_rollouts{phase=\"RolledBack\"} 0",
+        "shoal_rollout_revision{desiredstate=\"web\"} 1",
+        "shoal_rollout_waves{desiredstate=\"web\"} ",
         "shoal_node_cpu_percent{node=\"n1\"} 12.5",
         "shoal_node_memory_used_bytes{node=\"n1\"} 1000",
         "shoal_node_temperature_celsius{node=\"n1\"} 51.5",
@@ -1877,6 +1884,48 @@ fn metrics_openapi_and_health_endpoints() {
         assert!(text.contains(needle), "no `{needle}` in:\n{text}");
     }
     assert!(!text.contains("/api/v1/desiredstates/ghost"), "{text}");
+    // The Grafana dashboard in docs/ reads only metrics that are there.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana/shoal-fleet.json"),
+    )
+    .unwrap();
+    let dashboard: Value = serde_json::from_str(&dashboard).unwrap();
+    let mut read = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (at, _) in expr.match_indices("shoal_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let family = name
+                    .strip_suffix("_bucket")
+                    .or_else(|| name.strip_suffix("_total"))
+                    .unwrap_or(&name)
+                    .to_string();
+                read.insert(family);
+            }
+        }
+    }
+    assert!(read.len() >= 10, "{read:?}");
+    for family in &read {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "the dashboard reads {family}, which /metrics does not have:\n{text}"
+        );
+    }
+    // The newest rollout of `web` is in exactly one of the seven phases.
+    let phases: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("shoal_rollout_phase{desiredstate=\"web\""))
+        .collect();
+    assert_eq!(phases.len(), 7, "{text}");
+    assert_eq!(
+        phases.iter().filter(|l| l.ends_with(" 1")).count(),
+        1,
+        "{phases:?}"
+    );
 
     let document = server.get("/openapi.json", None).ok(200);
     assert!(document["openapi"].as_str().unwrap().starts_with("3."));

@@ -9,6 +9,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use manifests::wire::{RolloutObject, RolloutPhase};
+
 use super::controller::Controller;
 
 /// Labels of a request.
@@ -41,6 +43,45 @@ struct PhaseLabels {
 struct NodeLabels {
     node: String,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ComponentVersionLabels {
+    component: String,
+    version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DesiredStateLabels {
+    desiredstate: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DesiredStatePhaseLabels {
+    desiredstate: String,
+    phase: String,
+}
+
+/// What `shoal_nodes_by_condition` always has a series for, zero or not: a dashboard or an
+/// alert on `NotReady > 0` must see 0, not no data (Kubernetes' kube-state-metrics does the same).
+const CONDITIONS: [&str; 6] = [
+    "Ready",
+    "NotReady",
+    "Healthy",
+    "Converged",
+    "Conflict",
+    "DiskPressure",
+];
+
+/// Every rollout phase, for the same reason.
+const PHASES: [RolloutPhase; 7] = [
+    RolloutPhase::Pending,
+    RolloutPhase::Progressing,
+    RolloutPhase::Paused,
+    RolloutPhase::Complete,
+    RolloutPhase::Aborted,
+    RolloutPhase::RolledBack,
+    RolloutPhase::Superseded,
+];
 
 /// Metrics that accumulate while the server runs.
 pub struct Metrics {
@@ -110,6 +151,20 @@ impl Metrics {
         let temperature = Family::<NodeLabels, Gauge<f64, AtomicU64>>::default();
         let uptime = Family::<NodeLabels, Gauge>::default();
         let summary = controller.summary()?;
+        for condition in CONDITIONS {
+            by_condition
+                .get_or_create(&ConditionLabels {
+                    condition: condition.to_string(),
+                })
+                .set(0);
+        }
+        for phase in PHASES {
+            by_phase
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str().to_string(),
+                })
+                .set(0);
+        }
         for (condition, count) in &summary.by_condition {
             by_condition
                 .get_or_create(&ConditionLabels {
@@ -145,7 +200,24 @@ impl Metrics {
         }
         let nodes = Gauge::<i64>::default();
         nodes.set(summary.nodes as i64);
-        fleet.register("shoal_nodes", "Registered nodes", nodes);
+        fleet.register("shoal_nodes_registered", "Registered nodes", nodes);
+        let by_version = Family::<ComponentVersionLabels, Gauge>::default();
+        for (component, versions) in &summary.by_component_version {
+            for (version, count) in versions {
+                by_version
+                    .get_or_create(&ComponentVersionLabels {
+                        component: component.clone(),
+                        version: version.clone(),
+                    })
+                    .set(*count as i64);
+            }
+        }
+        fleet.register(
+            "shoal_nodes",
+            "Nodes that report a component at a version (`(absent)`: removed)",
+            by_version,
+        );
+        self.rollout_gauges(&mut fleet, &controller.list_rollouts()?);
         fleet.register(
             "shoal_nodes_by_condition",
             "Nodes for which a condition holds (Ready, NotReady, Healthy, Converged, Conflict)",
@@ -177,5 +249,64 @@ impl Metrics {
         encode_registry(&mut text, &fleet).expect("writing to a String");
         encode_eof(&mut text).expect("writing to a String");
         Ok(text)
+    }
+
+    /// Each DesiredState's newest rollout: its phase (one series per phase, 1 for the one it
+    /// is in), revision, wave in progress and number of waves.
+    fn rollout_gauges(&self, fleet: &mut Registry, rollouts: &[RolloutObject]) {
+        let mut newest: std::collections::BTreeMap<&str, &RolloutObject> = Default::default();
+        for rollout in rollouts {
+            let entry = newest
+                .entry(rollout.spec.desired_state.as_str())
+                .or_insert(rollout);
+            if rollout.spec.revision > entry.spec.revision {
+                *entry = rollout;
+            }
+        }
+        let phase = Family::<DesiredStatePhaseLabels, Gauge>::default();
+        let revision = Family::<DesiredStateLabels, Gauge>::default();
+        let wave = Family::<DesiredStateLabels, Gauge>::default();
+        let waves = Family::<DesiredStateLabels, Gauge>::default();
+        for (name, rollout) in newest {
+            for candidate in PHASES {
+                phase
+                    .get_or_create(&DesiredStatePhaseLabels {
+                        desiredstate: name.to_string(),
+                        phase: candidate.as_str().to_string(),
+                    })
+                    .set(i64::from(candidate == rollout.status.phase));
+            }
+            let labels = DesiredStateLabels {
+                desiredstate: name.to_string(),
+            };
+            revision
+                .get_or_create(&labels)
+                .set(i64::try_from(rollout.spec.revision).unwrap_or(i64::MAX));
+            let total = rollout.spec.plan.len();
+            // 1-based, as `shoal rollout status` says "wave 2 of 4"; n of n when done.
+            wave.get_or_create(&labels)
+                .set((rollout.status.current_wave + 1).min(total) as i64);
+            waves.get_or_create(&labels).set(total as i64);
+        }
+        fleet.register(
+            "shoal_rollout_phase",
+            "The phase of each DesiredState's newest rollout: 1 for the phase it is in, 0 for the others",
+            phase,
+        );
+        fleet.register(
+            "shoal_rollout_revision",
+            "The revision each DesiredState's newest rollout rolls out",
+            revision,
+        );
+        fleet.register(
+            "shoal_rollout_wave",
+            "The wave each DesiredState's newest rollout is in (1-based; the last wave when done)",
+            wave,
+        );
+        fleet.register(
+            "shoal_rollout_waves",
+            "The waves each DesiredState's newest rollout has",
+            waves,
+        );
     }
 }
