@@ -2480,7 +2480,7 @@ fn a_slowloris_connection_is_closed_while_everyone_else_is_served() {
         .unwrap();
     let started = Instant::now();
     let mut byte = 0usize;
-    let mut slowest = Duration::ZERO;
+    let mut healthz = HealthzTimes::default();
     // Headers at a few bytes a second, never finished: the server must hang up within its
     // header-read timeout (10 s), and answer others meanwhile.
     let closed = loop {
@@ -2502,9 +2502,9 @@ fn a_slowloris_connection_is_closed_while_everyone_else_is_served() {
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => break started.elapsed(),
         }
-        slowest = slowest.max(slowest_healthz(&server, 1));
+        healthz.probe(&server, 1);
     };
-    assert_healthz_fast(slowest);
+    assert_healthz_fast(&healthz);
     assert!(
         closed >= Duration::from_secs(5),
         "closed after {closed:?}: too eager for a slow link"
@@ -2555,12 +2555,54 @@ fn open_watches(server: &Server) -> u64 {
         .unwrap_or_else(|| panic!("no shoal_watches_open in\n{text}"))
 }
 
-/// What every abuse test asks of `/healthz` while the abuse runs.
+/// `/healthz` answer times taken while an abuse runs.
+#[derive(Debug, Default)]
+struct HealthzTimes(Vec<Duration>);
+
+impl HealthzTimes {
+    /// Asks `/healthz` `n` times, each timed.
+    fn probe(&mut self, server: &Server, n: usize) {
+        for _ in 0..n {
+            let started = Instant::now();
+            assert_eq!(server.get("/healthz", None).status, 200);
+            self.0.push(started.elapsed());
+        }
+    }
+
+    /// The answer nine in ten were at least as fast as.
+    fn p90(&self) -> Duration {
+        let mut sorted = self.0.clone();
+        sorted.sort();
+        sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)]
+    }
+
+    fn slowest(&self) -> Duration {
+        self.0.iter().copied().max().unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for HealthzTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p90 {:?}, slowest {:?} of {}",
+            self.p90(),
+            self.slowest(),
+            self.0.len()
+        )
+    }
+}
+
+/// What every abuse test asks of `/healthz` while the abuse runs: nine answers in ten
+/// within 100 ms, and none stalled. The whole suite runs in parallel on two cores, where
+/// one answer in fifty has been seen at 150 ms with no abuse to blame; the stalls the
+/// abuses caused before they were fixed lasted seconds (a blocked worker: 23 to 30 s).
 #[track_caller]
-fn assert_healthz_fast(slowest: Duration) {
+fn assert_healthz_fast(times: &HealthzTimes) {
+    assert!(!times.0.is_empty(), "/healthz was never asked");
     assert!(
-        slowest < Duration::from_millis(100),
-        "/healthz took {slowest:?} meanwhile"
+        times.p90() < Duration::from_millis(100) && times.slowest() < Duration::from_secs(1),
+        "/healthz meanwhile: {times}"
     );
 }
 
@@ -2573,18 +2615,6 @@ fn assert_rss_within(before: u64, after: u64, margin_mib: u64, when: &str) {
         before / 1024,
         after / 1024
     );
-}
-
-/// The slowest of `n` `/healthz` answers.
-fn slowest_healthz(server: &Server, n: usize) -> Duration {
-    (0..n)
-        .map(|_| {
-            let started = Instant::now();
-            assert_eq!(server.get("/healthz", None).status, 200);
-            started.elapsed()
-        })
-        .max()
-        .unwrap()
 }
 
 #[test]
@@ -2677,7 +2707,8 @@ fn a_thousand_watchers_that_never_read_cost_little_and_everyone_else_is_served()
         assert!(Instant::now() < deadline, "the watches did not all open");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let slowest = slowest_healthz(&server, 50);
+    let mut healthz = HealthzTimes::default();
+    healthz.probe(&server, 50);
     let during = server.rss_kib();
     drop(watchers);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -2690,12 +2721,12 @@ fn a_thousand_watchers_that_never_read_cost_little_and_everyone_else_is_served()
     }
     let after = server.rss_kib();
     eprintln!(
-        "1000 watchers of 300 nodes: /healthz slowest {slowest:?}; RSS {} MiB before, {} MiB with them, {} MiB after",
+        "1000 watchers of 300 nodes: /healthz {healthz}; RSS {} MiB before, {} MiB with them, {} MiB after",
         before / 1024,
         during / 1024,
         after / 1024
     );
-    assert_healthz_fast(slowest);
+    assert_healthz_fast(&healthz);
     // A copy of the list per watcher would be ~1000 × 300 nodes; one page each is not.
     assert_rss_within(before, during, 150, "with the watchers");
     assert_rss_within(before, after, 40, "after the watchers");
@@ -2770,18 +2801,16 @@ fn a_flood_of_idle_connections_without_a_token_leaves_room_for_nodes_and_probes(
         .send()
         .unwrap();
     assert_eq!(read.status(), 200);
-    let slowest = (0..50)
-        .map(|_| {
-            let started = Instant::now();
-            let probe = fresh()
-                .get(format!("{}/healthz", server.url))
-                .send()
-                .unwrap();
-            assert_eq!(probe.status(), 200);
-            started.elapsed()
-        })
-        .max()
-        .unwrap();
+    let mut healthz = HealthzTimes::default();
+    for _ in 0..50 {
+        let started = Instant::now();
+        let probe = fresh()
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .unwrap();
+        assert_eq!(probe.status(), 200);
+        healthz.0.push(started.elapsed());
+    }
     // The server lets go of the silent connections itself: those over the limit after a
     // second, the first 300 after the header-read timeout.
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -2797,12 +2826,12 @@ fn a_flood_of_idle_connections_without_a_token_leaves_room_for_nodes_and_probes(
     drop(idle);
     let rss_after = server.rss_kib();
     eprintln!(
-        "12,000 idle connections in {flooded_in:?}: 503 for a tokenless request, node served; /healthz slowest {slowest:?}; \
+        "12,000 idle connections in {flooded_in:?}: 503 for a tokenless request, node served; /healthz {healthz}; \
          all let go after {let_go:?}; RSS {} → {} MiB",
         rss_before / 1024,
         rss_after / 1024
     );
-    assert_healthz_fast(slowest);
+    assert_healthz_fast(&healthz);
     assert_rss_within(rss_before, rss_after, 30, "after the flood");
     // And afterwards a tokenless caller is treated as before.
     server.get("/api/v1/nodes", None).error(401);
@@ -2888,10 +2917,10 @@ fn hostile_bodies_and_forged_event_floods_are_refused_fast_while_everyone_else_i
         })
     };
     // Probed for as long as the hostile requests run.
-    let mut slowest = Duration::ZERO;
+    let mut healthz = HealthzTimes::default();
     let mut probes = 0;
     while probes < 50 || !(hostile.iter().all(|h| h.is_finished()) && flooder.is_finished()) {
-        slowest = slowest.max(slowest_healthz(&server, 1));
+        healthz.probe(&server, 1);
         probes += 1;
     }
     let answers: Vec<(u16, Duration)> = hostile
@@ -2901,7 +2930,7 @@ fn hostile_bodies_and_forged_event_floods_are_refused_fast_while_everyone_else_i
     let reports = flooder.join().unwrap();
     let rss_after = server.rss_kib();
     eprintln!(
-        "hostile bodies: /healthz slowest {slowest:?} of {probes} meanwhile; answers {answers:?}; RSS {} → {} MiB",
+        "hostile bodies: /healthz {healthz} meanwhile; answers {answers:?}; RSS {} → {} MiB",
         rss_before / 1024,
         rss_after / 1024
     );
@@ -2910,7 +2939,7 @@ fn hostile_bodies_and_forged_event_floods_are_refused_fast_while_everyone_else_i
         assert!(*took < Duration::from_secs(5), "{answers:?}");
     }
     assert_eq!(reports, vec![204; 5]);
-    assert_healthz_fast(slowest);
+    assert_healthz_fast(&healthz);
     assert_rss_within(rss_before, rss_after, 64, "after the hostile requests");
     // The flood kept only its own share: the quiet node's history is still there.
     let events = server
