@@ -24,7 +24,7 @@ schema:
     cargo run --bin shoal -- schema > docs/desiredstate.schema.json
     cargo run --bin shoal -- schema --markdown > docs/manifest-reference.md
 
-# What ships to ARM boards: static aarch64 (musl) and armv7 binaries, size-optimized (docs/install.md).
+# What ships to ARM boards: static aarch64 and armv7 (musl) binaries, size-optimized (docs/install.md).
 cross:
     scripts/cross
 
