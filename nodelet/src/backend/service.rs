@@ -432,22 +432,84 @@ fn unreachable_folder(dir: &Path, uid: u32, gid: u32) -> Option<(PathBuf, u32)> 
     blocked
 }
 
-/// Gives every file under `dir` (and `dir`) to `uid`:`gid`, never following a symlink (a
-/// service could plant one pointing at /etc). Only entries owned by someone else are changed,
-/// so a nodelet that is not root can still start services as itself.
+/// Gives every file under `dir` (and `dir`) to `uid`:`gid`, never following a symbolic
+/// link. The service may write in its folder while this runs (a re-apply of a running
+/// version), so paths are never walked by name: a folder swapped for a link to /etc between
+/// a check and a use would hand /etc's files to the service. Every folder is opened with
+/// `O_NOFOLLOW` relative to its parent's descriptor, and every change is made through a
+/// descriptor (`fchown`, `fchownat` with `AT_SYMLINK_NOFOLLOW`). Only entries owned by
+/// someone else are changed, so a nodelet that is not root can still start services as
+/// itself.
 fn own_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), (PathBuf, std::io::Error)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(path) = pending.pop() {
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| (path.clone(), e))?;
-        if meta.uid() != uid || meta.gid() != gid {
-            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-                .map_err(|e| (path.clone(), e))?;
+    let fd = nix::fcntl::open(dir, folder_flags(), nix::sys::stat::Mode::empty())
+        .map_err(|e| (dir.to_path_buf(), e.into()))?;
+    own_folder(fd, dir, uid, gid)
+}
+
+fn folder_flags() -> nix::fcntl::OFlag {
+    use nix::fcntl::OFlag;
+    // O_NONBLOCK: a FIFO planted in the folder must not block the open (O_DIRECTORY
+    // refuses it anyway).
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK
+}
+
+fn own_folder(
+    fd: std::os::fd::OwnedFd,
+    path: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<(), (PathBuf, std::io::Error)> {
+    use nix::dir::{Dir, Type};
+    use nix::errno::Errno;
+    use nix::fcntl::{openat, AtFlags};
+    use nix::sys::stat::{fstat, fstatat, Mode};
+    use nix::unistd::{fchown, fchownat, Gid, Uid};
+    use std::os::unix::ffi::OsStrExt;
+    let failed = |at: &Path| {
+        let at = at.to_path_buf();
+        move |e: Errno| (at, std::io::Error::from(e))
+    };
+    let (owner, group) = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    let stat = fstat(&fd).map_err(failed(path))?;
+    if stat.st_uid != uid || stat.st_gid != gid {
+        fchown(&fd, owner, group).map_err(failed(path))?;
+    }
+    let mut dir = Dir::from_fd(fd).map_err(failed(path))?;
+    let mut entries = Vec::new();
+    for entry in dir.iter() {
+        let entry = entry.map_err(failed(path))?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
         }
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).map_err(|e| (path.clone(), e))? {
-                pending.push(entry.map_err(|e| (path.clone(), e))?.path());
+        entries.push((name.to_owned(), entry.file_type()));
+    }
+    for (name, kind) in entries {
+        let at = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        if matches!(kind, Some(Type::Directory) | None) {
+            match openat(&dir, name.as_c_str(), folder_flags(), Mode::empty()) {
+                Ok(child) => {
+                    own_folder(child, &at, uid, gid)?;
+                    continue;
+                }
+                // Not a folder (any more): a file or a link, changed below without following.
+                Err(Errno::ENOTDIR | Errno::ELOOP) => {}
+                Err(e) => return Err(failed(&at)(e)),
             }
+        }
+        match fstatat(&dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(stat) if stat.st_uid == uid && stat.st_gid == gid => {}
+            Ok(_) => fchownat(
+                &dir,
+                name.as_c_str(),
+                owner,
+                group,
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(failed(&at))?,
+            // Removed meanwhile (the service's own file): nothing to give.
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(failed(&at)(e)),
         }
     }
     Ok(())
@@ -966,5 +1028,46 @@ mod tests {
         assert!(seen.starts_with("0 0 "), "{seen}");
         assert_eq!(std::fs::metadata(&run).unwrap().uid(), 0);
         supervisor.stop("svc").await;
+    }
+
+    /// As root: every file, folder and link of the tree is given to the user, and nothing a
+    /// link points at outside it (a file, a folder) changes owner.
+    #[test]
+    fn giving_a_tree_to_a_user_never_follows_its_links() {
+        use std::os::unix::fs::{symlink, MetadataExt};
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: not root - changing owners needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(outside.join("folder")).unwrap();
+        std::fs::write(outside.join("secret"), "root's").unwrap();
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(tree.join("a/b")).unwrap();
+        std::fs::write(tree.join("a/b/file"), "x").unwrap();
+        symlink(outside.join("secret"), tree.join("a/to-file")).unwrap();
+        symlink(outside.join("folder"), tree.join("to-folder")).unwrap();
+        nix::unistd::mkfifo(
+            &tree.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        own_tree(&tree, 65534, 65534).unwrap();
+        for path in ["", "a", "a/b", "a/b/file", "a/to-file", "to-folder", "fifo"] {
+            let meta = std::fs::symlink_metadata(tree.join(path)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{path}");
+        }
+        for path in ["secret", "folder"] {
+            let meta = std::fs::metadata(outside.join(path)).unwrap();
+            assert_eq!(
+                (meta.uid(), meta.gid()),
+                (0, 0),
+                "{path} outside was followed"
+            );
+        }
+        // And back, as a nodelet running the same version as root again would.
+        own_tree(&tree, 0, 0).unwrap();
+        assert_eq!(std::fs::metadata(tree.join("a/b/file")).unwrap().uid(), 0);
     }
 }
