@@ -172,11 +172,19 @@ pub fn apply(steps: &[Step], root: &Path) -> Result<Vec<String>, String> {
                 // them the leaf's mode, and a 0700 /var/lib/shoal locks out every service
                 // that runs as a user of its own.
                 if let Some(parent) = path.parent() {
-                    std::fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o755)
-                        .create(parent)
-                        .map_err(|e| format!("{what}: {e}"))?;
+                    // One by one, so each folder made here gets 0755 whatever the umask.
+                    let missing: Vec<&Path> =
+                        parent.ancestors().take_while(|p| !p.exists()).collect();
+                    for folder in missing.into_iter().rev() {
+                        std::fs::create_dir(folder)
+                            .and_then(|()| {
+                                std::fs::set_permissions(
+                                    folder,
+                                    std::fs::Permissions::from_mode(0o755),
+                                )
+                            })
+                            .map_err(|e| format!("{what}: {}: {e}", folder.display()))?;
+                    }
                 }
                 std::fs::DirBuilder::new()
                     .recursive(true)

@@ -120,6 +120,12 @@ pub fn plan_install(options: &InstallOptions, start: bool) -> Result<Vec<Step>, 
             path: "/etc/shoal".into(),
             mode: 0o755,
         },
+        // Services that run as users of their own reach their folders through it (an
+        // earlier install left it 0700).
+        Step::Dir {
+            path: "/var/lib/shoal".into(),
+            mode: 0o755,
+        },
         Step::Dir {
             path: STATE_DIR.into(),
             mode: 0o700,
@@ -228,6 +234,10 @@ mod tests {
         assert!(steps.contains(&Step::Dir {
             path: STATE_DIR.into(),
             mode: 0o700
+        }));
+        assert!(steps.contains(&Step::Dir {
+            path: "/var/lib/shoal".into(),
+            mode: 0o755
         }));
     }
 

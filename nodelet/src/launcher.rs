@@ -15,13 +15,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use std::io::Write;
+
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::journal::{read_json, write_atomic};
 use crate::selfupdate::{decide, Launch, Trial};
 
-/// Set in the release's environment: it is the agent, never a launcher itself.
+/// Set in the release's environment to the launcher's pid: the release is the agent, never a
+/// launcher itself, and stops when that pid is no longer its parent.
 pub const LAUNCHED_ENV: &str = "SHOAL_LAUNCHED";
 
 /// The exit code with which an agent asks its launcher to start `current` right away (it
@@ -154,9 +157,19 @@ impl Tail {
     ) -> tokio::task::JoinHandle<()> {
         let tail = self.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("{line}");
+            // Bytes, not `lines()`: a line that is not UTF-8 must not stop the draining, or
+            // the release would block on a full pipe; and a failed write to our own stderr
+            // is ignored for the same reason.
+            let mut reader = BufReader::new(stream);
+            let mut buffer = Vec::new();
+            loop {
+                buffer.clear();
+                match reader.read_until(b'\n', &mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let _ = std::io::stderr().write_all(&buffer);
+                let line = String::from_utf8_lossy(&buffer).trim_end().to_string();
                 let mut kept = tail.0.lock().expect("not poisoned");
                 kept.push_back(line);
                 while kept.len() > TAIL_LINES {
@@ -199,6 +212,23 @@ async fn stop(child: &mut tokio::process::Child, grace: Duration) -> Option<i32>
         }
     }
 }
+
+/// Waits `time`, or until a stop signal (true).
+async fn pause(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+    time: Duration,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(time) => false,
+        _ = term.recv() => true,
+        _ = int.recv() => true,
+    }
+}
+
+/// After a revert that could not be written (a full or read-only disk): wait before the
+/// next try instead of spinning.
+const REVERT_RETRY: Duration = Duration::from_secs(5);
 
 /// Runs the launcher until it is told to stop; `args` are the nodelet's own arguments,
 /// passed on to every release.
@@ -262,13 +292,16 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                 if let Err(e) = releases.write_trial(&record) {
                     // Without a counted start a crash loop could go on for ever: go back.
                     tracing::error!(error = %e, "cannot count the start of the release on trial; going back");
-                    revert(
+                    let done = revert(
                         &releases,
                         &record.version,
                         Some(record.previous.clone()),
                         format!("the start could not be recorded: {e}"),
                         Vec::new(),
                     );
+                    if !done && pause(&mut term, &mut int, REVERT_RETRY).await {
+                        return ExitCode::SUCCESS;
+                    }
                     continue;
                 }
                 tracing::info!(
@@ -281,14 +314,17 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                 within = Some(limit);
             }
             Launch::Revert { to, reason } => {
-                revert(&releases, &current, to, reason.to_string(), Vec::new());
+                let done = revert(&releases, &current, to, reason.to_string(), Vec::new());
+                if !done && pause(&mut term, &mut int, REVERT_RETRY).await {
+                    return ExitCode::SUCCESS;
+                }
                 continue;
             }
         }
         let binary = releases.binary(&current);
         let mut child = match tokio::process::Command::new(&binary)
             .args(&args)
-            .env(LAUNCHED_ENV, "1")
+            .env(LAUNCHED_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -361,12 +397,18 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                     if let Launch::Revert { to, reason } =
                         decide(Ok(Some(&trial)), &current, unix_now())
                     {
-                        revert(&releases, &current, to, reason.to_string(), tail.lines());
+                        let done =
+                            revert(&releases, &current, to, reason.to_string(), tail.lines());
+                        if !done && pause(&mut term, &mut int, REVERT_RETRY).await {
+                            return ExitCode::SUCCESS;
+                        }
                     }
                 }
                 continue;
             }
-            Ended::Exited(Some(EXIT_SWITCH)) => {
+            // Only when the release really moved `current`: otherwise a release that exits 75
+            // for nothing would be restarted in a tight loop.
+            Ended::Exited(Some(EXIT_SWITCH)) if releases.current().as_deref() != Some(&current) => {
                 tracing::info!(
                     version = current,
                     "the nodelet switched releases: starting the current one"
@@ -387,7 +429,11 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                         if let Launch::Revert { to, reason } =
                             decide(Ok(Some(&trial)), &current, unix_now())
                         {
-                            revert(&releases, &current, to, reason.to_string(), tail.lines());
+                            let done =
+                                revert(&releases, &current, to, reason.to_string(), tail.lines());
+                            if !done && pause(&mut term, &mut int, REVERT_RETRY).await {
+                                return ExitCode::SUCCESS;
+                            }
                             continue;
                         }
                     }
@@ -395,10 +441,8 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_secs(1);
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = term.recv() => return ExitCode::SUCCESS,
-                    _ = int.recv() => return ExitCode::SUCCESS,
+                if pause(&mut term, &mut int, backoff).await {
+                    return ExitCode::SUCCESS;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -407,22 +451,31 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
 }
 
 /// Puts `to` (or the good release) back in place of `version` and leaves the outcome for the
-/// agent that comes back to report.
+/// agent that comes back to report; false when it could not be written (try again later).
+///
+/// The outcome is written first, then `current` moves, then the trial record goes: a kill -9
+/// between any two leaves either the trial to decide again (same revert) or an abandoned
+/// trial whose outcome is already there to report.
 fn revert(
     releases: &Releases,
     version: &str,
     to: Option<String>,
     reason: String,
     logs: Vec<String>,
-) {
-    let Some(to) = to.or_else(|| releases.good()) else {
+) -> bool {
+    let present = |v: &String| releases.binary(v).is_file();
+    let Some(to) = to
+        .filter(present)
+        .or_else(|| releases.good().filter(present))
+    else {
+        // Nothing to go back to: running the release on trial beats running no agent.
         tracing::error!(
             version,
             reason,
-            "no release to go back to (no good link): running the current one"
+            "no previous nodelet release on disk to go back to: keeping the current one"
         );
         let _ = releases.clear_trial();
-        return;
+        return true;
     };
     tracing::warn!(
         version,
@@ -430,19 +483,23 @@ fn revert(
         reason,
         "putting the previous nodelet release back"
     );
-    if let Err(e) = releases.point("current", &to) {
-        tracing::error!(error = %e, "cannot point current back at the previous release");
-        return;
-    }
     let outcome = Outcome {
         version: version.to_string(),
-        previous: to,
+        previous: to.clone(),
         reason,
         logs,
         at: unix_now(),
     };
     if let Err(e) = releases.write_outcome(&outcome) {
-        tracing::warn!(error = %e, "could not leave the revert's outcome for the agent");
+        tracing::error!(error = %e, "cannot leave the revert's outcome for the agent");
+        return false;
     }
-    let _ = releases.clear_trial();
+    if let Err(e) = releases.point("current", &to) {
+        tracing::error!(error = %e, "cannot point current back at the previous release");
+        return false;
+    }
+    if let Err(e) = releases.clear_trial() {
+        tracing::warn!(error = %e, "could not remove the reverted trial record");
+    }
+    true
 }

@@ -409,20 +409,22 @@ async fn run(mut args: Args) -> Result<(), String> {
     // Started by a launcher: a launcher killed with -9 cannot stop its agent, and a new
     // launcher would start a second one on the same state, so the agent stops when its
     // parent is gone (it is re-parented).
-    let launcher = std::env::var_os(launcher::LAUNCHED_ENV)
-        .is_some()
-        .then(nix::unistd::getppid);
+    let launcher = std::env::var(launcher::LAUNCHED_ENV)
+        .ok()
+        .and_then(|pid| pid.parse::<i32>().ok())
+        .map(nix::unistd::Pid::from_raw);
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let orphaned = async {
             match launcher {
+                // Checked at once too: the launcher may have died before this ran.
                 Some(parent) => loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                     if nix::unistd::getppid() != parent {
                         tracing::warn!("the launcher is gone: stopping");
                         break;
                     }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 },
                 None => std::future::pending().await,
             }

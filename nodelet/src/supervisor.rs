@@ -299,7 +299,11 @@ async fn supervise(
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // The nodelet's own secrets and its launcher's mark are not the service's.
+            .env_remove("SHOAL_JOIN_TOKEN")
+            .env_remove("SHOAL_NODE_TOKEN")
+            .env_remove(crate::launcher::LAUNCHED_ENV);
         if let Some(account) = &spec.account {
             if let Some(user) = &account.user {
                 // What systemd's User= gives a service, set before the manifest's env so

@@ -154,6 +154,22 @@ impl ServiceBackend {
         let gid = account
             .and_then(|a| a.gid)
             .unwrap_or_else(|| nix::unistd::getegid().as_raw());
+        // A folder a user owned may hold whatever that user put there: it never runs as root
+        // (the nodelet's user) again, only as a user; a new version is unpacked fresh.
+        if account.and_then(|a| a.uid).is_none() {
+            use std::os::unix::fs::MetadataExt;
+            let owner = std::fs::symlink_metadata(&spec.cwd)
+                .map_err(io(&spec.cwd))?
+                .uid();
+            if owner != uid {
+                return Err(BackendError::Invalid(format!(
+                    "service {name} {version}: its folder {} belongs to uid {owner}, which ran \
+                     it before; what that user could change is not run as the nodelet's user: \
+                     name `service.user` again, or release a new version",
+                    spec.cwd.display()
+                )));
+            }
+        }
         if let Some((folder, mode)) = unreachable_folder(&spec.cwd, uid, gid) {
             return Err(BackendError::Invalid(format!(
                 "service {name} {version}: its user (uid {uid} gid {gid}) cannot reach {}: {} \
@@ -1023,11 +1039,19 @@ mod tests {
                 path.display()
             );
         }
-        // The same version as root: root's files and process again.
-        let seen = whoami(with_account("1.0.0", None, None)).await;
-        assert!(seen.starts_with("0 0 "), "{seen}");
-        assert_eq!(std::fs::metadata(&run).unwrap().uid(), 0);
+        // The same version as root: refused, the user could have changed its files.
         supervisor.stop("svc").await;
+        let refused = backend
+            .apply(&with_account("1.0.0", None, None), None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains(&format!("belongs to uid {}", nobody.uid)),
+            "{refused}"
+        );
+        assert!(!supervisor.running("svc").await);
+        assert_eq!(std::fs::metadata(&run).unwrap().uid(), nobody.uid.as_raw());
     }
 
     /// As root: every file, folder and link of the tree is given to the user, and nothing a
