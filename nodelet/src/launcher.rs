@@ -213,6 +213,35 @@ async fn stop(child: &mut tokio::process::Child, grace: Duration) -> Option<i32>
     }
 }
 
+/// Takes the lock at `path` for as long as the returned guard lives: one agent per state dir
+/// (two would interleave their journal writes), one launcher per releases folder. The lock
+/// file names the pid that holds it, for the error of the one refused.
+pub fn lock(path: &Path, what: &str) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut held) => {
+            let _ = held.set_len(0);
+            let _ = writeln!(&mut *held, "{}", std::process::id());
+            Ok(held)
+        }
+        Err((_, e)) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            Err(format!(
+                "another {what} runs with {} (pid {}; {e}): stop it first",
+                path.parent().unwrap_or(path).display(),
+                holder.trim()
+            ))
+        }
+    }
+}
+
 /// Waits `time`, or until a stop signal (true).
 async fn pause(
     term: &mut tokio::signal::unix::Signal,
@@ -240,6 +269,13 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
         (Ok(term), Ok(int)) => (term, int),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("nodelet: cannot handle signals: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _lock = match lock(&releases.dir().join("launcher.lock"), "nodelet launcher") {
+        Ok(held) => held,
+        Err(message) => {
+            eprintln!("nodelet: {message}");
             return ExitCode::from(2);
         }
     };
@@ -393,16 +429,10 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
             Ended::OutOfTime => {
                 // The wall clock decides whether the deadline passed; a clock that jumped
                 // back only gives the release another start, which counts.
-                if let Ok(Some(trial)) = releases.trial() {
-                    if let Launch::Revert { to, reason } =
-                        decide(Ok(Some(&trial)), &current, unix_now())
-                    {
-                        let done =
-                            revert(&releases, &current, to, reason.to_string(), tail.lines());
-                        if !done && pause(&mut term, &mut int, REVERT_RETRY).await {
-                            return ExitCode::SUCCESS;
-                        }
-                    }
+                if revert_if_due(&releases, &current, tail.lines()) == Some(false)
+                    && pause(&mut term, &mut int, REVERT_RETRY).await
+                {
+                    return ExitCode::SUCCESS;
                 }
                 continue;
             }
@@ -425,17 +455,11 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                     "the nodelet release exited"
                 );
                 if on_trial {
-                    if let Ok(Some(trial)) = releases.trial() {
-                        if let Launch::Revert { to, reason } =
-                            decide(Ok(Some(&trial)), &current, unix_now())
-                        {
-                            let done =
-                                revert(&releases, &current, to, reason.to_string(), tail.lines());
-                            if !done && pause(&mut term, &mut int, REVERT_RETRY).await {
-                                return ExitCode::SUCCESS;
-                            }
-                            continue;
+                    if let Some(done) = revert_if_due(&releases, &current, tail.lines()) {
+                        if !done && pause(&mut term, &mut int, REVERT_RETRY).await {
+                            return ExitCode::SUCCESS;
                         }
+                        continue;
                     }
                 }
                 if started.elapsed() > Duration::from_secs(60) {
@@ -447,6 +471,20 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+    }
+}
+
+/// After a release on trial exited or ran out of time: reverts it when the trial record says
+/// so (`Some(written)`), or `None` when it gets another start.
+fn revert_if_due(releases: &Releases, current: &str, logs: Vec<String>) -> Option<bool> {
+    let Ok(Some(trial)) = releases.trial() else {
+        return None;
+    };
+    match decide(Ok(Some(&trial)), current, unix_now()) {
+        Launch::Revert { to, reason } => {
+            Some(revert(releases, current, to, reason.to_string(), logs))
+        }
+        _ => None,
     }
 }
 

@@ -313,6 +313,8 @@ async fn run(mut args: Args) -> Result<(), String> {
         .unwrap_or_else(|| root.join("var/lib/shoal/nodelet"));
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| format!("cannot create the state dir {}: {e}", state_dir.display()))?;
+    // Held until the agent exits (the kernel lets go of it on a kill -9 too).
+    let _lock = launcher::lock(&state_dir.join("agent.lock"), "nodelet agent")?;
     let dir = StateDir::new(state_dir.clone());
     let name = match &args.name {
         Some(name) => name.clone(),

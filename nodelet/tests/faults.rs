@@ -1187,4 +1187,36 @@ fn the_launcher_puts_back_a_nodelet_release_that_crash_loops_or_never_commits() 
         heartbeat_after(&server, "self-1", &now)
     });
     assert_eq!(processes_mentioning(agent.to_str().unwrap()), 1);
+
+    // 4. One launcher per releases folder, one agent per state dir: a second of either is
+    // refused at once, naming the one that runs.
+    let second = |launched: Option<u32>| {
+        let mut command = command("nodelet");
+        command.args([
+            "--server",
+            &server.url,
+            "--join-token",
+            JOIN,
+            "--name",
+            "self-1",
+            "--root",
+            root.to_str().unwrap(),
+        ]);
+        if let Some(pid) = launched {
+            // An agent whose launcher is this test.
+            command.env("SHOAL_LAUNCHED", pid.to_string());
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = second(None);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("another nodelet launcher runs"), "{stderr}");
+    let (code, stderr) = second(Some(std::process::id()));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("another nodelet agent runs"), "{stderr}");
+    assert_eq!(processes_mentioning(agent.to_str().unwrap()), 1);
 }
