@@ -113,7 +113,7 @@ impl Releases {
 
     /// Records a trial, whole.
     pub fn write_trial(&self, trial: &Trial) -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(trial).expect("a trial serializes");
+        let json = serde_json::to_vec(trial).expect("a trial serializes");
         write_atomic(&self.trial_path(), &json)
     }
 
@@ -134,7 +134,7 @@ impl Releases {
     }
 
     fn write_outcome(&self, outcome: &Outcome) -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(outcome).expect("an outcome serializes");
+        let json = serde_json::to_vec(outcome).expect("an outcome serializes");
         write_atomic(&self.outcome_path(), &json)
     }
 }
@@ -151,10 +151,8 @@ fn unix_now() -> u64 {
 struct Tail(Arc<Mutex<VecDeque<String>>>);
 
 impl Tail {
-    fn follow(
-        &self,
-        stream: impl AsyncRead + Unpin + Send + 'static,
-    ) -> tokio::task::JoinHandle<()> {
+    // One copy of the reader for stdout and stderr: the board's binary has a size budget.
+    fn follow(&self, stream: Box<dyn AsyncRead + Unpin + Send>) -> tokio::task::JoinHandle<()> {
         let tail = self.clone();
         tokio::spawn(async move {
             // Bytes, not `lines()`: a line that is not UTF-8 must not stop the draining, or
@@ -297,16 +295,7 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
         ) {
             Launch::Run => {
                 if let Ok(Some(trial)) = &trial {
-                    // Committed: the release is the good one now.
-                    if let Err(e) = releases.point("good", &trial.version) {
-                        tracing::warn!(error = %e, "could not record the committed release as good");
-                    } else if let Err(e) = releases.clear_trial() {
-                        tracing::warn!(error = %e, "could not remove the committed trial record");
-                    }
-                    tracing::info!(
-                        version = trial.version,
-                        "the new nodelet committed: it is the good release now"
-                    );
+                    committed(&releases, &trial.version);
                 }
             }
             Launch::Abandon => {
@@ -385,8 +374,8 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
         };
         let tail = Tail::default();
         let readers: Vec<_> = [
-            child.stdout.take().map(|out| tail.follow(out)),
-            child.stderr.take().map(|err| tail.follow(err)),
+            child.stdout.take().map(|out| tail.follow(Box::new(out))),
+            child.stderr.take().map(|err| tail.follow(Box::new(err))),
         ]
         .into_iter()
         .flatten()
@@ -400,12 +389,7 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                 _ = tokio::time::sleep(Duration::from_millis(500)), if within.is_some() => {
                     if matches!(releases.trial(), Ok(Some(t)) if t.committed) {
                         within = None;
-                        tracing::info!(version = current, "the nodelet release on trial committed");
-                        if let Err(e) = releases.point("good", &current) {
-                            tracing::warn!(error = %e, "could not record the committed release as good");
-                        } else {
-                            let _ = releases.clear_trial();
-                        }
+                        committed(&releases, &current);
                     } else if within.is_some_and(|limit| started.elapsed() >= limit) {
                         tracing::warn!(version = current, "the nodelet release on trial did not commit in time: stopping it");
                         stop(&mut child, STOP_GRACE).await;
@@ -471,6 +455,20 @@ pub async fn run(releases: Releases, args: Vec<OsString>) -> ExitCode {
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+    }
+}
+
+/// A release on trial committed: it is the good one now, and its trial is over.
+fn committed(releases: &Releases, version: &str) {
+    tracing::info!(
+        version,
+        "the new nodelet committed: it is the good release now"
+    );
+    match releases.point("good", version) {
+        Ok(()) => {
+            let _ = releases.clear_trial();
+        }
+        Err(e) => tracing::warn!(error = %e, "could not record the committed release as good"),
     }
 }
 
