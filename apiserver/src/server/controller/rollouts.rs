@@ -21,8 +21,9 @@ impl Default for Backoff {
 
 /// A rollout decision slower than this (nodes read, judged and written) is logged.
 const SLOW_DECISION: Duration = Duration::from_millis(200);
-/// How often pause or resume reads again when the rollout loop wrote the rollout meanwhile.
-const PAUSE_ATTEMPTS: usize = 5;
+/// How often pause or resume reads again when the rollout loop wrote the rollout meanwhile;
+/// the waits between attempts double from 10 ms (about 1.3 s in all).
+const PAUSE_ATTEMPTS: u32 = 8;
 
 impl Controller {
     /// One rollout.
@@ -422,10 +423,14 @@ impl Controller {
         // The rollout loop writes the same object (an apply cues it at once): when it wrote
         // between our read and our write, read again and decide again, a few times, before
         // giving up. The phase check is made afresh each time.
-        for _ in 0..PAUSE_ATTEMPTS {
+        for attempt in 0..PAUSE_ATTEMPTS {
             if let Some(rollout) = self.try_set_rollout_paused(name, paused).await? {
                 return Ok(rollout);
             }
+            // The read comes from the cache, which follows the store's change feed: read at
+            // once again, it can still show the version the loop just replaced (CI saw five
+            // immediate attempts all conflict on a loaded machine). Give it time to catch up.
+            tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
         }
         Err(Error::Conflict {
             message: format!("rollout `{name}` changed while pausing or resuming it"),
