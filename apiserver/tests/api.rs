@@ -1851,6 +1851,20 @@ fn metrics_openapi_and_health_endpoints() {
         assert_eq!(reply.text.trim(), "ok");
     }
 
+    // A report reaches the fleet gauges through the store's change feed, a moment after
+    // the 204: wait for it (the node's CPU figure comes with the same report).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server
+        .get("/metrics", None)
+        .text
+        .contains("shoal_node_cpu_percent{node=\"n1\"}")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the report never reached /metrics"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let metrics = server.get("/metrics", None);
     assert_eq!(metrics.status, 200);
     assert!(
